@@ -1,0 +1,111 @@
+"""Checkpoints: a folder with `config.json`, `model.safetensors` and, where the model has one, `tokenizer.json`.
+
+No pickle anywhere. Loading reports every missing, unexpected or misshapen tensor at once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from edgeformer.model.config import ConfigError, TransformerConfig
+from edgeformer.model.transformer import Transformer
+from edgeformer.runtime.tokenizer import TOKENIZER_FILE, CharTokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+DEFAULT_MODEL = "dates"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def default_checkpoint() -> Path:
+    """The trained model that ships inside the package, the default of every verb."""
+    return Path(str(resources.files("edgeformer.model") / "weights" / DEFAULT_MODEL))
+
+
+@contextmanager
+def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; rename it into place only if the block succeeds."""
+    target = Path(target)
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} already exists; pass force=True (--force) to replace it")
+    parent = target.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
+    except OSError as e:
+        raise OSError(f"cannot write {target}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def state_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Each parameter once: a shared embedding is stored under its first name only."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters()}
+
+
+def save_checkpoint(model: Transformer, folder: Path, tokenizer: CharTokenizer | None = None,
+                    force: bool = False) -> Path:
+    with atomic_folder(Path(folder), force=force) as tmp:
+        model.config.save(tmp / CONFIG_FILE)
+        save_file(state_tensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(folder)
+
+
+def load_checkpoint(folder: Path | str | None = None) -> tuple[Transformer, CharTokenizer | None]:
+    """Load a checkpoint folder (the shipped model when None) in eval mode, with its tokenizer if it has one."""
+    folder = Path(folder) if folder is not None else default_checkpoint()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder (it should hold {CONFIG_FILE} and "
+                              f"{WEIGHTS_FILE})")
+    try:
+        config = TransformerConfig.load(folder / CONFIG_FILE)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    model = Transformer(config)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing; a checkpoint stores its weights there")
+    expected = state_tensors(model)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    problems = [f"missing tensor {n} {tuple(t.shape)}" for n, t in expected.items() if n not in tensors]
+    problems += [f"unexpected tensor {n} {tuple(t.shape)}" for n, t in tensors.items() if n not in expected]
+    problems += [f"tensor {n} has shape {tuple(t.shape)}, the config needs {tuple(expected[n].shape)}"
+                 for n, t in tensors.items() if n in expected and t.shape != expected[n].shape]
+    if problems:
+        raise CheckpointError(f"{weights} does not match {folder / CONFIG_FILE}:\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(tensors[name])
+    tokenizer = CharTokenizer.load(folder) if (folder / TOKENIZER_FILE).is_file() else None
+    return model.eval(), tokenizer

@@ -1,0 +1,125 @@
+"""The bundle: a folder with `edgeformer.json` (the manifest), the ONNX graphs and the tokenizer.
+
+The runtime knows a bundle only through its manifest. Loading checks the format version, the sha256 of every
+file, and that each graph's inputs and outputs are those the manifest declares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeformer.runtime.spec import DECODER, ENCODER, GraphSpec
+
+MANIFEST_FILE = "edgeformer.json"
+FORMAT_NAME = "edgeformer-bundle"
+FORMAT_VERSION = 1
+VARIANTS = ("fp32", "fp32-optimized", "int8", "int4", "fp16")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the file and the problem."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    config: dict[str, Any]  # the model's TransformerConfig, as config.json holds it
+    graphs: dict[str, GraphSpec]
+    graph_files: dict[str, str]  # graph name -> file in the bundle
+    variant: str = "fp32"
+    opset: int = 18
+    tokenizer: str | None = None  # file in the bundle, if the model has one
+    files: dict[str, str] = field(default_factory=dict)  # file -> sha256
+    producer: dict[str, str] = field(default_factory=dict)  # package -> version
+    parity: dict[str, Any] = field(default_factory=dict)  # figures measured before the bundle was written
+    exporter: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def max_positions(self) -> int | None:
+        """Learned position tables bound the length of sources and targets; sinusoidal ones do not."""
+        return int(self.config["max_positions"]) if self.config.get("position") == "learned" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "variant": self.variant,
+            "config": self.config,
+            "max_positions": self.max_positions,
+            "opset": self.opset,
+            "exporter": self.exporter,
+            "graphs": {name: {"file": self.graph_files[name], **spec.to_dict()} for name, spec in self.graphs.items()},
+            "tokenizer": self.tokenizer,
+            "files": self.files,
+            "producer": self.producer,
+            "parity": self.parity,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: Path) -> Manifest:
+        if d.get("format") != FORMAT_NAME:
+            raise BundleError(f"{where}: not an edgeformer manifest (format={d.get('format')!r})")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"{where}: bundle format version {version} is not supported by this runtime, which "
+                              f"reads version {FORMAT_VERSION}; upgrade edgeformer (or re-export with this one)")
+        try:
+            graphs = {name: GraphSpec.from_dict(name, g) for name, g in d["graphs"].items()}
+            missing = {ENCODER, DECODER} - set(graphs)
+            if missing:
+                raise BundleError(f"{where}: the manifest declares no {', '.join(sorted(missing))} graph")
+            return cls(config=d["config"], graphs=graphs, graph_files={n: g["file"] for n, g in d["graphs"].items()},
+                       variant=d["variant"], opset=d["opset"], tokenizer=d.get("tokenizer"), files=d["files"],
+                       producer=d.get("producer", {}), parity=d.get("parity", {}), exporter=d.get("exporter", ""),
+                       format_version=version)
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"{where}: malformed manifest, missing or wrong field {e}") from None
+
+    def save(self, folder: Path) -> None:
+        """Record the sha256 of every other file in the folder, then write the manifest."""
+        folder = Path(folder)
+        self.files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+                      if p.is_file() and p.name != MANIFEST_FILE}
+        (folder / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path, verify: bool = True) -> Manifest:
+        folder = Path(folder)
+        path = folder / MANIFEST_FILE
+        if not folder.is_dir():
+            raise BundleError(f"{folder}: no such bundle folder; create one with `edgeformer export`")
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise BundleError(f"{path}: missing; is {folder} a bundle written by `edgeformer export`?") from None
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{path}: not valid JSON ({e})") from None
+        manifest = cls.from_dict(d, path)
+        if verify:
+            manifest.verify(folder)
+        return manifest
+
+    def verify(self, folder: Path) -> None:
+        """Every file the manifest lists is there with its recorded sha256."""
+        for name in (*self.graph_files.values(), *([self.tokenizer] if self.tokenizer else [])):
+            if name not in self.files:
+                raise BundleError(f"{folder / MANIFEST_FILE}: {name} has no recorded sha256")
+        for name, digest in self.files.items():
+            path = Path(folder) / name
+            if not path.is_file():
+                raise BundleError(f"{path}: missing from the bundle (the manifest lists it)")
+            if sha256_file(path) != digest:
+                raise BundleError(f"{path}: sha256 does not match the manifest; the file was changed or "
+                                  "corrupted after export, export the bundle again")

@@ -1,0 +1,56 @@
+"""Generation options, shared by the runtime and the PyTorch reference so that both read the same settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STRATEGIES = ("greedy", "beam", "sample")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    strategy: str = "greedy"  # greedy | beam | sample
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0  # EOS is forbidden before this many tokens
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks force equal work this way)
+    num_beams: int = 4
+    length_penalty: float = 1.0  # beam score = sum of log-probs / length ** length_penalty
+    num_return_sequences: int = 1  # n-best size (beam) or samples per input (sample)
+    early_stopping: bool = True  # beam: stop an input once it has num_beams finished hypotheses
+    temperature: float = 1.0
+    top_k: int = 0  # 0 keeps every token
+    top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches top_p
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.strategy not in STRATEGIES:
+            problems.append(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            problems.append(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                            f"got {self.min_new_tokens}")
+        if self.num_beams < 1:
+            problems.append(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_return_sequences < 1:
+            problems.append(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.strategy == "beam" and self.num_return_sequences > self.num_beams:
+            problems.append(f"num_return_sequences ({self.num_return_sequences}) cannot exceed "
+                            f"num_beams ({self.num_beams})")
+        if self.strategy == "greedy" and self.num_return_sequences != 1:
+            problems.append("greedy search returns one sequence; use strategy='beam' or 'sample' for more")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if problems:
+            raise ValueError("invalid generation settings: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    tokens: list[int]  # generated ids, without the start token and without EOS
+    score: float  # beam: length-penalized log-probability; greedy and sample: sum of log-probabilities

@@ -1,0 +1,155 @@
+"""Greedy, beam and sampled search in numpy, over any step model that returns next-token log-probabilities.
+
+It follows the PyTorch reference (model/generate.py) rule for rule, so that their outputs can be compared token
+for token: the same EOS and length handling, the same beam bookkeeping and length penalty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from edgeformer.runtime.options import GenerationConfig, Hypothesis
+
+
+class StepModel(Protocol):
+    def log_probs(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens (rows,) -> log-probabilities of the next token (rows, V); the cache grows by one."""
+        ...
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Keep the cache rows `rows`, in that order."""
+        ...
+
+
+def search(make_steps: Callable[[int], StepModel], batch: int, gen: GenerationConfig, bos_id: int, eos_id: int,
+           pad_id: int, on_token: Callable[[int, int], None] | None = None) -> list[list[Hypothesis]]:
+    """make_steps(rows_per_input) builds a step model over batch * rows_per_input rows."""
+    if gen.strategy == "beam":
+        return _beam(make_steps(gen.num_beams), batch, gen, bos_id, eos_id, pad_id)
+    return _greedy_or_sample(make_steps(gen.num_return_sequences), batch, gen, bos_id, eos_id, on_token)
+
+
+def _forbid_eos(logp: np.ndarray, step: int, gen: GenerationConfig, eos_id: int) -> np.ndarray:
+    if step < gen.min_new_tokens and not gen.ignore_eos:
+        logp[:, eos_id] = -np.inf
+    return logp
+
+
+def filter_logits(logits: np.ndarray, gen: GenerationConfig) -> np.ndarray:
+    """Keep the top_k tokens, then the smallest set whose probability reaches top_p; the rest get -inf."""
+    logits = logits.copy()
+    if gen.top_k and gen.top_k < logits.shape[-1]:
+        kth = np.sort(logits, axis=-1)[:, -gen.top_k][:, None]
+        logits[logits < kth] = -np.inf
+    if gen.top_p < 1.0:
+        order = np.argsort(-logits, axis=-1, kind="stable")
+        sorted_logits = np.take_along_axis(logits, order, axis=-1)
+        probs = np.exp(sorted_logits - sorted_logits[:, :1])
+        probs /= probs.sum(-1, keepdims=True)
+        drop = np.cumsum(probs, axis=-1) - probs >= gen.top_p  # mass before this token already reaches top_p
+        np.put_along_axis(logits, order, np.where(drop, -np.inf, sorted_logits), axis=-1)
+    return logits
+
+
+def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(len(logits))[:, None] * cdf[:, -1:]
+    return np.minimum((cdf < u).sum(-1), logits.shape[-1] - 1)
+
+
+def _greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_id: int,
+                      on_token: Callable[[int, int], None] | None) -> list[list[Hypothesis]]:
+    n = gen.num_return_sequences
+    rows = batch * n
+    rng = np.random.default_rng(gen.seed)
+    tokens = np.full(rows, bos_id, dtype=np.int64)
+    out: list[list[int]] = [[] for _ in range(rows)]
+    scores = np.zeros(rows)
+    alive = np.ones(rows, dtype=bool)
+    for step in range(gen.max_new_tokens):
+        logp = _forbid_eos(steps.log_probs(tokens), step, gen, eos_id)
+        if gen.strategy == "greedy":
+            tokens = logp.argmax(-1)
+        else:
+            tokens = _sample(filter_logits(logp / gen.temperature, gen), rng)
+        scores += np.where(alive, logp[np.arange(rows), tokens], 0.0)
+        for r in np.flatnonzero(alive):
+            if tokens[r] == eos_id and not gen.ignore_eos:
+                alive[r] = False
+            else:
+                out[r].append(int(tokens[r]))
+                if on_token is not None:
+                    on_token(int(r), int(tokens[r]))
+        if not alive.any():
+            break
+    return [[Hypothesis(out[i * n + j], float(scores[i * n + j])) for j in range(n)] for i in range(batch)]
+
+
+def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_id: int,
+          pad_id: int) -> list[list[Hypothesis]]:
+    k = gen.num_beams
+    beam_scores = np.zeros((batch, k))
+    beam_scores[:, 1:] = -np.inf  # all beams start equal: let only the first one expand on step 0
+    seqs: list[list[int]] = [[] for _ in range(batch * k)]
+    tokens = np.full(batch * k, bos_id, dtype=np.int64)
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    done = [False] * batch
+
+    def penalized(score: float, length: int) -> float:
+        return score / (length ** gen.length_penalty)
+
+    for step in range(gen.max_new_tokens):
+        logp = _forbid_eos(steps.log_probs(tokens), step, gen, eos_id)  # (B*K, V)
+        vocab = logp.shape[-1]
+        cand = (beam_scores[:, :, None] + logp.reshape(batch, k, vocab)).reshape(batch, k * vocab)
+        top_idx = np.argpartition(-cand, 2 * k - 1, axis=-1)[:, : 2 * k]  # (B, 2K), unordered
+        top_scores = np.take_along_axis(cand, top_idx, axis=-1)
+        order = np.argsort(-top_scores, axis=-1, kind="stable")
+        top_idx, top_scores = np.take_along_axis(top_idx, order, -1), np.take_along_axis(top_scores, order, -1)
+        next_rows, next_tokens, next_scores = [], [], []
+        for b in range(batch):
+            chosen: list[tuple[int, int, float]] = []  # (row, token, score)
+            if not done[b]:
+                for rank in range(2 * k):
+                    score, idx = float(top_scores[b, rank]), int(top_idx[b, rank])
+                    row, tok = b * k + idx // vocab, idx % vocab
+                    if tok == eos_id and not gen.ignore_eos:
+                        if rank < k:  # an ending beam counts only if it ranks among the K best
+                            finished[b].append(Hypothesis(list(seqs[row]), penalized(score, step + 1)))
+                    else:
+                        chosen.append((row, tok, score))
+                    if len(chosen) == k:
+                        break
+                done[b] = _beam_done(finished[b], chosen[0][2], step + 1, gen)
+            if done[b]:  # keep the shapes; these rows are never read again
+                chosen = [(b * k, pad_id, -np.inf)] * k
+            for row, tok, score in chosen:
+                next_rows.append(row)
+                next_tokens.append(tok)
+                next_scores.append(score)
+        seqs = [[*seqs[r], t] for r, t in zip(next_rows, next_tokens, strict=True)]
+        tokens = np.array(next_tokens, dtype=np.int64)
+        beam_scores = np.array(next_scores).reshape(batch, k)
+        if all(done):
+            break
+        steps.reorder(np.array(next_rows))
+    for b in range(batch):
+        if not done[b]:  # reached max_new_tokens: the running beams compete with the finished ones
+            for j in range(k):
+                row = b * k + j
+                finished[b].append(Hypothesis(seqs[row], penalized(float(beam_scores[b, j]), len(seqs[row]))))
+    return [sorted(f, key=lambda h: -h.score)[: gen.num_return_sequences] for f in finished]
+
+
+def _beam_done(finished: list[Hypothesis], best_running: float, length: int, gen: GenerationConfig) -> bool:
+    if len(finished) < gen.num_beams:
+        return False
+    if gen.early_stopping:
+        return True
+    # Without early stopping, go on while the best running beam could still beat the worst kept hypothesis.
+    worst = sorted(h.score for h in finished)[-gen.num_beams]
+    return worst >= best_running / (length ** gen.length_penalty)

@@ -1,0 +1,229 @@
+"""Load a bundle and generate with onnxruntime: numpy and onnxruntime only, never torch.
+
+The caches are explicit values: the encoder's outputs (cross-attention keys and values) are computed once per
+source and bound to every decoder step; each step's `present.*` outputs are bound as the next step's `past_*`
+inputs as OrtValues, so on CUDA they stay on the device and on the CPU nothing is copied through numpy.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeformer.runtime.bundle import Manifest
+from edgeformer.runtime.options import GenerationConfig, Hypothesis
+from edgeformer.runtime.search import StepModel, search
+from edgeformer.runtime.spec import DECODER, ENCODER, past_for
+from edgeformer.runtime.tokenizer import CharTokenizer
+
+# Short names a user types -> onnxruntime's execution providers, and the device their caches live on.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+}
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def resolve_providers(requested: Sequence[str]) -> list[str]:
+    """Map names (short or onnxruntime's) to the available providers, in the order asked, CPU last as fallback."""
+    full_names = set(PROVIDERS.values())
+    chosen = []
+    for name in requested:
+        full = PROVIDERS.get(name.lower(), name)
+        if full not in full_names:
+            raise ValueError(f"unknown execution provider {name!r}; known: {', '.join(PROVIDERS)}")
+        if full in ort.get_available_providers() and full not in chosen:
+            chosen.append(full)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class Runtime:
+    """A loaded bundle. Thread-safe: `generate` keeps all of its state in local variables."""
+
+    def __init__(self, bundle: Path | str, providers: Sequence[str] = ("cpu",), threads: int | None = None,
+                 optimization: str = "all", verify: bool = True) -> None:
+        self.path = Path(bundle)
+        self.manifest = Manifest.load(self.path, verify=verify)
+        self.config = self.manifest.config
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"unknown optimization level {optimization!r}; choose one of "
+                             f"{', '.join(OPTIMIZATION_LEVELS)}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.requested_providers = resolve_providers(providers)
+        self.sessions = {
+            name: ort.InferenceSession(str(self.path / self.manifest.graph_files[name]), options,
+                                       providers=self.requested_providers)
+            for name in (ENCODER, DECODER)
+        }
+        self.provider = self.sessions[DECODER].get_providers()[0]  # the one that actually runs
+        self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self._check_graphs()
+        self.tokenizer = (CharTokenizer.load(self.path) if self.manifest.tokenizer else None)
+        self.encoder_outputs = self.manifest.graphs[ENCODER].output_names
+        self.decoder_outputs = self.manifest.graphs[DECODER].output_names
+        self.self_cache_inputs = [t for t in self.manifest.graphs[DECODER].inputs
+                                  if t.name.startswith("past_key_values.") and ".decoder." in t.name]
+        self.cache_dtype = np.dtype(self.self_cache_inputs[0].dtype) if self.self_cache_inputs else np.float32
+
+    def _check_graphs(self) -> None:
+        for name, session in self.sessions.items():
+            spec = self.manifest.graphs[name]
+            got_in = [i.name for i in session.get_inputs()]
+            got_out = [o.name for o in session.get_outputs()]
+            if got_in != spec.input_names or got_out != spec.output_names:
+                raise ValueError(f"{self.path / self.manifest.graph_files[name]}: the graph's inputs/outputs "
+                                 f"{got_in} -> {got_out} differ from the manifest's {spec.input_names} -> "
+                                 f"{spec.output_names}")
+
+    # -- checks ------------------------------------------------------------------------------------------------
+
+    def check_inputs(self, src: Sequence[Sequence[int]], gen: GenerationConfig) -> None:
+        if len(src) == 0:
+            raise ValueError("no inputs: pass at least one sequence of token ids")
+        vocab = int(self.config["src_vocab_size"])
+        for i, seq in enumerate(src):
+            if len(seq) == 0:
+                raise ValueError(f"input {i} is empty: every input needs at least one token")
+            bad = [t for t in seq if not 0 <= int(t) < vocab]
+            if bad:
+                raise ValueError(f"input {i} has token ids {bad[:5]} outside the source vocabulary [0, {vocab})")
+        bound = self.manifest.max_positions
+        if bound is not None:
+            longest = max(len(s) for s in src)
+            if longest > bound:
+                raise ValueError(f"an input of {longest} tokens exceeds this model's {bound} learned positions; "
+                                 "shorten the input")
+            if gen.max_new_tokens > bound:
+                raise ValueError(f"max_new_tokens={gen.max_new_tokens} exceeds this model's {bound} learned "
+                                 "positions; lower it")
+
+    # -- the two graphs ----------------------------------------------------------------------------------------
+
+    def _run(self, graph: str, inputs: dict[str, np.ndarray | ort.OrtValue], outputs: list[str]) -> list:
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+        for name in outputs:
+            binding.bind_output(name, "cpu" if name == "logits" else self.device)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, ort.OrtValue]:
+        """The decoder's cross-attention inputs, keyed by the decoder input name they feed."""
+        values = self._run(ENCODER, {"input_ids": input_ids, "attention_mask": attention_mask},
+                           self.encoder_outputs)
+        return {past_for(name): v for name, v in zip(self.encoder_outputs, values, strict=True)}
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        return {t.name: np.zeros((batch, int(t.shape[1]), 0, int(t.shape[3])), self.cache_dtype)
+                for t in self.self_cache_inputs}
+
+    def step_model(self, input_ids: np.ndarray, attention_mask: np.ndarray, rows_per_input: int) -> _Steps:
+        return _Steps(self, input_ids, attention_mask, rows_per_input)
+
+    # -- generation --------------------------------------------------------------------------------------------
+
+    def generate(self, src: Sequence[Sequence[int]], gen: GenerationConfig | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[Hypothesis]]:
+        """Token ids in, per input its hypotheses (best first) out. `on_token(input_index, token)` streams
+        greedy and sampled tokens as they are produced."""
+        gen = gen or GenerationConfig()
+        self.check_inputs(src, gen)
+        ids, mask = pad(src, int(self.config["pad_id"]))
+        return search(lambda rows: self.step_model(ids, mask, rows), len(src), gen, int(self.config["bos_id"]),
+                      int(self.config["eos_id"]), int(self.config["pad_id"]), on_token)
+
+    def stream(self, src: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
+        """Yield the tokens of one input as they are produced (greedy or sampling)."""
+        gen = gen or GenerationConfig()
+        if gen.strategy == "beam":
+            raise ValueError("streaming yields one sequence as it grows; use strategy='greedy' or 'sample'")
+        self.check_inputs([src], gen)
+        produced: queue.Queue[int | BaseException | None] = queue.Queue()
+
+        def work() -> None:
+            try:
+                self.generate([src], gen, lambda _i, token: produced.put(token))
+                produced.put(None)
+            except BaseException as e:  # handed to the consumer, who raises it
+                produced.put(e)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (item := produced.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def translate(self, texts: Sequence[str], gen: GenerationConfig | None = None) -> list[str]:
+        """Text in, text out (the best hypothesis of each), for bundles that carry a tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} carries no tokenizer; pass token ids to generate() instead")
+        hyps = self.generate(self.tokenizer.encode_batch(texts), gen)
+        return [self.tokenizer.target.decode(h[0].tokens) for h in hyps]
+
+
+class _Steps(StepModel):
+    """The decoder of one generate call: cross cache bound once, self-attention cache carried between steps."""
+
+    def __init__(self, runtime: Runtime, input_ids: np.ndarray, attention_mask: np.ndarray, rows: int) -> None:
+        self.rt = runtime
+        if rows > 1:
+            input_ids, attention_mask = input_ids.repeat(rows, axis=0), attention_mask.repeat(rows, axis=0)
+        self.fixed: dict[str, np.ndarray | ort.OrtValue] = {"encoder_attention_mask": attention_mask,
+                                                            **runtime.encode(input_ids, attention_mask)}
+        self.past: dict[str, np.ndarray | ort.OrtValue] = dict(runtime.empty_past(len(input_ids)))
+
+    def log_probs(self, tokens: np.ndarray) -> np.ndarray:
+        outputs = self.rt._run(DECODER, {"input_ids": tokens[:, None], **self.fixed, **self.past},
+                               self.rt.decoder_outputs)
+        logits = outputs[0].numpy()[:, -1].astype(np.float32)  # (rows, V)
+        self.past = {past_for(n): v for n, v in zip(self.rt.decoder_outputs[1:], outputs[1:], strict=True)}
+        return log_softmax(logits)
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Beam search: keep the cache rows of the surviving beams (through the host)."""
+        self.past = {n: (v.numpy() if isinstance(v, ort.OrtValue) else v)[rows] for n, v in self.past.items()}
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad: (ids (B, S) int64, mask (B, S) int64 with 1 on tokens)."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask
