@@ -1,0 +1,249 @@
+"""`edgeformer VERB ...`: one verb per stage, each a thin layer over a Python function of the same name.
+
+`generate` and `info` need only the runtime (numpy + onnxruntime); the other verbs import torch lazily and say
+how to install it when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgeformer.cli.table import table
+
+NOT_BUILT = {"optimize": "graph optimization", "quantize": "quantization", "bench": "the benchmark suite"}
+
+
+def _need_export_extra() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit("this verb needs the export extra (torch, onnx): pip install torch==2.13.0 'edgeformer[export]'")
+
+
+def _gen_config(args: argparse.Namespace) -> Any:
+    from edgeformer.runtime.options import GenerationConfig
+
+    return GenerationConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
+                            min_new_tokens=args.min_new_tokens, num_beams=args.beams,
+                            length_penalty=args.length_penalty, num_return_sequences=args.n_best,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    _need_export_extra()
+    import torch
+
+    from edgeformer.model.train import TrainConfig, train
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    metrics = train(Path(args.out), TrainConfig(task=args.task, steps=args.steps, seed=args.seed), force=args.force,
+                    progress=not args.json)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(table(["metric", "value"], [["held-out exact match", f"{metrics['exact_match']:.2%}"],
+                                           ["training time", f"{metrics['train_seconds']:.0f} s"],
+                                           ["parameters", f"{metrics['parameters']:,}"],
+                                           ["checkpoint size", f"{metrics['checkpoint_bytes'] / 1e6:.2f} MB"]]))
+        print(f"checkpoint written to {args.out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    _need_export_extra()
+    from edgeformer.export.onnx_export import export
+
+    checkpoint, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    log = None if args.json else (lambda msg: print(f"  {msg}...", flush=True))
+    result = export(checkpoint, Path(out), force=args.force, log=log)
+    if args.json:
+        print(json.dumps({"path": str(result.path), "seconds": result.seconds, "bytes": result.bundle_bytes,
+                          "parity": result.parity}))
+        return
+    p = result.parity
+    print(table(["", ""], [["bundle", str(result.path)], ["export time", f"{result.seconds:.1f} s"],
+                           ["bundle size", f"{result.bundle_bytes / 1e6:.2f} MB"],
+                           ["max |diff| encoder", f"{p['max_abs_diff']['encoder']:.2e}"],
+                           ["max |diff| decoder logits", f"{p['max_abs_diff']['decoder']:.2e}"],
+                           ["greedy token agreement", f"{p['greedy_token_agreement']:.2%}"]]))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from edgeformer.runtime.bundle import Manifest
+
+    m = Manifest.load(Path(args.bundle))
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2))
+        return
+    c = m.config
+    size = sum((Path(args.bundle) / f).stat().st_size for f in m.files)
+    print(f"bundle {args.bundle}: variant {m.variant}, format v{m.format_version}, opset {m.opset}, "
+          f"{size / 1e6:.2f} MB")
+    print(f"model: d_model {c['d_model']}, {c['n_heads']} heads, {c['n_encoder_layers']}+{c['n_decoder_layers']} "
+          f"layers, d_ff {c['d_ff']}, vocab {c['src_vocab_size']}/{c['tgt_vocab_size']}, {c['activation']}, "
+          f"{c['position']} positions" + (f" (at most {m.max_positions})" if m.max_positions else " (unbounded)")
+          + f", {c['norm']}-norm")
+    for name, spec in m.graphs.items():
+        print(f"\n{name} graph ({m.graph_files[name]})")
+        rows = [["in", t.name, t.dtype, "(" + ", ".join(map(str, t.shape)) + ")"] for t in spec.inputs]
+        rows += [["out", t.name, t.dtype, "(" + ", ".join(map(str, t.shape)) + ")"] for t in spec.outputs]
+        print(table(["", "name", "dtype", "shape"], _fold_cache_rows(rows)))
+    p = m.parity
+    if p:
+        print(f"\nparity against {p['reference']} at export ({p['provider']}, {p['tokens_compared']} decoding steps):")
+        print(table(["graph", "max |diff|", "tolerance"],
+                    [[g, f"{d:.2e}", f"{p['tolerance']['atol']:.0e} + {p['tolerance']['rtol']:.0e}*max|ref|"]
+                     for g, d in p["max_abs_diff"].items()]))
+        print(f"greedy token agreement: {p['greedy_token_agreement']:.2%}")
+    print("\nproduced by " + ", ".join(f"{k} {v}" for k, v in m.producer.items()))
+
+
+def _fold_cache_rows(rows: list[list[str]]) -> list[list[str]]:
+    """Show the per-layer cache tensors as one line per kind rather than one per layer."""
+    out, seen = [], set()
+    for row in rows:
+        name = row[1]
+        parts = name.split(".")
+        if len(parts) == 4 and parts[1].isdigit():
+            key = (row[0], parts[0], parts[2], parts[3])
+            if key in seen:
+                continue
+            seen.add(key)
+            row = [row[0], f"{parts[0]}.{{i}}.{parts[2]}.{parts[3]}", row[2], row[3]]
+        out.append(row)
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from edgeformer.runtime.session import Runtime
+
+    rt = Runtime(args.bundle, providers=args.provider.split(","), threads=args.threads)
+    gen = _gen_config(args)
+    inputs = args.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not inputs:
+        sys.exit("nothing to generate: give inputs as arguments or on standard input")
+    if args.ids or rt.tokenizer is None:
+        try:
+            src = [[int(t) for t in s.replace(",", " ").split()] for s in inputs]
+        except ValueError:
+            sys.exit("this bundle has no tokenizer (or --ids was given): inputs must be space-separated token ids")
+    else:
+        src = rt.tokenizer.encode_batch(inputs)
+    start = time.perf_counter()
+    hyps = rt.generate(src, gen)
+    seconds = time.perf_counter() - start
+
+    def show(tokens: list[int]) -> str:
+        return rt.tokenizer.target.decode(tokens) if rt.tokenizer is not None and not args.ids else " ".join(
+            map(str, tokens))
+
+    if args.json:
+        print(json.dumps({"provider": rt.provider, "seconds": seconds, "outputs": [
+            [{"output": show(h.tokens), "tokens": h.tokens, "score": h.score} for h in hs] for hs in hyps]}))
+        return
+    rows = [[inp, show(h.tokens), f"{h.score:.3f}"] for inp, hs in zip(inputs, hyps, strict=True) for h in hs]
+    print(table(["input", "output", "score"], rows))
+    print(f"{len(inputs)} inputs in {seconds * 1000:.0f} ms on {rt.provider}")
+
+
+def cmd_parity(args: argparse.Namespace) -> None:
+    _need_export_extra()
+    from edgeformer.export.compare import compare_runtime
+
+    report = compare_runtime(Path(args.bundle), args.checkpoint, n=args.n)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(table(["check", "result"], [[k, v if isinstance(v, str) else f"{v:.4g}"] for k, v in report.items()]))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    _need_export_extra()
+    from edgeformer.export.demo import demo
+
+    demo(threads=args.threads)
+
+
+def cmd_not_built(args: argparse.Namespace) -> None:
+    sys.exit(f"`edgeformer {args.verb}` ({NOT_BUILT[args.verb]}) is not built yet in this version")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeformer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("train", help="train a model on a built-in task and save a checkpoint")
+    p.add_argument("--task", default="dates")
+    p.add_argument("--out", default="checkpoints/dates")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("export", help="checkpoint -> ONNX bundle, checked against PyTorch before it is written")
+    p.add_argument("paths", nargs="+", metavar="[CHECKPOINT] OUT",
+                   help="checkpoint folder (default: the shipped model) and the bundle folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at OUT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("info", help="show a bundle's manifest (runtime only)")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = verbs.add_parser("generate", help="generate with a bundle (runtime only)")
+    p.add_argument("bundle")
+    p.add_argument("inputs", nargs="*", help="texts (or token ids with --ids); read from stdin when absent")
+    p.add_argument("--ids", action="store_true", help="inputs and outputs are token ids")
+    p.add_argument("--provider", default="cpu", help="comma-separated, in order of preference (cpu, cuda, ...)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "sample"])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--beams", type=int, default=4)
+    p.add_argument("--n-best", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("parity", help="compare a bundle run by the runtime with the PyTorch checkpoint")
+    p.add_argument("bundle")
+    p.add_argument("--checkpoint", default=None, help="default: the shipped model")
+    p.add_argument("-n", type=int, default=200, help="held-out task inputs to compare")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_parity)
+
+    p = verbs.add_parser("demo", help="the whole path on the shipped model: export, parity, generate, latency")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
+
+    for verb in NOT_BUILT:
+        p = verbs.add_parser(verb, help=f"{NOT_BUILT[verb]} (not built yet)")
+        p.add_argument("rest", nargs="*")
+        p.set_defaults(func=cmd_not_built)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, OSError) as e:
+        sys.exit(f"edgeformer {args.verb}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

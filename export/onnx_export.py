@@ -8,7 +8,10 @@ per source; one decoder graph serves every step with a self-attention cache that
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -26,8 +29,17 @@ from edgeformer.export.parity import check_bundle
 from edgeformer.model.checkpoint import atomic_folder, load_checkpoint
 from edgeformer.model.transformer import Transformer
 from edgeformer.runtime.bundle import Manifest
-from edgeformer.runtime.spec import BATCH, DECODER, ENCODER, PAST_LEN, SRC_LEN, TGT_LEN, GraphSpec, decoder_spec, \
-    encoder_spec
+from edgeformer.runtime.spec import (
+    BATCH,
+    DECODER,
+    ENCODER,
+    PAST_LEN,
+    SRC_LEN,
+    TGT_LEN,
+    GraphSpec,
+    decoder_spec,
+    encoder_spec,
+)
 from edgeformer.runtime.tokenizer import TOKENIZER_FILE
 
 OPSET = 18
@@ -89,7 +101,8 @@ def _dynamic_shapes(model: Transformer) -> dict[str, dict]:
     self_kv, cross_kv = {0: dims[BATCH], 2: dims[PAST_LEN]}, {0: dims[BATCH], 2: dims[SRC_LEN]}
     n = 2 * model.config.n_decoder_layers
     return {
-        ENCODER: {"input_ids": {0: dims[BATCH], 1: dims[SRC_LEN]}, "attention_mask": {0: dims[BATCH], 1: dims[SRC_LEN]}},
+        ENCODER: {"input_ids": {0: dims[BATCH], 1: dims[SRC_LEN]},
+                  "attention_mask": {0: dims[BATCH], 1: dims[SRC_LEN]}},
         DECODER: {"input_ids": {0: dims[BATCH], 1: dims[TGT_LEN]},
                   "encoder_attention_mask": {0: dims[BATCH], 1: dims[SRC_LEN]},
                   "past_self": [self_kv] * n, "past_cross": [cross_kv] * n},
@@ -146,7 +159,9 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
 
 def export_graph(module: nn.Module, args: tuple, spec: GraphSpec, dynamic_shapes: dict, path: Path,
                  opset: int = OPSET) -> None:
-    with warnings.catch_warnings():
+    # torch.onnx warns about every torchvision operator it cannot register; we use none of them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, input_names=spec.input_names, output_names=spec.output_names,
                                     dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=opset, verbose=False,
@@ -173,10 +188,8 @@ def check_names(proto: onnx.ModelProto, spec: GraphSpec, where: str) -> None:
 def producer_versions() -> dict[str, str]:
     versions = {}
     for package in ("edgeformer", "torch", "onnx", "onnxruntime", "onnxscript", "numpy"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return versions
 
 

@@ -103,8 +103,8 @@ def check_bundle(model: Transformer, folder: Path, specs: dict[str, GraphSpec], 
         src = [rng.integers(4, model.config.src_vocab_size, n).tolist() for n in lengths]
         r = compare_case(model, encoder, decoder, specs, src, steps, tolerance)
         worst = {g: max(worst[g], r[g]) for g in worst}
-        agree += r["agree"]
-        tokens += r["tokens"]
+        agree += int(r["agree"])
+        tokens += int(r["tokens"])
     if agree != tokens:
         raise ParityError(f"decoder graph: greedy tokens differ from PyTorch's at {tokens - agree} of {tokens} steps")
     return {"reference": "pytorch", "provider": "CPUExecutionProvider",

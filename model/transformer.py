@@ -27,7 +27,7 @@ def padding_bias(mask: Tensor) -> Tensor:
     return (1.0 - mask[:, None, None, :].float()) * NEG_INF
 
 
-def causal_bias(t: int | Tensor, past_len: int | Tensor, device: torch.device) -> Tensor:
+def causal_bias(t: int, past_len: int, device: torch.device) -> Tensor:
     """Query i (absolute position past_len + i) may see keys 0..past_len + i: bias (1, 1, T, P + T)."""
     q_pos = torch.arange(t, device=device) + past_len  # (T,)
     k_pos = torch.arange(t + past_len, device=device)  # (P+T,)
@@ -39,6 +39,8 @@ class PositionalEncoding(nn.Module):
 
     Computed from the positions on every call rather than read from a table, so it has no length bound.
     """
+
+    inv_freq: Tensor
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
@@ -66,11 +68,14 @@ class Embeddings(nn.Module):
         super().__init__()
         self.tokens = tokens
         self.scale = math.sqrt(config.d_model) if config.scale_embeddings else 1.0
-        self.positions: nn.Module = (PositionalEncoding(config.d_model) if config.position == "sinusoidal"
-                                     else LearnedPositionalEncoding(config.max_positions, config.d_model))
+        self.positions: PositionalEncoding | LearnedPositionalEncoding
+        if config.position == "sinusoidal":
+            self.positions = PositionalEncoding(config.d_model)
+        else:
+            self.positions = LearnedPositionalEncoding(config.max_positions, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, ids: Tensor, offset: int | Tensor = 0) -> Tensor:
+    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
         positions = torch.arange(ids.shape[1], device=ids.device) + offset  # (T,)
         return self.dropout(self.tokens(ids) * self.scale + self.positions(positions))  # (B, T, D)
 
@@ -194,7 +199,7 @@ class Decoder(nn.Module):
 
     def cross_kv(self, memory: Tensor) -> list[KV]:
         """The cross-attention keys and values of every layer, computed once per source."""
-        return [layer.cross_attn.project_kv(memory) for layer in self.layers]
+        return [layer.cross_attn.project_kv(memory) for layer in self.layers]  # type: ignore[union-attr,operator]
 
     def empty_past(self, batch: int, device: torch.device | None = None) -> list[KV]:
         shape = (batch, self.config.n_heads, 0, self.config.head_dim)

@@ -1,0 +1,3 @@
+from edgeformer.cli import main
+
+main()
