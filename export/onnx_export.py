@@ -121,7 +121,7 @@ def dedupe_initializers(model: onnx.ModelProto) -> int:
     saved = 0
     for init in graph.initializer:
         array = numpy_helper.to_array(init)
-        if array.size < 1024:  # small constants are not worth the bookkeeping
+        if array.size < 64:  # shape constants and the like are not worth the bookkeeping
             keep.append(init)
             continue
         key = (array.dtype.str, array.shape, array.tobytes())
