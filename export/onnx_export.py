@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from onnx.external_data_helper import set_external_data
 from torch import Tensor, nn
 from torch.export import Dim
 
@@ -45,6 +46,7 @@ from edgeformer.runtime.tokenizer import TOKENIZER_FILE
 OPSET = 18
 EXPORTER = "torch.onnx.export(dynamo=True)"
 GRAPH_FILES = {ENCODER: "encoder.onnx", DECODER: "decoder.onnx"}
+SHARED_WEIGHTS = "shared.weights"  # weights that both graphs use, stored once
 # Trace with sizes of at least 2 and a non-empty past: torch.export specializes sizes 0 and 1 into constants.
 EXAMPLE_BATCH, EXAMPLE_SRC, EXAMPLE_TGT, EXAMPLE_PAST = 2, 5, 3, 4
 EXTERNAL_DATA_BYTES = 2 << 30  # protobuf's limit; larger graphs keep their weights beside them
@@ -157,8 +159,8 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
     del model.graph.value_info[:]
 
 
-def export_graph(module: nn.Module, args: tuple, spec: GraphSpec, dynamic_shapes: dict, path: Path,
-                 opset: int = OPSET) -> None:
+def export_graph(module: nn.Module, args: tuple, spec: GraphSpec, dynamic_shapes: dict,
+                 opset: int = OPSET) -> onnx.ModelProto:
     # torch.onnx warns about every torchvision operator it cannot register; we use none of them.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -170,7 +172,38 @@ def export_graph(module: nn.Module, args: tuple, spec: GraphSpec, dynamic_shapes
     proto = program.model_proto
     dedupe_initializers(proto)
     strip_debug_info(proto)
-    check_names(proto, spec, path.name)
+    check_names(proto, spec, spec.name)
+    return proto
+
+
+def share_across_graphs(protos: list[onnx.ModelProto], folder: Path) -> list[str]:
+    """A weight that two graphs both hold (a source/target embedding shared by encoder and decoder) is written
+    once, to SHARED_WEIGHTS, and both graphs refer to it as external data. Returns the names moved."""
+    owners: dict[tuple, list[tuple[int, onnx.TensorProto]]] = {}
+    for g, proto in enumerate(protos):
+        for init in proto.graph.initializer:
+            array = numpy_helper.to_array(init)
+            if array.size >= 64:
+                owners.setdefault((array.dtype.str, array.shape, array.tobytes()), []).append((g, init))
+    shared = [inits for inits in owners.values() if len({g for g, _ in inits}) > 1]
+    if not shared:
+        return []
+    moved = []
+    with open(folder / SHARED_WEIGHTS, "wb") as f:
+        for inits in shared:
+            data = numpy_helper.to_array(inits[0][1]).tobytes()
+            offset = f.tell()
+            f.write(data)
+            f.write(b"\0" * (-len(data) % 64))  # keep every tensor 64-byte aligned for memory mapping
+            for _, init in inits:
+                set_external_data(init, SHARED_WEIGHTS, offset, len(data))
+                init.data_location = onnx.TensorProto.EXTERNAL
+                init.ClearField("raw_data")
+                moved.append(init.name)
+    return moved
+
+
+def save_graph(proto: onnx.ModelProto, path: Path) -> None:
     large = sum(i.ByteSize() for i in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     onnx.save_model(proto, str(path), save_as_external_data=large, location=f"{path.name}.data")
     onnx.checker.check_model(str(path), full_check=True)
@@ -215,9 +248,13 @@ def export(checkpoint: Path | str | None, out: Path | str, force: bool = False, 
     examples, dynamic = _example_inputs(model), _dynamic_shapes(model)
     modules = {ENCODER: EncoderGraph(model), DECODER: DecoderGraph(model)}
     with atomic_folder(Path(out), force=force) as tmp:
+        protos = {}
         for name, spec in specs.items():
             say(f"exporting the {name} graph")
-            export_graph(modules[name], examples[name], spec, dynamic[name], tmp / GRAPH_FILES[name], opset)
+            protos[name] = export_graph(modules[name], examples[name], spec, dynamic[name], opset)
+        share_across_graphs(list(protos.values()), tmp)
+        for name, proto in protos.items():
+            save_graph(proto, tmp / GRAPH_FILES[name])
         say("checking the graphs against PyTorch")
         parity = check_bundle(model, tmp, specs, GRAPH_FILES)
         if tokenizer is not None:

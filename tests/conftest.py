@@ -32,6 +32,9 @@ def tiny_model(seed: int = 0, **overrides: object) -> Transformer:
     with torch.no_grad():
         projection = model.decoder.output_projection or model.decoder.embed.tokens
         projection.weight.mul_(4.0)
+        for name, p in model.named_parameters():  # zero biases would hide a bias that is never applied
+            if name.endswith("bias"):
+                p.normal_(std=0.1)
     return model.eval()
 
 

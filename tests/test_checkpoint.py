@@ -63,7 +63,7 @@ def test_config_that_does_not_match_the_weights_is_refused(tmp_path: Path) -> No
     config = json.loads((tmp_path / "ck" / "config.json").read_text())
     config["d_ff"] = 128
     (tmp_path / "ck" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="fc1.weight has shape"):
+    with pytest.raises(CheckpointError, match=r"fc1\.weight has shape"):
         load_checkpoint(tmp_path / "ck")
 
 

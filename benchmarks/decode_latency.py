@@ -1,0 +1,84 @@
+"""Per-token decoding latency: the fp32 runtime against PyTorch eager with its KV cache, on the same weights.
+
+    .venv/bin/python benchmarks/decode_latency.py                 # Transformer-base, random weights
+    .venv/bin/python benchmarks/decode_latency.py --size demo     # the shipped model
+
+Batch 1, 32 source tokens, 64 new tokens forced (EOS ignored), 2 threads for both systems; runs interleaved
+pair by pair; medians. Writes one JSON record per system to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from edgeformer.cli.table import table
+from edgeformer.export.bench import compare_latency
+from edgeformer.export.onnx_export import export, producer_versions
+from edgeformer.model.checkpoint import load_checkpoint, save_checkpoint
+from edgeformer.model.config import TransformerConfig
+from edgeformer.model.generate import TorchSteps, pad_batch
+from edgeformer.model.transformer import Transformer
+from edgeformer.runtime.session import Runtime
+
+BASE = {"src_vocab_size": 32000, "tgt_vocab_size": 32000, "d_model": 512, "n_heads": 8, "n_encoder_layers": 6,
+        "n_decoder_layers": 6, "d_ff": 2048, "dropout": 0.0, "share_embeddings": True}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["base", "demo"], default="base")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--src-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.size == "base":
+            torch.manual_seed(0)
+            model = Transformer(TransformerConfig(**BASE)).eval()
+            save_checkpoint(model, Path(tmp) / "checkpoint")
+            checkpoint: Path | None = Path(tmp) / "checkpoint"
+        else:
+            model, _ = load_checkpoint()
+            checkpoint = None
+        start = time.perf_counter()
+        result = export(checkpoint, Path(tmp) / "bundle")
+        print(f"export: {time.perf_counter() - start:.1f} s, bundle {result.bundle_bytes / 1e6:.1f} MB, "
+              f"max |logit diff| {result.parity['max_abs_diff']['decoder']:.2e}")
+        rt = Runtime(Path(tmp) / "bundle", threads=args.threads)
+        src = np.random.default_rng(0).integers(4, model.config.src_vocab_size, args.src_len).tolist()
+        ids, mask = pad_batch([src], model.config.pad_id)
+        systems = {"pytorch-eager-kv": lambda: TorchSteps(model, ids, mask, 1),
+                   "runtime-fp32": lambda: rt.step_model(ids.numpy(), mask.numpy(), 1)}
+        lat = compare_latency(systems, args.new_tokens, model.config.bos_id, max_seconds=240)
+        bundle_bytes = result.bundle_bytes
+    base = lat["pytorch-eager-kv"].per_token_ms
+    records = [{"model": args.size, "system": name, "provider": "CPUExecutionProvider" if name != "pytorch-eager-kv"
+                else "torch-cpu", "batch": 1, "src_len": args.src_len, "new_tokens": args.new_tokens,
+                "threads": args.threads, "encoder_ms": v.encoder_ms, "per_token_ms_p50": v.per_token_ms,
+                "per_token_ms_p90": v.per_token_p90_ms, "tokens_per_second": 1e3 / v.per_token_ms, "runs": v.runs,
+                "speedup_vs_pytorch_kv": base / v.per_token_ms, "bundle_bytes": bundle_bytes,
+                "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+                            "onnxruntime": ort.__version__, **producer_versions()}}
+               for name, v in lat.items()]
+    print(table(["system", "encoder ms", "per-token ms p50", "p90", "runs", "speed-up per token"],
+                [[r["system"], f"{r['encoder_ms']:.2f}", f"{r['per_token_ms_p50']:.3f}", f"{r['per_token_ms_p90']:.3f}",
+                  r["runs"], f"{r['speedup_vs_pytorch_kv']:.2f}x"] for r in records]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"decode_latency_{args.size}.json"
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def edgeformer(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeformer.cli", *args], capture_output=True, text=True,
+                          input=stdin, check=False)
+
+
+def test_info_shows_the_bundle_as_a_person_reads_it(exported) -> None:
+    _, bundle = exported("demo")
+    out = edgeformer("info", str(bundle))
+    assert out.returncode == 0, out.stderr
+    assert "variant fp32" in out.stdout and "sinusoidal positions (unbounded)" in out.stdout
+    assert "past_key_values.{i}.decoder.key" in out.stdout and "greedy token agreement: 100.00%" in out.stdout
+    data = json.loads(edgeformer("info", str(bundle), "--json").stdout)
+    assert data["graphs"]["encoder"]["file"] == "encoder.onnx"
+
+
+def test_generate_takes_text_and_returns_text(exported) -> None:
+    _, bundle = exported("demo")
+    out = edgeformer("generate", str(bundle), "5 mars 1998", "the 2nd of july, 2031", "--json")
+    assert out.returncode == 0, out.stderr
+    outputs = [o[0]["output"] for o in json.loads(out.stdout)["outputs"]]
+    assert outputs == ["1998-03-05", "2031-07-02"]
+    out = edgeformer("generate", str(bundle), "--strategy", "beam", "--n-best", "2", stdin="5 mars 1998\n")
+    assert out.returncode == 0 and out.stdout.count("5 mars 1998") == 2
+
+
+def test_generate_with_token_ids(exported) -> None:
+    _, bundle = exported("post-sinusoidal")
+    out = edgeformer("generate", str(bundle), "5 6 7", "--ids", "--max-new-tokens", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["outputs"][0][0]["tokens"]) <= 3
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["generate", "{bundle}", "5 99", "--ids"], "outside the source vocabulary"),
+    (["generate", "{bundle}", "5", "--ids", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["generate", "{bundle}", "5", "--ids", "--strategy", "beam", "--beams", "0"], "num_beams must be >= 1"),
+    (["generate", "{bundle}", "5", "--ids", "--provider", "tpu"], "unknown execution provider"),
+    (["info", "/no/such/bundle"], "no such bundle folder"),
+    (["export", "/no/such/checkpoint", "{tmp}/out"], "no such checkpoint folder"),
+    (["quantize", "x"], "not built yet"),
+])
+def test_errors_are_one_clear_line(exported, tmp_path: Path, args: list[str], message: str) -> None:
+    _, bundle = exported("post-sinusoidal")
+    out = edgeformer(*[a.format(bundle=bundle, tmp=tmp_path) for a in args])
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr

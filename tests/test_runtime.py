@@ -1,0 +1,176 @@
+"""The runtime: loads and verifies bundles, generates like PyTorch, refuses bad input clearly, never needs torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgeformer.model.generate import generate
+from edgeformer.model.tasks import get_task
+from edgeformer.runtime.bundle import MANIFEST_FILE, BundleError
+from edgeformer.runtime.options import GenerationConfig
+from edgeformer.runtime.session import Runtime
+
+GREEDY = GenerationConfig(max_new_tokens=12)
+BEAM = GenerationConfig(strategy="beam", num_beams=4, num_return_sequences=2, max_new_tokens=12)
+
+
+def random_sources(n: int, vocab: int, seed: int, longest: int = 20) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(4, vocab, rng.integers(1, longest + 1)).tolist() for _ in range(n)]
+
+
+def test_importing_the_runtime_never_imports_torch() -> None:
+    code = ("import sys; import edgeformer.runtime.session, edgeformer.runtime.bundle, edgeformer.cli; "
+            "bad = [m for m in ('torch', 'onnx', 'safetensors') if m in sys.modules]; "
+            "assert not bad, bad; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("variant", ["post-sinusoidal", "pre-learned-gelu", "shared-untied"])
+@pytest.mark.parametrize("gen", [GREEDY, BEAM], ids=["greedy", "beam"])
+def test_runtime_equals_pytorch_token_for_token_on_padded_batches(exported, variant: str,
+                                                                  gen: GenerationConfig) -> None:
+    model, bundle = exported(variant)
+    rt = Runtime(bundle)
+    src = random_sources(120, model.config.src_vocab_size, seed=1)
+    for i in range(0, len(src), 24):  # padded batches of 24 mixed lengths
+        ours, ref = rt.generate(src[i: i + 24], gen), generate(model, src[i: i + 24], gen)
+        assert [[h.tokens for h in hs] for hs in ours] == [[h.tokens for h in hs] for hs in ref]
+        for hs_ours, hs_ref in zip(ours, ref, strict=True):
+            assert [h.score for h in hs_ours] == pytest.approx([h.score for h in hs_ref], abs=1e-3)
+
+
+def test_shipped_model_accuracy_through_the_runtime_equals_pytorch(exported) -> None:
+    model, bundle = exported("demo")
+    rt = Runtime(bundle)
+    assert rt.tokenizer is not None
+    pairs = get_task("dates").pairs(300, "test", seed=5)
+    src = rt.tokenizer.encode_batch([s for s, _ in pairs])
+    ours = [rt.tokenizer.target.decode(h[0].tokens) for h in rt.generate(src)]
+    ref = [rt.tokenizer.target.decode(h[0].tokens) for h in generate(model, src)]
+    assert ours == ref
+    assert sum(o == t for o, (_, t) in zip(ours, pairs, strict=True)) / len(pairs) >= 0.99
+
+
+def test_text_in_text_out(exported) -> None:
+    _, bundle = exported("demo")
+    assert Runtime(bundle).translate(["5 mars 1998", "Thursday, July 4, 2024"]) == ["1998-03-05", "2024-07-04"]
+
+
+def test_streaming_yields_the_same_tokens_as_generate(exported) -> None:
+    _, bundle = exported("post-sinusoidal")
+    rt = Runtime(bundle)
+    src = [5, 6, 7, 8, 9]
+    assert list(rt.stream(src, GREEDY)) == rt.generate([src], GREEDY)[0][0].tokens
+    sampled = GenerationConfig(strategy="sample", seed=4, max_new_tokens=10)
+    assert list(rt.stream(src, sampled)) == rt.generate([src], sampled)[0][0].tokens
+
+
+def test_seeded_sampling_matches_pytorch(exported) -> None:
+    model, bundle = exported("post-sinusoidal")
+    gen = GenerationConfig(strategy="sample", seed=9, temperature=1.3, top_p=0.9, max_new_tokens=10)
+    src = random_sources(10, 37, seed=2)
+    assert ([h[0].tokens for h in Runtime(bundle).generate(src, gen)]
+            == [h[0].tokens for h in generate(model, src, gen)])
+
+
+def test_concurrent_generate_calls_equal_serial_ones(exported) -> None:
+    _, bundle = exported("post-sinusoidal")
+    rt = Runtime(bundle, threads=1)
+    batches = [random_sources(6, 37, seed=s) for s in range(16)]
+    gens = [GREEDY, BEAM] * 8
+    serial = [rt.generate(b, g) for b, g in zip(batches, gens, strict=True)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parallel = list(pool.map(rt.generate, batches, gens))
+    assert parallel == serial
+
+
+def test_runtime_reports_the_provider_that_runs_and_falls_back_in_order(exported) -> None:
+    _, bundle = exported("post-sinusoidal")
+    rt = Runtime(bundle, providers=["cuda", "cpu"])
+    expected = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else \
+        "CPUExecutionProvider"
+    assert rt.provider == expected
+    with pytest.raises(ValueError, match="unknown execution provider 'tpu'"):
+        Runtime(bundle, providers=["tpu"])
+
+
+@pytest.mark.parametrize(("src", "gen", "message"), [
+    ([[5, 99]], GREEDY, r"input 0 has token ids \[99\] outside the source vocabulary \[0, 37\)"),
+    ([[5, -1]], GREEDY, "outside the source vocabulary"),
+    ([], GREEDY, "no inputs"),
+    ([[5], []], GREEDY, "input 1 is empty"),
+])
+def test_bad_input_is_a_clear_error(exported, src, gen, message: str) -> None:
+    _, bundle = exported("post-sinusoidal")
+    with pytest.raises(ValueError, match=message):
+        Runtime(bundle).generate(src, gen)
+
+
+def test_input_longer_than_learned_positions_is_refused(exported) -> None:
+    _, bundle = exported("pre-learned-gelu")
+    rt = Runtime(bundle)
+    with pytest.raises(ValueError, match="exceeds this model's 64 learned positions"):
+        rt.generate([[5] * 65], GREEDY)
+    with pytest.raises(ValueError, match="max_new_tokens=100 exceeds"):
+        rt.generate([[5]], GenerationConfig(max_new_tokens=100))
+
+
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "bundle"))
+
+
+def test_tampered_file_is_named(exported, tmp_path: Path) -> None:
+    bundle = copy_bundle(exported("post-sinusoidal")[1], tmp_path)
+    with open(bundle / "decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match=r"decoder.onnx: sha256 does not match"):
+        Runtime(bundle)
+
+
+def test_missing_file_is_named(exported, tmp_path: Path) -> None:
+    bundle = copy_bundle(exported("post-sinusoidal")[1], tmp_path)
+    (bundle / "encoder.onnx").unlink()
+    with pytest.raises(BundleError, match=r"encoder.onnx: missing from the bundle"):
+        Runtime(bundle)
+
+
+def test_newer_format_version_is_refused(exported, tmp_path: Path) -> None:
+    bundle = copy_bundle(exported("post-sinusoidal")[1], tmp_path)
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest["format_version"] = 99
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format version 99 is not supported"):
+        Runtime(bundle)
+
+
+def test_not_a_bundle_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="no such bundle folder"):
+        Runtime(tmp_path / "nothing")
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(BundleError, match=r"edgeformer\.json: missing"):
+        Runtime(tmp_path / "empty")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="no CUDA: onnxruntime-gpu with a CUDA GPU is needed for the CUDA parity test")
+def test_cuda_runtime_equals_pytorch(exported) -> None:
+    model, bundle = exported("post-sinusoidal")
+    rt = Runtime(bundle, providers=["cuda"])
+    assert rt.provider == "CUDAExecutionProvider"
+    src = random_sources(48, 37, seed=3)
+    for gen in (GREEDY, BEAM):
+        assert ([[h.tokens for h in hs] for hs in rt.generate(src, gen)]
+                == [[h.tokens for h in hs] for hs in generate(model, src, gen)])
