@@ -9,9 +9,13 @@ WANT=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
     exit 0
 fi
-echo "setting up .venv (first run only)..." >&2
+echo "setting up .venv (first run only; log in .venv/setup.log)..." >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >&2
-.venv/bin/python -m pip install -q "torch==2.13.0" >&2
-.venv/bin/python -m pip install -q -e ".[export,dev]" >&2
+if ! { .venv/bin/python -m pip install --upgrade pip "setuptools>=77" wheel &&
+       .venv/bin/python -m pip install "torch==2.13.0" &&
+       .venv/bin/python -m pip install -e ".[export,dev]"; } > .venv/setup.log 2>&1; then
+    tail -30 .venv/setup.log >&2
+    echo "set-up failed; the whole log is in .venv/setup.log" >&2
+    exit 1
+fi
 echo "$WANT" > "$STAMP"

@@ -174,3 +174,12 @@ def test_cuda_runtime_equals_pytorch(exported) -> None:
     for gen in (GREEDY, BEAM):
         assert ([[h.tokens for h in hs] for hs in rt.generate(src, gen)]
                 == [[h.tokens for h in hs] for hs in generate(model, src, gen)])
+
+
+def test_padded_batch_gives_what_each_input_gives_alone(exported) -> None:
+    _, bundle = exported("pre-learned-gelu")
+    rt = Runtime(bundle)
+    src = random_sources(12, 37, seed=8, longest=30)
+    batch = rt.generate(src, BEAM)
+    for s, hyps in zip(src, batch, strict=True):
+        assert rt.generate([s], BEAM)[0][0].tokens == hyps[0].tokens

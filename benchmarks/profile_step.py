@@ -1,0 +1,90 @@
+"""Where the time of a decoding step goes: onnxruntime's profiler by operator, and Python's around the calls.
+
+    .venv/bin/python benchmarks/profile_step.py [--size base|demo]
+
+Decodes 64 tokens at batch 1 from a 32-token source with 2 threads; prints the share of decoder time per
+operator type (onnxruntime's profile), and the share of each step spent outside onnxruntime (cProfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from edgeformer.cli.table import table
+from edgeformer.export.onnx_export import export
+from edgeformer.model.checkpoint import save_checkpoint
+from edgeformer.model.config import TransformerConfig
+from edgeformer.model.transformer import Transformer
+from edgeformer.runtime.session import Runtime
+
+BASE = {"src_vocab_size": 32000, "tgt_vocab_size": 32000, "d_model": 512, "n_heads": 8, "n_encoder_layers": 6,
+        "n_decoder_layers": 6, "d_ff": 2048, "dropout": 0.0, "share_embeddings": True}
+
+
+def decode(rt: Runtime, new_tokens: int, src_len: int) -> None:
+    src = np.random.default_rng(0).integers(4, int(rt.config["src_vocab_size"]), (1, src_len))
+    steps = rt.step_model(src, np.ones_like(src), 1)
+    tokens = np.array([1])
+    for _ in range(new_tokens):
+        tokens = steps.log_probs(tokens).argmax(-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["base", "demo"], default="base")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if args.size == "base":
+            torch.manual_seed(0)
+            save_checkpoint(Transformer(TransformerConfig(**BASE)), Path(tmp) / "ck")
+            checkpoint = Path(tmp) / "ck"
+        export(checkpoint, Path(tmp) / "bundle")
+        rt = Runtime(Path(tmp) / "bundle", threads=args.threads)
+        decode(rt, 8, 32)  # warm-up
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        decode(rt, 64, 32)
+        profiler.disable()
+        stats = pstats.Stats(profiler)
+        total = stats.total_tt  # type: ignore[attr-defined]
+        in_ort = sum(v[3] for k, v in stats.stats.items() if k[2] in ("run_with_iobinding",))  # type: ignore[attr-defined]
+        print(f"Python profile of 64 steps: {total * 1e3 / 64:.3f} ms a step, of which onnxruntime "
+              f"{in_ort / total:.1%}; the rest is Python and numpy around the calls")
+        top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:8]  # type: ignore[attr-defined]
+        print(table(["function (own time)", "ms a step"],
+                    [[f"{Path(k[0]).name}:{k[2]}", f"{v[2] * 1e3 / 64:.3f}"] for k, v in top]))
+
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        options.intra_op_num_threads = args.threads
+        rt.sessions["decoder"] = ort.InferenceSession(str(Path(tmp) / "bundle" / "decoder.onnx"), options,
+                                                      providers=["CPUExecutionProvider"])
+        decode(rt, 64, 32)
+        trace = json.loads(Path(rt.sessions["decoder"].end_profiling()).read_text())
+    by_op: dict[str, float] = defaultdict(float)
+    for event in trace:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"]
+    node_total = sum(by_op.values())
+    print(f"\nonnxruntime profile of the decoder, 64 steps: {node_total / 64 / 1e3:.3f} ms of kernels a step")
+    print(table(["operator", "share", "ms a step"],
+                [[op, f"{t / node_total:.1%}", f"{t / 64 / 1e3:.3f}"]
+                 for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])[:10]]))
+
+
+if __name__ == "__main__":
+    main()
