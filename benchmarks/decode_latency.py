@@ -14,6 +14,7 @@ import json
 import platform
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from edgeformer.cli.table import table
 from edgeformer.export.bench import compare_latency
 from edgeformer.export.onnx_export import export, producer_versions
+from edgeformer.export.variants import optimize, quantize
 from edgeformer.model.checkpoint import load_checkpoint, save_checkpoint
 from edgeformer.model.config import TransformerConfig
 from edgeformer.model.generate import TorchSteps, pad_batch
@@ -39,6 +41,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--src-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--variants", default="fp32,fp32-optimized,int8,int4",
+                        help="comma-separated bundle variants to measure beside PyTorch")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -55,25 +59,42 @@ def main() -> None:
         result = export(checkpoint, Path(tmp) / "bundle")
         print(f"export: {time.perf_counter() - start:.1f} s, bundle {result.bundle_bytes / 1e6:.1f} MB, "
               f"max |logit diff| {result.parity['max_abs_diff']['decoder']:.2e}")
-        rt = Runtime(Path(tmp) / "bundle", threads=args.threads)
+        bundles = {"fp32": Path(tmp) / "bundle"}
+        for variant in args.variants.split(","):
+            if variant == "fp32":
+                continue
+            start = time.perf_counter()
+            path = Path(tmp) / variant
+            report = (optimize(bundles["fp32"], path) if variant == "fp32-optimized"
+                      else quantize(bundles["fp32"], path, to=variant))
+            bundles[variant] = path
+            print(f"{variant}: {time.perf_counter() - start:.1f} s, {report.bundle_bytes / 1e6:.1f} MB "
+                  f"({report.bundle_bytes / report.source_bytes:.0%} of fp32), greedy agreement with fp32 "
+                  f"{report.figures['greedy_token_agreement']:.2%}")
         src = np.random.default_rng(0).integers(4, model.config.src_vocab_size, args.src_len).tolist()
         ids, mask = pad_batch([src], model.config.pad_id)
-        systems = {"pytorch-eager-kv": lambda: TorchSteps(model, ids, mask, 1),
-                   "runtime-fp32": lambda: rt.step_model(ids.numpy(), mask.numpy(), 1)}
-        lat = compare_latency(systems, args.new_tokens, model.config.bos_id, max_seconds=240)
-        bundle_bytes = result.bundle_bytes
+        systems = {"pytorch-eager-kv": lambda: TorchSteps(model, ids, mask, 1)}
+        sizes = {"pytorch-eager-kv": result.bundle_bytes}
+        for variant, path in bundles.items():
+            start = time.perf_counter()
+            rt = Runtime(path, threads=args.threads)
+            print(f"{variant}: session start {time.perf_counter() - start:.2f} s")
+            systems[f"runtime-{variant}"] = partial(rt.step_model, ids.numpy(), mask.numpy(), 1)
+            sizes[f"runtime-{variant}"] = sum((path / f).stat().st_size for f in rt.manifest.files)
+        lat = compare_latency(systems, args.new_tokens, model.config.bos_id, max_seconds=300)
     base = lat["pytorch-eager-kv"].per_token_ms
     records = [{"model": args.size, "system": name, "provider": "CPUExecutionProvider" if name != "pytorch-eager-kv"
                 else "torch-cpu", "batch": 1, "src_len": args.src_len, "new_tokens": args.new_tokens,
                 "threads": args.threads, "encoder_ms": v.encoder_ms, "per_token_ms_p50": v.per_token_ms,
                 "per_token_ms_p90": v.per_token_p90_ms, "tokens_per_second": 1e3 / v.per_token_ms, "runs": v.runs,
-                "speedup_vs_pytorch_kv": base / v.per_token_ms, "bundle_bytes": bundle_bytes,
+                "speedup_vs_pytorch_kv": base / v.per_token_ms, "bundle_bytes": sizes[name],
                 "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                             "onnxruntime": ort.__version__, **producer_versions()}}
                for name, v in lat.items()]
-    print(table(["system", "encoder ms", "per-token ms p50", "p90", "runs", "speed-up per token"],
+    print(table(["system", "encoder ms", "per-token ms p50", "p90", "runs", "speed-up per token", "size MB"],
                 [[r["system"], f"{r['encoder_ms']:.2f}", f"{r['per_token_ms_p50']:.3f}", f"{r['per_token_ms_p90']:.3f}",
-                  r["runs"], f"{r['speedup_vs_pytorch_kv']:.2f}x"] for r in records]))
+                  r["runs"], f"{r['speedup_vs_pytorch_kv']:.2f}x", f"{r['bundle_bytes'] / 1e6:.1f}"]
+                 for r in records]))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"decode_latency_{args.size}.json"
     path.write_text(json.dumps(records, indent=2) + "\n")

@@ -16,7 +16,7 @@ from typing import Any
 
 from edgeformer.cli.table import table
 
-NOT_BUILT = {"optimize": "graph optimization", "quantize": "quantization", "bench": "the benchmark suite"}
+NOT_BUILT = {"bench": "the benchmark suite"}
 
 
 def _need_export_extra() -> None:
@@ -73,6 +73,42 @@ def cmd_export(args: argparse.Namespace) -> None:
                            ["greedy token agreement", f"{p['greedy_token_agreement']:.2%}"]]))
 
 
+def _show_variant(report: Any, as_json: bool) -> None:
+    f = report.figures
+    if as_json:
+        print(json.dumps({"variant": report.variant, "seconds": report.seconds, "bytes": report.bundle_bytes,
+                          "source_bytes": report.source_bytes, "figures": f, "misses": report.misses}))
+        return
+    rows = [["variant", report.variant], ["time", f"{report.seconds:.1f} s"],
+            ["size", f"{report.bundle_bytes / 1e6:.2f} MB ({report.bundle_bytes / report.source_bytes:.0%} of the "
+                     "source)"],
+            [f"max |log-prob diff| to the {f['against']}", f"{f['max_abs_logprob_diff']:.2e}"],
+            ["greedy token agreement", f"{f['greedy_token_agreement']:.2%}"]]
+    if "exact_match" in f:
+        rows.append(["exact match (source -> this)", f"{f['exact_match_source']:.2%} -> {f['exact_match']:.2%}"])
+    if report.misses:
+        rows.append(["TARGET MISSED (--allow-drop)", "; ".join(report.misses)])
+    print(table(["", ""], rows))
+
+
+def cmd_optimize(args: argparse.Namespace) -> None:
+    _need_export_extra()
+    from edgeformer.export.variants import optimize
+
+    log = None if args.json else (lambda msg: print(f"  {msg}...", flush=True))
+    _show_variant(optimize(args.bundle, args.out, level=args.level, provider=args.provider, force=args.force,
+                           allow_drop=args.allow_drop, log=log), args.json)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    _need_export_extra()
+    from edgeformer.export.variants import quantize
+
+    log = None if args.json else (lambda msg: print(f"  {msg}...", flush=True))
+    _show_variant(quantize(args.bundle, args.out, to=args.to, preset=args.preset, block_size=args.block_size,
+                           keep=args.keep, force=args.force, allow_drop=args.allow_drop, log=log), args.json)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from edgeformer.runtime.bundle import Manifest
 
@@ -100,6 +136,22 @@ def cmd_info(args: argparse.Namespace) -> None:
                     [[g, f"{d:.2e}", f"{p['tolerance']['atol']:.0e} + {p['tolerance']['rtol']:.0e}*max|ref|"]
                      for g, d in p["max_abs_diff"].items()]))
         print(f"greedy token agreement: {p['greedy_token_agreement']:.2%}")
+    for t in m.transforms:
+        settings = ", ".join(f"{k} {v}" for k, v in t.items()
+                             if k not in ("graphs", "variant", "step") and v not in ([], None))
+        print(f"\n{t.get('step', 'transform')} -> {t['variant']}: {settings}")
+        for graph, details in t.get("graphs", {}).items():
+            fused = details.get("fused_operators")
+            if fused is not None:
+                print(f"  {graph}: fused " + (", ".join(f"{k} x{v}" for k, v in fused.items()) or "nothing"))
+    v = m.variant_parity
+    if v:
+        print(f"\n{m.variant} against the {v['against']} ({v['inputs']} inputs): max |log-prob diff| "
+              f"{v['max_abs_logprob_diff']:.2e}, greedy token agreement {v['greedy_token_agreement']:.2%}"
+              + (f", exact match {v['exact_match_source']:.2%} -> {v['exact_match']:.2%}" if "exact_match" in v
+                 else ""))
+        if v.get("misses"):
+            print("WARNING: written with --allow-drop; misses its target: " + "; ".join(v["misses"]))
     print("\nproduced by " + ", ".join(f"{k} {v}" for k, v in m.producer.items()))
 
 
@@ -229,6 +281,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("demo", help="the whole path on the shipped model: export, parity, generate, latency")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_demo)
+
+    p = verbs.add_parser("optimize", help="transformer fusions + onnxruntime offline optimization -> new bundle")
+    p.add_argument("bundle")
+    p.add_argument("out")
+    p.add_argument("--level", default="extended", choices=["basic", "extended", "all"],
+                   help="onnxruntime level saved offline; 'all' adds layout changes tied to this machine")
+    p.add_argument("--provider", default="cpu", help="the execution provider the graphs are optimized for")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--allow-drop", action="store_true", help="write it even if it misses its parity target")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_optimize)
+
+    p = verbs.add_parser("quantize", help="int8 (dynamic), int4 (weight-only) or fp16 -> new bundle")
+    p.add_argument("bundle")
+    p.add_argument("out")
+    p.add_argument("--to", required=True, choices=["int8", "int4", "fp16"])
+    p.add_argument("--preset", default="avx2", choices=["avx2", "avx512-vnni", "arm64"], help="int8 only")
+    p.add_argument("--block-size", type=int, default=32, help="int4 only")
+    p.add_argument("--keep", action="append", default=[], metavar="NODE|OP|output_projection",
+                   help="keep in full precision, by node name, operator type, or output_projection; repeatable")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--allow-drop", action="store_true", help="write it even if it misses its parity target")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_quantize)
 
     for verb in NOT_BUILT:
         p = verbs.add_parser(verb, help=f"{NOT_BUILT[verb]} (not built yet)")

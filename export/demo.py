@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from edgeformer.cli.table import table
 from edgeformer.export.bench import compare_latency
 from edgeformer.export.compare import compare_runtime
 from edgeformer.export.onnx_export import export
+from edgeformer.export.variants import optimize, quantize
 from edgeformer.model.checkpoint import default_checkpoint, load_checkpoint
 from edgeformer.model.generate import TorchSteps, generate, pad_batch
 from edgeformer.model.tasks import get_task
@@ -38,23 +40,39 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
         print(table(["check", "result"], [[k, v if isinstance(v, str) else f"{v:.4g}"] for k, v in report.items()]))
         print()
 
-        rt = Runtime(bundle, threads=threads)
-        pairs = get_task("dates").pairs(examples, "test", seed=7)
-        src = tokenizer.encode_batch([s for s, _ in pairs])
-        ours = rt.generate(src)
-        ref = generate(model, src)
-        print("4. generation, side by side")
-        print(table(["input", "expected", "PyTorch", "runtime"],
-                    [[s, t, tokenizer.target.decode(r[0].tokens), tokenizer.target.decode(o[0].tokens)]
-                     for (s, t), r, o in zip(pairs, ref, ours, strict=True)]))
+        print("4. faster variants, each checked against the fp32 bundle before it is written")
+        paths = {"fp32": bundle}
+        reports = [optimize(bundle, Path(tmp) / "optimized")]
+        paths["fp32-optimized"] = Path(tmp) / "optimized"
+        for to in ("int8", "int4"):
+            reports.append(quantize(bundle, Path(tmp) / to, to=to))
+            paths[to] = Path(tmp) / to
+        print(table(["variant", "size MB", "of fp32", "max |log-prob diff|", "greedy agreement", "exact match"],
+                    [[r.variant, f"{r.bundle_bytes / 1e6:.2f}", f"{r.bundle_bytes / r.source_bytes:.0%}",
+                      f"{r.figures['max_abs_logprob_diff']:.1e}", f"{r.figures['greedy_token_agreement']:.1%}",
+                      f"{r.figures['exact_match']:.1%}"] for r in reports]))
         print()
 
-        print(f"5. decoding latency, batch 1, {new_tokens} new tokens forced, {threads} threads, "
+        runtimes = {name: Runtime(path, threads=threads) for name, path in paths.items()}
+        pairs = get_task("dates").pairs(examples, "test", seed=7)
+        src = tokenizer.encode_batch([s for s, _ in pairs])
+        ref = generate(model, src)
+        outputs = {name: rt.generate(src) for name, rt in runtimes.items()}
+        print("5. generation, side by side")
+        print(table(["input", "expected", "PyTorch", *outputs],
+                    [[s, t, tokenizer.target.decode(ref[i][0].tokens),
+                      *[tokenizer.target.decode(o[i][0].tokens) for o in outputs.values()]]
+                     for i, (s, t) in enumerate(pairs)]))
+        print()
+
+        print(f"6. decoding latency, batch 1, {new_tokens} new tokens forced, {threads} threads, "
               "interleaved runs, medians")
         ids, mask = pad_batch(src[:1], c.pad_id)
-        lat = compare_latency({"PyTorch eager + KV cache": lambda: TorchSteps(model, ids, mask, 1),
-                               f"runtime fp32 ({rt.provider})": lambda: rt.step_model(ids.numpy(), mask.numpy(), 1)},
-                              new_tokens, c.bos_id, max_seconds=20)
+        systems: dict = {"PyTorch eager + KV cache": lambda: TorchSteps(model, ids, mask, 1)}
+        for name, rt in runtimes.items():
+            systems[f"runtime {name} ({rt.provider.removesuffix('ExecutionProvider')})"] = partial(
+                rt.step_model, ids.numpy(), mask.numpy(), 1)
+        lat = compare_latency(systems, new_tokens, c.bos_id, max_seconds=30)
         base = lat["PyTorch eager + KV cache"].per_token_ms
         print(table(["system", "encoder ms", "per-token ms p50", "p90", "speed-up per token"],
                     [[name, f"{v.encoder_ms:.2f}", f"{v.per_token_ms:.3f}", f"{v.per_token_p90_ms:.3f}",

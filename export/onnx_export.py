@@ -182,16 +182,16 @@ def share_across_graphs(protos: list[onnx.ModelProto], folder: Path) -> list[str
     owners: dict[tuple, list[tuple[int, onnx.TensorProto]]] = {}
     for g, proto in enumerate(protos):
         for init in proto.graph.initializer:
-            array = numpy_helper.to_array(init)
-            if array.size >= 64:
-                owners.setdefault((array.dtype.str, array.shape, array.tobytes()), []).append((g, init))
+            # raw_data as stored: packed 4-bit tensors must stay packed. Typed fields hold small constants only.
+            if init.HasField("raw_data") and len(init.raw_data) >= 256:
+                owners.setdefault((init.data_type, tuple(init.dims), init.raw_data), []).append((g, init))
     shared = [inits for inits in owners.values() if len({g for g, _ in inits}) > 1]
     if not shared:
         return []
     moved = []
     with open(folder / SHARED_WEIGHTS, "wb") as f:
         for inits in shared:
-            data = numpy_helper.to_array(inits[0][1]).tobytes()
+            data = inits[0][1].raw_data
             offset = f.tell()
             f.write(data)
             f.write(b"\0" * (-len(data) % 64))  # keep every tensor 64-byte aligned for memory mapping

@@ -44,7 +44,15 @@ class Manifest:
     producer: dict[str, str] = field(default_factory=dict)  # package -> version
     parity: dict[str, Any] = field(default_factory=dict)  # figures measured before the bundle was written
     exporter: str = ""
+    transforms: list[dict[str, Any]] = field(default_factory=list)  # optimize/quantize steps, in order
+    variant_parity: dict[str, Any] = field(default_factory=dict)  # a derived variant against its fp32 source
     format_version: int = FORMAT_VERSION
+
+    @property
+    def offline_optimization(self) -> str | None:
+        """The onnxruntime level the graphs were optimized at offline, if they were."""
+        levels = [t["level"] for t in self.transforms if t.get("step") == "optimize"]
+        return levels[-1] if levels else None
 
     @property
     def max_positions(self) -> int | None:
@@ -65,6 +73,8 @@ class Manifest:
             "files": self.files,
             "producer": self.producer,
             "parity": self.parity,
+            "transforms": self.transforms,
+            "variant_parity": self.variant_parity,
         }
 
     @classmethod
@@ -83,6 +93,7 @@ class Manifest:
             return cls(config=d["config"], graphs=graphs, graph_files={n: g["file"] for n, g in d["graphs"].items()},
                        variant=d["variant"], opset=d["opset"], tokenizer=d.get("tokenizer"), files=d["files"],
                        producer=d.get("producer", {}), parity=d.get("parity", {}), exporter=d.get("exporter", ""),
+                       transforms=d.get("transforms", []), variant_parity=d.get("variant_parity", {}),
                        format_version=version)
         except (KeyError, TypeError) as e:
             raise BundleError(f"{where}: malformed manifest, missing or wrong field {e}") from None

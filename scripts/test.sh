@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check model export runtime cli tests benchmarks
-.venv/bin/mypy model export runtime cli
+.venv/bin/mypy model export runtime cli benchmarks
 exec .venv/bin/python -m pytest "$@"

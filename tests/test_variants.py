@@ -1,0 +1,121 @@
+"""Optimize and quantize: each variant checked against its fp32 source before it is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from edgeformer.export import variants
+from edgeformer.export.parity import ParityError
+from edgeformer.export.variants import Target, optimize, quantize, resolve_keep
+from edgeformer.model.generate import generate
+from edgeformer.runtime.bundle import Manifest
+from edgeformer.runtime.options import GenerationConfig
+from edgeformer.runtime.session import Runtime
+from tests.test_runtime import random_sources
+
+
+@pytest.fixture(scope="module")
+def demo_variants(exported, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    _, fp32 = exported("demo")
+    root = tmp_path_factory.mktemp("variants")
+    paths = {"fp32": fp32}
+    optimize(fp32, root / "optimized")
+    paths["fp32-optimized"] = root / "optimized"
+    for to in ("int8", "int4", "fp16"):
+        quantize(fp32, root / to, to=to)
+        paths[to] = root / to
+    return paths
+
+
+def bytes_of(bundle: Path) -> int:
+    return sum((bundle / f).stat().st_size for f in Manifest.load(bundle).files)
+
+
+def test_optimized_bundle_fuses_and_matches_pytorch_token_for_token(exported, demo_variants) -> None:
+    model, _ = exported("demo")
+    manifest = Manifest.load(demo_variants["fp32-optimized"])
+    assert manifest.variant == "fp32-optimized" and manifest.offline_optimization == "extended"
+    fused = manifest.transforms[0]["graphs"]["decoder"]["fused_operators"]
+    assert fused.get("SkipLayerNormalization", 0) == 2 * 3  # the three residual adds of each decoder layer
+    assert manifest.variant_parity["max_abs_logprob_diff"] <= 1e-4
+    rt = Runtime(demo_variants["fp32-optimized"])
+    src = random_sources(100, model.config.src_vocab_size, seed=4)
+    gen = GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=12)
+    assert [h[0].tokens for h in rt.generate(src, gen)] == [h[0].tokens for h in generate(model, src, gen)]
+
+
+@pytest.mark.parametrize(("variant", "max_share"), [("int8", 0.35), ("int4", 0.25), ("fp16", 0.55)])
+def test_quantized_bundles_stay_accurate_and_shrink(demo_variants, variant: str, max_share: float) -> None:
+    manifest = Manifest.load(demo_variants[variant])
+    figures = manifest.variant_parity
+    assert manifest.variant == variant and not figures["misses"]
+    assert figures["exact_match"] >= figures["exact_match_source"] - 0.01
+    if variant == "fp16":
+        assert figures["greedy_token_agreement"] >= 0.99 and figures["max_abs_logprob_diff"] <= 2e-2
+    assert bytes_of(demo_variants[variant]) <= max_share * bytes_of(demo_variants["fp32"])
+    ops = {n.op_type for g in ("encoder.onnx", "decoder.onnx")
+           for n in onnx.load(str(demo_variants[variant] / g)).graph.node}
+    expected = {"int8": "MatMulInteger", "int4": "MatMulNBits", "fp16": "Cast"}[variant]
+    assert expected in ops
+
+
+def test_optimize_then_quantize_and_quantize_then_optimize(demo_variants, tmp_path: Path) -> None:
+    report = quantize(demo_variants["fp32-optimized"], tmp_path / "opt-int8", to="int8")
+    assert report.variant == "int8" and not report.misses
+    report = optimize(demo_variants["int8"], tmp_path / "int8-opt")
+    assert report.variant == "int8" and report.figures["against"] == "int8 bundle"
+    steps = [(t["step"], t["variant"]) for t in Manifest.load(tmp_path / "int8-opt").transforms]
+    assert steps == [("quantize", "int8"), ("optimize", "int8")]
+
+
+def test_quantizing_a_quantized_bundle_is_refused(demo_variants, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="already int8"):
+        quantize(demo_variants["int8"], tmp_path / "x", to="int4")
+
+
+def test_a_variant_that_misses_its_target_is_written_only_with_allow_drop(
+        demo_variants, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(variants.TARGETS, "int4", Target(max_logit_diff=1e-9))
+    with pytest.raises(ParityError, match="misses its target"):
+        quantize(demo_variants["fp32"], tmp_path / "int4", to="int4")
+    assert not (tmp_path / "int4").exists()
+    report = quantize(demo_variants["fp32"], tmp_path / "int4", to="int4", allow_drop=True)
+    assert report.misses
+    info = subprocess.run([sys.executable, "-m", "edgeformer.cli", "info", str(tmp_path / "int4")],
+                          capture_output=True, text=True, check=True).stdout
+    assert "WARNING: written with --allow-drop" in info
+
+
+def test_output_projection_can_be_kept_in_full_precision(exported, tmp_path: Path) -> None:
+    _, bundle = exported("shared-untied")  # an untied projection: a MatMul with its own weight
+    decoder = onnx.load(str(bundle / "decoder.onnx"))
+    kept = resolve_keep(decoder, ["output_projection"])
+    assert len(kept) == 1
+    quantize(bundle, tmp_path / "int8", to="int8", keep=["output_projection"], allow_drop=True)
+    nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / "int8" / "decoder.onnx")).graph.node}
+    assert nodes[kept[0]] == "MatMul"
+    assert "MatMulInteger" in nodes.values()
+
+
+def test_bad_quantization_settings_fail_clearly(demo_variants, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown quantization 'int2'"):
+        quantize(demo_variants["fp32"], tmp_path / "x", to="int2")
+    with pytest.raises(ValueError, match="unknown int8 preset"):
+        quantize(demo_variants["fp32"], tmp_path / "x", to="int8", preset="avx9")
+    with pytest.raises(ValueError, match="block size must be a power of two"):
+        quantize(demo_variants["fp32"], tmp_path / "x", to="int4", block_size=24)
+
+
+def test_info_shows_fusions_and_variant_figures(demo_variants) -> None:
+    out = subprocess.run([sys.executable, "-m", "edgeformer.cli", "info", str(demo_variants["fp32-optimized"])],
+                         capture_output=True, text=True, check=True).stdout
+    assert "fused SkipLayerNormalization x6" in out
+    data = json.loads(subprocess.run([sys.executable, "-m", "edgeformer.cli", "info", str(demo_variants["int4"]),
+                                      "--json"], capture_output=True, text=True, check=True).stdout)
+    assert data["variant"] == "int4" and data["variant_parity"]["exact_match"] >= 0.99
