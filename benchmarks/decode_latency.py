@@ -26,13 +26,10 @@ from edgeformer.export.bench import compare_latency
 from edgeformer.export.onnx_export import export, producer_versions
 from edgeformer.export.variants import optimize, quantize
 from edgeformer.model.checkpoint import load_checkpoint, save_checkpoint
-from edgeformer.model.config import TransformerConfig
+from edgeformer.model.config import BASE_SIZE, TransformerConfig
 from edgeformer.model.generate import TorchSteps, pad_batch
 from edgeformer.model.transformer import Transformer
 from edgeformer.runtime.session import Runtime
-
-BASE = {"src_vocab_size": 32000, "tgt_vocab_size": 32000, "d_model": 512, "n_heads": 8, "n_encoder_layers": 6,
-        "n_decoder_layers": 6, "d_ff": 2048, "dropout": 0.0, "share_embeddings": True}
 
 
 def main() -> None:
@@ -49,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.size == "base":
             torch.manual_seed(0)
-            model = Transformer(TransformerConfig(**BASE)).eval()
+            model = Transformer(TransformerConfig(**BASE_SIZE)).eval()
             save_checkpoint(model, Path(tmp) / "checkpoint")
             checkpoint: Path | None = Path(tmp) / "checkpoint"
         else:

@@ -23,12 +23,9 @@ import torch
 from edgeformer.cli.table import table
 from edgeformer.export.onnx_export import export
 from edgeformer.model.checkpoint import save_checkpoint
-from edgeformer.model.config import TransformerConfig
+from edgeformer.model.config import BASE_SIZE, TransformerConfig
 from edgeformer.model.transformer import Transformer
 from edgeformer.runtime.session import Runtime
-
-BASE = {"src_vocab_size": 32000, "tgt_vocab_size": 32000, "d_model": 512, "n_heads": 8, "n_encoder_layers": 6,
-        "n_decoder_layers": 6, "d_ff": 2048, "dropout": 0.0, "share_embeddings": True}
 
 
 def decode(rt: Runtime, new_tokens: int, src_len: int) -> None:
@@ -48,7 +45,7 @@ def main() -> None:
         checkpoint = None
         if args.size == "base":
             torch.manual_seed(0)
-            save_checkpoint(Transformer(TransformerConfig(**BASE)), Path(tmp) / "ck")
+            save_checkpoint(Transformer(TransformerConfig(**BASE_SIZE)), Path(tmp) / "ck")
             checkpoint = Path(tmp) / "ck"
         export(checkpoint, Path(tmp) / "bundle")
         rt = Runtime(Path(tmp) / "bundle", threads=args.threads)
