@@ -105,8 +105,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from edgeformer.export.variants import quantize
 
     log = None if args.json else (lambda msg: print(f"  {msg}...", flush=True))
+    calibration = None
+    if args.calibration:
+        calibration = [line.rstrip("\n") for line in Path(args.calibration).read_text().splitlines() if line.strip()]
     _show_variant(quantize(args.bundle, args.out, to=args.to, preset=args.preset, block_size=args.block_size,
-                           keep=args.keep, force=args.force, allow_drop=args.allow_drop, log=log), args.json)
+                           keep=args.keep, method=args.method, calibration=calibration,
+                           calibration_size=args.calibration_size, force=args.force, allow_drop=args.allow_drop,
+                           log=log), args.json)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -298,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--to", required=True, choices=["int8", "int4", "fp16"])
     p.add_argument("--preset", default="avx2", choices=["avx2", "avx512-vnni", "arm64"], help="int8 only")
+    p.add_argument("--method", default="dynamic", choices=["dynamic", "static"],
+                   help="int8: activations quantized at run time, or static QDQ with calibrated ranges")
+    p.add_argument("--calibration", metavar="FILE", help="int8 static: calibration inputs, one text a line "
+                   "(default: samples of the built-in task's training split)")
+    p.add_argument("--calibration-size", type=int, default=64, help="int8 static: how many inputs to use")
     p.add_argument("--block-size", type=int, default=32, help="int4 only")
     p.add_argument("--keep", action="append", default=[], metavar="NODE|OP|output_projection",
                    help="keep in full precision, by node name, operator type, or output_projection; repeatable")

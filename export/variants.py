@@ -234,6 +234,64 @@ def int8_dynamic(preset: str, keep: list[str]) -> GraphTransform:
     return transform
 
 
+def calibration_feeds(bundle: Path, texts: list[str] | None, size: int, steps: int = 12) -> dict[str, list[dict]]:
+    """Inputs to calibrate activation ranges on, per graph, captured by decoding with the fp32 bundle: the user's
+    texts, or else samples of the task's training split (never the held-out one the accuracy is measured on),
+    or random ids for a bundle without a tokenizer."""
+    rt = Runtime(bundle, threads=2)
+    if rt.tokenizer is not None:
+        texts = texts or [s for s, _ in get_task("dates").pairs(size, "train", seed=17)]
+        sources = rt.tokenizer.encode_batch(texts[:size])
+    else:
+        if texts:
+            raise ValueError(f"{bundle} has no tokenizer: calibration texts cannot be encoded")
+        rng = np.random.default_rng(17)
+        sources = [rng.integers(4, int(rt.config["src_vocab_size"]), rng.integers(2, 33)).tolist()
+                   for _ in range(size)]
+    from edgeformer.runtime.session import pad
+
+    feeds: dict[str, list[dict]] = {ENCODER: [], DECODER: []}
+    for i in range(0, len(sources), 16):
+        ids, mask = pad(sources[i: i + 16], int(rt.config["pad_id"]))
+        feeds[ENCODER].append({"input_ids": ids, "attention_mask": mask})
+        state = rt.step_model(ids, mask, 1)
+        tokens = np.full(len(ids), int(rt.config["bos_id"]), dtype=np.int64)
+        for _ in range(steps):
+            feed = {"input_ids": tokens[:, None], **state.fixed, **state.past}
+            feeds[DECODER].append({k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in feed.items()})
+            tokens = state.log_probs(tokens).argmax(-1)
+    return feeds
+
+
+def int8_static(preset: str, keep: list[str], feeds: dict[str, list[dict]]) -> GraphTransform:
+    """QDQ: weights and activations int8, activation ranges calibrated (MinMax) on `feeds`."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if preset not in INT8_PRESETS:
+        raise ValueError(f"unknown int8 preset {preset!r}; choose one of {', '.join(INT8_PRESETS)}")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, items: list[dict]) -> None:
+            self.items = iter(items)
+
+        def get_next(self) -> dict | None:
+            return next(self.items, None)
+
+    def transform(path: Path, graph: str, manifest: Manifest) -> tuple[onnx.ModelProto, dict]:
+        model = with_types(onnx.load(str(path)))
+        excluded = resolve_keep(model, keep)
+        with tempfile.TemporaryDirectory() as tmp:
+            quantize_static(model, Path(tmp) / "q.onnx", Reader(feeds[graph]), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul"], activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+                            **INT8_PRESETS[preset])
+            proto = onnx.load(str(Path(tmp) / "q.onnx"))
+        return proto, {"preset": preset, "calibration_batches": len(feeds[graph]), "kept_fp32": excluded}
+
+    return transform
+
+
 def int4_weight_only(block_size: int, keep: list[str]) -> GraphTransform:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -394,10 +452,18 @@ def optimize(bundle: Path | str, out: Path | str, level: str = "extended", provi
 
 
 def quantize(bundle: Path | str, out: Path | str, to: str, preset: str = "avx2", block_size: int = 32,
-             keep: list[str] | None = None, **kwargs: object) -> VariantReport:
+             keep: list[str] | None = None, method: str = "dynamic", calibration: list[str] | None = None,
+             calibration_size: int = 64, **kwargs: object) -> VariantReport:
+    """int8 (method 'dynamic', or 'static': QDQ calibrated on `calibration` texts or task samples), int4 or fp16."""
     keep = list(keep or [])
     settings: dict[str, object]
-    if to == "int8":
+    if to == "int8" and method == "static":
+        feeds = calibration_feeds(Path(bundle), calibration, calibration_size)
+        transform, settings = int8_static(preset, keep, feeds), {"method": "static-qdq", "preset": preset,
+                                                                  "calibration_inputs": calibration_size}
+    elif to == "int8" and method != "dynamic":
+        raise ValueError(f"unknown int8 method {method!r}; choose dynamic or static")
+    elif to == "int8":
         transform, settings = int8_dynamic(preset, keep), {"method": "dynamic", "preset": preset}
     elif to == "int4":
         transform, settings = int4_weight_only(block_size, keep), {"method": "MatMulNBits", "block_size": block_size}

@@ -119,3 +119,20 @@ def test_info_shows_fusions_and_variant_figures(demo_variants) -> None:
     data = json.loads(subprocess.run([sys.executable, "-m", "edgeformer.cli", "info", str(demo_variants["int4"]),
                                       "--json"], capture_output=True, text=True, check=True).stdout)
     assert data["variant"] == "int4" and data["variant_parity"]["exact_match"] >= 0.99
+
+
+def test_static_int8_is_calibrated_and_stays_accurate(demo_variants, tmp_path: Path) -> None:
+    report = quantize(demo_variants["fp32"], tmp_path / "static", to="int8", method="static", calibration_size=32)
+    assert not report.misses and report.figures["exact_match"] >= report.figures["exact_match_source"] - 0.01
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "static" / "decoder.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    settings = Manifest.load(tmp_path / "static").transforms[-1]
+    assert settings["method"] == "static-qdq" and settings["graphs"]["decoder"]["calibration_batches"] > 0
+
+
+def test_static_calibration_takes_the_users_texts(demo_variants, tmp_path: Path) -> None:
+    texts = ["5 mars 1998", "Thursday, July 4, 2024", "12.10.1961", "the 3rd of may, 2001"]
+    report = quantize(demo_variants["fp32"], tmp_path / "static", to="int8", method="static", calibration=texts,
+                      calibration_size=4, allow_drop=True)
+    assert Manifest.load(tmp_path / "static").transforms[-1]["graphs"]["encoder"]["calibration_batches"] == 1
+    assert report.figures["exact_match"] > 0.9
