@@ -96,8 +96,9 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     from edgeformer.export.variants import optimize
 
     log = None if args.json else (lambda msg: print(f"  {msg}...", flush=True))
+    attention = {"auto": None, "yes": True, "no": False}[args.fuse_attention]
     _show_variant(optimize(args.bundle, args.out, level=args.level, provider=args.provider, force=args.force,
-                           allow_drop=args.allow_drop, log=log), args.json)
+                           fuse_attention=attention, allow_drop=args.allow_drop, log=log), args.json)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", default="extended", choices=["basic", "extended", "all"],
                    help="onnxruntime level saved offline; 'all' adds layout changes tied to this machine")
     p.add_argument("--provider", default="cpu", help="the execution provider the graphs are optimized for")
+    p.add_argument("--fuse-attention", default="auto", choices=["auto", "yes", "no"],
+                   help="attention -> com.microsoft.MultiHeadAttention; auto: on GPU providers, where it is faster")
     p.add_argument("--force", action="store_true")
     p.add_argument("--allow-drop", action="store_true", help="write it even if it misses its parity target")
     p.add_argument("--json", action="store_true")

@@ -136,3 +136,31 @@ def test_static_calibration_takes_the_users_texts(demo_variants, tmp_path: Path)
                       calibration_size=4, allow_drop=True)
     assert Manifest.load(tmp_path / "static").transforms[-1]["graphs"]["encoder"]["calibration_batches"] == 1
     assert report.figures["exact_match"] > 0.9
+
+
+def test_attention_fuses_into_multihead_attention_and_stays_exact(exported, demo_variants, tmp_path: Path) -> None:
+    model, _ = exported("demo")
+    report = optimize(demo_variants["fp32"], tmp_path / "mha", fuse_attention=True)
+    assert not report.misses and report.figures["max_abs_logprob_diff"] <= 1e-4
+    graphs = Manifest.load(tmp_path / "mha").transforms[-1]["graphs"]
+    assert graphs["encoder"]["fused_operators"]["MultiHeadAttention"] == 2  # one self-attention a layer
+    assert graphs["decoder"]["fused_operators"]["MultiHeadAttention"] == 4  # self and cross, two layers
+    rt = Runtime(tmp_path / "mha")
+    src = random_sources(60, model.config.src_vocab_size, seed=6)
+    gen = GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=12)
+    assert [h[0].tokens for h in rt.generate(src, gen)] == [h[0].tokens for h in generate(model, src, gen)]
+
+
+def test_attention_is_not_fused_on_cpu_by_default(demo_variants) -> None:
+    settings = Manifest.load(demo_variants["fp32-optimized"]).transforms[-1]
+    assert settings["fuse_attention"] is False
+    assert "MultiHeadAttention" not in settings["graphs"]["decoder"]["fused_operators"]
+
+
+def test_optimizing_for_a_missing_provider_is_refused(demo_variants, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="cannot optimize for CUDAExecutionProvider"):
+        optimize(demo_variants["fp32"], tmp_path / "x", provider="cuda")

@@ -1,0 +1,152 @@
+"""Fuse our attention into onnxruntime's com.microsoft.MultiHeadAttention.
+
+onnxruntime's transformer optimizer knows the attention patterns of the Hugging Face exports it was written for;
+it finds none in the graphs torch.onnx (dynamo) makes of `MultiHeadAttention` in model/transformer.py. Those
+graphs have one fixed shape, so we match it here:
+
+    Softmax(MatMul(Transpose(Reshape(q)), Kt) * scale + bias) -> MatMul(., V) -> Transpose -> Reshape -> out
+
+where K and V are the layer's projections (encoder self-attention), the past cache concatenated with them
+(decoder self-attention, whose Concat outputs are the `present.*` outputs), or the cross-attention cache inputs
+(decoder cross-attention). Each match becomes one MultiHeadAttention node: past and present go through its
+past_key/past_value inputs and present_key/present_value outputs; padding masks become its key_padding_mask and
+the causal mask its attention_bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class _Graph:
+    model: onnx.ModelProto
+
+    def __post_init__(self) -> None:
+        self.producer = {o: n for n in self.model.graph.node for o in n.output}
+        self.inputs = {i.name for i in self.model.graph.input}
+
+    def op(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+
+def _split_heads_source(g: _Graph, name: str) -> str | None:
+    """The (B, T, D) tensor that a Transpose(Reshape(x)) split into heads, or None."""
+    t = g.op(name, "Transpose")
+    r = g.op(t.input[0], "Reshape") if t is not None else None
+    return r.input[0] if r is not None else None
+
+
+def _mask_int32(model: onnx.ModelProto, mask_input: str, cache: dict[str, str]) -> str:
+    if mask_input not in cache:
+        name = f"{mask_input}_int32"
+        model.graph.node.insert(0, helper.make_node("Cast", [mask_input], [name], name=f"/{name}/Cast",
+                                                    to=onnx.TensorProto.INT32))
+        cache[mask_input] = name
+    return cache[mask_input]
+
+
+def _padding_mask_input(g: _Graph, bias: str) -> str | None:
+    """The graph's (B, S) mask input behind an additive padding bias, following Mul/Sub/Cast/Unsqueeze."""
+    stack, seen = [bias], set()
+    while stack:
+        name = stack.pop()
+        if name in g.inputs:
+            return name
+        node = g.producer.get(name)
+        if node is None or name in seen or node.op_type not in ("Mul", "Sub", "Cast", "Unsqueeze", "Add"):
+            continue
+        seen.add(name)
+        stack.extend(node.input)
+    return None
+
+
+def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
+    """Rewrite every matching attention block in place; returns how many were fused."""
+    g = _Graph(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    masks: dict[str, str] = {}
+    fused = 0
+    for softmax in [n for n in model.graph.node if n.op_type == "Softmax"]:
+        add = g.op(softmax.input[0], "Add")
+        mul = g.op(add.input[0], "Mul") if add is not None else None
+        scores = g.op(mul.input[0], "MatMul") if mul is not None else None
+        after = consumers.get(softmax.output[0], [])
+        context = after[0] if len(after) == 1 and after[0].op_type == "MatMul" else None
+        if add is None or mul is None or scores is None or context is None:
+            continue
+        t_out = consumers.get(context.output[0], [None])[0]
+        reshape_out = consumers.get(t_out.output[0], [None])[0] if t_out is not None else None
+        query = _split_heads_source(g, scores.input[0])
+        if query is None or reshape_out is None or reshape_out.op_type != "Reshape":
+            continue
+        k_node = g.producer.get(scores.input[1])  # K transposed for Q @ K^T
+        if k_node is None or k_node.op_type != "Transpose":
+            continue
+        k_src, v_src = k_node.input[0], context.input[1]
+        bias = add.input[1]
+        inputs: list[str]
+        outputs = [reshape_out.output[0]]
+        concat_k, concat_v = g.op(k_src, "Concat"), g.op(v_src, "Concat")
+        if concat_k is not None and concat_v is not None:  # decoder self-attention with its cache
+            new_k = _split_heads_source(g, concat_k.input[1])
+            new_v = _split_heads_source(g, concat_v.input[1])
+            if new_k is None or new_v is None:
+                continue
+            # attention_bias: the causal mask (1, 1, T, P+T), as the graph computes it
+            inputs = [query, new_k, new_v, "", "", bias, concat_k.input[0], concat_v.input[0]]
+            outputs += [concat_k.output[0], concat_v.output[0]]
+        elif k_src in g.inputs and v_src in g.inputs:  # cross-attention on the cached encoder keys and values
+            mask = _padding_mask_input(g, bias)
+            if mask is None:
+                continue
+            inputs = [query, k_src, v_src, "", _mask_int32(model, mask, masks)]
+        else:  # encoder self-attention: K^T came from one Transpose of the split heads
+            reshape_k = g.op(k_src, "Reshape")
+            new_v = _split_heads_source(g, v_src)
+            mask = _padding_mask_input(g, bias)
+            if reshape_k is None or new_v is None or mask is None:
+                continue
+            inputs = [query, reshape_k.input[0], new_v, "", _mask_int32(model, mask, masks)]
+        model.graph.node.append(helper.make_node(
+            "MultiHeadAttention", inputs, outputs, name=f"/attention_{fused}/MultiHeadAttention",
+            domain=MS_DOMAIN, num_heads=num_heads))
+        for node in (reshape_out, t_out, context, softmax, add, mul, scores, k_node):
+            model.graph.node.remove(node)
+        if len(outputs) == 3 and concat_k is not None and concat_v is not None:
+            model.graph.node.remove(concat_k)
+            model.graph.node.remove(concat_v)
+        fused += 1
+        g = _Graph(model)
+    if fused:
+        remove_dead_nodes(model)
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        from onnxruntime.transformers.onnx_model import OnnxModel
+
+        OnnxModel(model).topological_sort()
+    return fused
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nothing reads, until none is left."""
+    graph_outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | graph_outputs
+        dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            keep = [i for i in model.graph.initializer if i.name in used]
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(keep)
+            return
+        for n in dead:
+            model.graph.node.remove(n)
