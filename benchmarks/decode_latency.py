@@ -72,17 +72,20 @@ def main() -> None:
         ids, mask = pad_batch([src], model.config.pad_id)
         systems = {"pytorch-eager-kv": lambda: TorchSteps(model, ids, mask, 1)}
         sizes = {"pytorch-eager-kv": result.bundle_bytes}
+        starts = {"pytorch-eager-kv": 0.0}
         for variant, path in bundles.items():
             start = time.perf_counter()
             rt = Runtime(path, threads=args.threads)
-            print(f"{variant}: session start {time.perf_counter() - start:.2f} s")
+            starts[f"runtime-{variant}"] = time.perf_counter() - start
+            print(f"{variant}: session start {starts[f'runtime-{variant}']:.2f} s")
             systems[f"runtime-{variant}"] = partial(rt.step_model, ids.numpy(), mask.numpy(), 1)
             sizes[f"runtime-{variant}"] = sum((path / f).stat().st_size for f in rt.manifest.files)
         lat = compare_latency(systems, args.new_tokens, model.config.bos_id, max_seconds=300)
     base = lat["pytorch-eager-kv"].per_token_ms
     records = [{"model": args.size, "system": name, "provider": "CPUExecutionProvider" if name != "pytorch-eager-kv"
                 else "torch-cpu", "batch": 1, "src_len": args.src_len, "new_tokens": args.new_tokens,
-                "threads": args.threads, "encoder_ms": v.encoder_ms, "per_token_ms_p50": v.per_token_ms,
+                "threads": args.threads, "session_start_s": starts[name], "encoder_ms": v.encoder_ms,
+                "per_token_ms_p50": v.per_token_ms,
                 "per_token_ms_p90": v.per_token_p90_ms, "tokens_per_second": 1e3 / v.per_token_ms, "runs": v.runs,
                 "speedup_vs_pytorch_kv": base / v.per_token_ms, "bundle_bytes": sizes[name],
                 "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),

@@ -181,6 +181,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from edgeformer.runtime.session import Runtime
 
     rt = Runtime(args.bundle, providers=args.provider.split(","), threads=args.threads)
+    misses = rt.manifest.variant_parity.get("misses")
+    if misses:
+        print(f"warning: this {rt.manifest.variant} bundle was written with --allow-drop and misses its target: "
+              + "; ".join(misses), file=sys.stderr)
     gen = _gen_config(args)
     inputs = args.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not inputs:

@@ -90,6 +90,9 @@ def test_a_variant_that_misses_its_target_is_written_only_with_allow_drop(
     info = subprocess.run([sys.executable, "-m", "edgeformer.cli", "info", str(tmp_path / "int4")],
                           capture_output=True, text=True, check=True).stdout
     assert "WARNING: written with --allow-drop" in info
+    gen = subprocess.run([sys.executable, "-m", "edgeformer.cli", "generate", str(tmp_path / "int4"), "5 mars 1998"],
+                         capture_output=True, text=True, check=True)
+    assert "misses its target" in gen.stderr
 
 
 def test_output_projection_can_be_kept_in_full_precision(exported, tmp_path: Path) -> None:
