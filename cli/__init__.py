@@ -16,8 +16,6 @@ from typing import Any
 
 from edgeformer.cli.table import table
 
-NOT_BUILT = {"bench": "the benchmark suite"}
-
 
 def _need_export_extra() -> None:
     try:
@@ -231,8 +229,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo(threads=args.threads)
 
 
-def cmd_not_built(args: argparse.Namespace) -> None:
-    sys.exit(f"`edgeformer {args.verb}` ({NOT_BUILT[args.verb]}) is not built yet in this version")
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    _need_export_extra()
+    from edgeformer.export.benchmark import Point, bench, summary
+
+    sweeps = {} if args.quick else {"batch": _ints(args.batches), "src_len": _ints(args.src_lens),
+                                    "new_tokens": _ints(args.new_tokens), "threads": _ints(args.threads)}
+    sweeps = {k: v for k, v in sweeps.items() if v}
+    base = Point(args.base_batch, args.base_src_len, args.base_new_tokens, args.base_threads)
+    records = bench(args.checkpoint, variants=args.variants.split(","),
+                    providers=args.providers.split(",") if args.providers else None, sweeps=sweeps, base=base,
+                    no_cache_reference=not args.skip_no_cache, max_seconds=args.max_seconds,
+                    out=Path(args.out) if args.out else None, progress=not args.json,
+                    log=(lambda _m: None) if args.json else print)
+    if args.json:
+        print(json.dumps(records))
+        return
+    print(summary(records))
+    if args.out:
+        print(f"results (JSON, Markdown, PNG) in {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,10 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_quantize)
 
-    for verb in NOT_BUILT:
-        p = verbs.add_parser(verb, help=f"{NOT_BUILT[verb]} (not built yet)")
-        p.add_argument("rest", nargs="*")
-        p.set_defaults(func=cmd_not_built)
+    p = verbs.add_parser("bench", help="latency and throughput across variants, providers, sizes, vs PyTorch")
+    p.add_argument("checkpoint", nargs="?", default=None, help="default: the shipped model")
+    p.add_argument("--variants", default="fp32,fp32-optimized,int8,int4")
+    p.add_argument("--providers", default=None, help="comma-separated; default: every one onnxruntime has")
+    p.add_argument("--batches", default="1,4,16,64")
+    p.add_argument("--src-lens", default="8,32,128,512")
+    p.add_argument("--new-tokens", default="16,64,256")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--base-batch", type=int, default=1)
+    p.add_argument("--base-src-len", type=int, default=32)
+    p.add_argument("--base-new-tokens", type=int, default=64)
+    p.add_argument("--base-threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="the base point only")
+    p.add_argument("--skip-no-cache", action="store_true", help="leave out PyTorch without its KV cache")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="time budget of one point")
+    p.add_argument("--out", default=None, help="folder for results.json, results.md, per_token_latency.png")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
     return parser
 
 

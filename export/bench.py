@@ -1,8 +1,8 @@
-"""Decoding latency of the runtime against PyTorch eager, measured pair by pair on the same weights.
+"""Decoding latency of step models (the runtime's, PyTorch's), measured pair by pair on the same inputs.
 
-Both systems go through the same harness (the StepModel interface of runtime/search.py): encode once, then
-`new_tokens` greedy steps with the KV cache, EOS ignored so that both do the same work. Runs alternate between
-the systems so that drift in the machine's speed hits both alike.
+Every system goes through the same harness (the StepModel interface of runtime/search.py): encode once, then
+`new_tokens` greedy steps, EOS ignored so that every system does the same work. Runs alternate between the
+systems so that drift in the machine's speed hits all alike, and repeat until every median is stable.
 """
 
 from __future__ import annotations
@@ -21,43 +21,56 @@ from edgeformer.runtime.search import StepModel
 class Latency:
     encoder_ms: float  # median, encoder + cross-attention cache
     per_token_ms: float  # median over runs of (decode time / new tokens)
-    per_token_p90_ms: float
+    per_token_p90_ms: float  # percentiles over every single step of every run
+    per_token_p99_ms: float
+    end_to_end_ms: float  # median of encoder + all steps
     runs: int
 
 
-def time_decode(make_steps: Callable[[], StepModel], new_tokens: int, bos_id: int) -> tuple[float, float]:
-    """One run: (encoder seconds, decode seconds per token)."""
+def time_decode(make_steps: Callable[[], StepModel], new_tokens: int, bos_id: int, batch: int = 1,
+                ) -> tuple[float, list[float]]:
+    """One run: (encoder seconds, seconds of each decoding step)."""
     t0 = time.perf_counter()
     steps = make_steps()
-    t1 = time.perf_counter()
-    tokens = None
+    encoder = time.perf_counter() - t0
+    tokens = np.full(batch, bos_id, dtype=np.int64)
+    step_times = []
     for _ in range(new_tokens):
-        logp = steps.log_probs(np.full(1, bos_id, dtype=np.int64) if tokens is None else tokens)
-        tokens = logp.argmax(-1)
-    t2 = time.perf_counter()
-    return t1 - t0, (t2 - t1) / new_tokens
+        t = time.perf_counter()
+        tokens = steps.log_probs(tokens).argmax(-1)
+        step_times.append(time.perf_counter() - t)
+    return encoder, step_times
 
 
-def compare_latency(systems: dict[str, Callable[[], StepModel]], new_tokens: int, bos_id: int, warmup: int = 2,
-                    min_runs: int = 5, max_runs: int = 30, max_seconds: float = 60.0) -> dict[str, Latency]:
-    """Interleaved runs until every system's per-token median is stable to 2% (or the budget runs out)."""
+def compare_latency(systems: dict[str, Callable[[], StepModel]], new_tokens: int, bos_id: int, batch: int = 1,
+                    warmup: int = 1, min_runs: int = 3, max_runs: int = 30, max_seconds: float = 60.0,
+                    tolerance: float = 0.02) -> dict[str, Latency]:
+    """Interleaved runs until every system's per-token median moves less than `tolerance` from one run to the
+    next (after min_runs), or the time budget is spent; warm-up runs are discarded."""
     for _ in range(warmup):
         for make in systems.values():
-            time_decode(make, new_tokens, bos_id)
+            time_decode(make, new_tokens, bos_id, batch)
     enc: dict[str, list[float]] = {name: [] for name in systems}
-    tok: dict[str, list[float]] = {name: [] for name in systems}
+    per_run: dict[str, list[float]] = {name: [] for name in systems}
+    steps: dict[str, list[float]] = {name: [] for name in systems}
     start = time.perf_counter()
     previous: dict[str, float] = {}
     for run in range(max_runs):
         for name, make in systems.items():
-            e, t = time_decode(make, new_tokens, bos_id)
+            e, s = time_decode(make, new_tokens, bos_id, batch)
             enc[name].append(e)
-            tok[name].append(t)
+            per_run[name].append(sum(s) / len(s))
+            steps[name].extend(s)
         if run + 1 >= min_runs:
-            medians = {n: statistics.median(v) for n, v in tok.items()}
-            stable = previous and all(abs(medians[n] - previous[n]) <= 0.02 * medians[n] for n in medians)
+            medians = {n: statistics.median(v) for n, v in per_run.items()}
+            stable = previous and all(abs(medians[n] - previous[n]) <= tolerance * medians[n] for n in medians)
             if stable or time.perf_counter() - start > max_seconds:
                 break
             previous = medians
-    return {name: Latency(statistics.median(enc[name]) * 1e3, statistics.median(tok[name]) * 1e3,
-                          float(np.percentile(tok[name], 90)) * 1e3, len(tok[name])) for name in systems}
+    return {name: Latency(encoder_ms=statistics.median(enc[name]) * 1e3,
+                          per_token_ms=statistics.median(per_run[name]) * 1e3,
+                          per_token_p90_ms=float(np.percentile(steps[name], 90)) * 1e3,
+                          per_token_p99_ms=float(np.percentile(steps[name], 99)) * 1e3,
+                          end_to_end_ms=statistics.median(e + t * new_tokens for e, t in
+                                                          zip(enc[name], per_run[name], strict=True)) * 1e3,
+                          runs=len(per_run[name])) for name in systems}

@@ -57,6 +57,29 @@ class TorchSteps(StepModel):
         self.past = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.past]
 
 
+class TorchFullSteps(StepModel):
+    """PyTorch without a KV cache: every step runs the decoder over the whole prefix again, as many tutorials
+    do. A benchmark reference only: its cost grows with the square of the output length."""
+
+    def __init__(self, model: Transformer, src_ids: Tensor, src_mask: Tensor, rows_per_input: int) -> None:
+        self.model = model
+        memory = model.encode(src_ids, src_mask).repeat_interleave(rows_per_input, dim=0)
+        self.src_mask = src_mask.repeat_interleave(rows_per_input, dim=0)
+        self.cross = model.decoder.cross_kv(memory)
+        self.prefix = torch.empty((self.src_mask.shape[0], 0), dtype=torch.long)
+
+    @torch.no_grad()
+    def log_probs(self, tokens: np.ndarray) -> np.ndarray:
+        ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))[:, None]
+        self.prefix = torch.cat([self.prefix, ids], dim=1)  # (rows, T)
+        past = self.model.decoder.empty_past(self.prefix.shape[0])
+        logits, _ = self.model.decoder(self.prefix, self.src_mask, self.cross, past)
+        return logits[:, -1].float().log_softmax(dim=-1).numpy()
+
+    def reorder(self, rows: np.ndarray) -> None:
+        self.prefix = self.prefix[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+
+
 @torch.no_grad()
 def generate(model: Transformer, src: list[list[int]], gen: GenerationConfig | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[list[Hypothesis]]:

@@ -49,7 +49,7 @@ def test_generate_with_token_ids(exported) -> None:
     (["generate", "{bundle}", "5", "--ids", "--provider", "tpu"], "unknown execution provider"),
     (["info", "/no/such/bundle"], "no such bundle folder"),
     (["export", "/no/such/checkpoint", "{tmp}/out"], "no such checkpoint folder"),
-    (["bench"], "not built yet"),
+    (["bench", "/no/such/checkpoint", "--quick"], "no such checkpoint folder"),
     (["quantize", "{bundle}", "{tmp}/q", "--to", "int8", "--preset", "avx9"], "invalid choice"),
 ])
 def test_errors_are_one_clear_line(exported, tmp_path: Path, args: list[str], message: str) -> None:

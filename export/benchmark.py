@@ -1,0 +1,220 @@
+"""`edgeformer bench`: latency and throughput across variants, providers, batch sizes, lengths and threads,
+against PyTorch eager (with and without its KV cache) on the same weights, in one run on one machine.
+
+Each sweep varies one axis around a base point (batch 1, 32 source tokens, 64 new tokens, 2 threads). At every
+point all systems run interleaved, warm-up discarded, until their medians are stable (export/bench.py), and every
+ONNX figure gets its ratio to PyTorch with its cache, measured in those same interleaved runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from tqdm import tqdm
+
+from edgeformer.cli.table import table
+from edgeformer.export.bench import compare_latency
+from edgeformer.export.onnx_export import export, producer_versions
+from edgeformer.export.variants import optimize, quantize
+from edgeformer.model.checkpoint import load_checkpoint
+from edgeformer.model.generate import TorchFullSteps, TorchSteps
+from edgeformer.runtime.search import StepModel
+from edgeformer.runtime.session import PROVIDERS, Runtime
+
+VARIANTS = ("fp32", "fp32-optimized", "int8", "int4")
+TORCH_KV, TORCH_FULL = "pytorch-eager-kv", "pytorch-eager-no-cache"
+
+
+@dataclass(frozen=True)
+class Point:
+    batch: int = 1
+    src_len: int = 32
+    new_tokens: int = 64
+    threads: int = 2
+
+
+SWEEPS: dict[str, Sequence[int]] = {"batch": (1, 4, 16, 64), "src_len": (8, 32, 128, 512),
+                                      "new_tokens": (16, 64, 256), "threads": (1, 2)}
+
+
+def sweep_points(sweeps: dict[str, Sequence[int]], base: Point = Point(),
+                 repeat_base: bool = False) -> list[tuple[str, Point]]:
+    """(axis, point) for the base point and every value of every axis, each point once; with repeat_base, the
+    base point again at the end, to see how far two measurements of one configuration differ."""
+    points: list[tuple[str, Point]] = [("base", base)]
+    for axis, values in sweeps.items():
+        points += [(axis, replace(base, **{axis: v})) for v in values if replace(base, **{axis: v}) != base]
+    return [*points, ("base-repeat", base)] if repeat_base else points
+
+
+def machine() -> dict[str, Any]:
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        present = set(next(line for line in info.splitlines() if line.startswith("flags")).split())
+        flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma") if f in present]
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "flags": flags, "system": platform.platform(),
+            "python": platform.python_version(), "providers": ort.get_available_providers(), **producer_versions()}
+
+
+def _rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIANTS,
+          providers: Sequence[str] | None = None, sweeps: dict[str, Sequence[int]] | None = None,
+          base: Point = Point(), no_cache_reference: bool = True, max_seconds: float = 20.0,
+          repeat_base: bool = True,
+          out: Path | None = None, progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """Export a checkpoint (the shipped model by default), build its variants, and measure every system at
+    every point. Writes results.json, results.md and per_token_latency.png to `out` when given."""
+    model, _ = load_checkpoint(checkpoint)
+    c = model.config
+    # every compute provider onnxruntime has here (AzureExecutionProvider, a remote-call provider, is not one)
+    providers = list(providers or [p for p in ort.get_available_providers() if p in PROVIDERS.values()])
+    points = sweep_points(SWEEPS if sweeps is None else sweeps, base, repeat_base)
+    records: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        log("building the bundles (export, then each variant checked against fp32)")
+        bundles = {"fp32": Path(tmp) / "fp32"}
+        export(checkpoint, bundles["fp32"])
+        for v in variants:
+            if v == "fp32-optimized":
+                optimize(bundles["fp32"], Path(tmp) / v)
+            elif v != "fp32":
+                quantize(bundles["fp32"], Path(tmp) / v, to=v)
+            bundles[v] = Path(tmp) / v if v != "fp32" else bundles["fp32"]
+        sizes = {v: sum((p / f).stat().st_size for f in Runtime(p, verify=False).manifest.files)
+                 for v, p in bundles.items()}
+        runtimes: dict[tuple[str, str, int], tuple[Runtime, float]] = {}
+
+        def runtime(variant: str, provider: str, threads: int) -> tuple[Runtime, float]:
+            key = (variant, provider, threads)
+            if key not in runtimes:
+                start = time.perf_counter()
+                rt = Runtime(bundles[variant], providers=[provider], threads=threads)
+                runtimes[key] = (rt, time.perf_counter() - start)
+            return runtimes[key]
+
+        rng = np.random.default_rng(0)
+        bar = tqdm(points, desc="bench", unit="point", disable=not progress)
+        for axis, p in bar:
+            bar.set_postfix(axis=axis, batch=p.batch, src=p.src_len, new=p.new_tokens, threads=p.threads)
+            torch.set_num_threads(p.threads)
+            ids = rng.integers(4, c.src_vocab_size, (p.batch, p.src_len))
+            mask = np.ones_like(ids)
+            t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+            systems: dict[str, Callable[[], StepModel]] = {TORCH_KV: partial(TorchSteps, model, t_ids, t_mask, 1)}
+            if no_cache_reference:
+                systems[TORCH_FULL] = partial(TorchFullSteps, model, t_ids, t_mask, 1)
+            info: dict[str, dict] = {TORCH_KV: {"variant": "pytorch", "provider": "torch-cpu", "session_start_s": 0.0,
+                                                "bundle_bytes": sizes["fp32"]}}
+            info[TORCH_FULL] = info[TORCH_KV]
+            for v in bundles:
+                for prov in providers:
+                    rt, start_s = runtime(v, prov, p.threads)
+                    name = f"{v} {rt.provider.removesuffix('ExecutionProvider')}"
+                    systems[name] = partial(rt.step_model, ids, mask, 1)
+                    info[name] = {"variant": v, "provider": rt.provider, "session_start_s": start_s,
+                                  "bundle_bytes": sizes[v]}
+            lat = compare_latency(systems, p.new_tokens, c.bos_id, batch=p.batch, max_seconds=max_seconds)
+            reference = lat[TORCH_KV].per_token_ms
+            for name, v in lat.items():
+                records.append({"system": name, "sweep": axis, **info[name], **asdict(p), **asdict(v),
+                                "tokens_per_second": p.batch * 1e3 / v.per_token_ms,
+                                "speedup_vs_pytorch_kv": reference / v.per_token_ms,
+                                "peak_rss_mb": _rss_mb(),
+                                "model": {"d_model": c.d_model, "layers": [c.n_encoder_layers, c.n_decoder_layers],
+                                          "vocab": c.tgt_vocab_size}})
+    if out is not None:
+        write_results(records, Path(out))
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    header = ["system", "sweep", "batch", "src", "new", "threads", "encoder ms", "per-token ms p50", "p90", "p99",
+              "tokens/s", "vs PyTorch+KV", "start s", "size MB"]
+    rows = [[r["system"], r["sweep"], r["batch"], r["src_len"], r["new_tokens"], r["threads"],
+             f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_p90_ms']:.3f}",
+             f"{r['per_token_p99_ms']:.3f}", f"{r['tokens_per_second']:.0f}", f"{r['speedup_vs_pytorch_kv']:.2f}x",
+             f"{r['session_start_s']:.2f}", f"{r['bundle_bytes'] / 1e6:.1f}"] for r in records]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_names = [a for a in ("new_tokens", "batch", "src_len", "threads") if any(r["sweep"] == a for r in records)]
+    if not axes_names:  # the base point alone: one bar per system
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        base = [r for r in records if r["sweep"] == "base"]
+        ax.barh([r["system"] for r in base], [r["per_token_ms"] for r in base])
+        ax.set_xlabel("per-token latency, ms (p50)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
+    fig, axes = plt.subplots(1, len(axes_names), figsize=(4.5 * len(axes_names), 4), squeeze=False)
+    for ax, axis in zip(axes[0], axes_names, strict=True):
+        for system in dict.fromkeys(r["system"] for r in records):
+            pts = sorted((r[axis], r["per_token_ms"]) for r in records
+                         if r["system"] == system and r["sweep"] in (axis, "base"))
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=system)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(axis.replace("_", " "))
+        ax.set_ylabel("per-token latency, ms (p50)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(records: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"machine": machine(), "records": records}, indent=1) + "\n")
+    m = machine()
+    (out / "results.md").write_text(f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags'])}; "
+                                    f"onnxruntime {m.get('onnxruntime')}, torch {m.get('torch')}\n\n"
+                                    + markdown(records))
+    plot(records, out / "per_token_latency.png")
+
+
+def summary(records: list[dict]) -> str:
+    """The base point, with how far its repeat measured off (the benchmark's own noise)."""
+    base = [r for r in records if r["sweep"] == "base"]
+    repeat = {r["system"]: r["per_token_ms"] for r in records if r["sweep"] == "base-repeat"}
+    return table(["system", "per-token ms p50", "p99", "tokens/s", "vs PyTorch+KV", "start s", "size MB",
+                  "repeat differs by"],
+                 [[r["system"], f"{r['per_token_ms']:.3f}", f"{r['per_token_p99_ms']:.3f}",
+                   f"{r['tokens_per_second']:.0f}", f"{r['speedup_vs_pytorch_kv']:.2f}x", f"{r['session_start_s']:.2f}",
+                   f"{r['bundle_bytes'] / 1e6:.1f}",
+                   f"{abs(repeat[r['system']] / r['per_token_ms'] - 1):.1%}" if r["system"] in repeat else "-"]
+                  for r in base])
