@@ -126,16 +126,24 @@ class Runtime:
 
     # -- the two graphs ----------------------------------------------------------------------------------------
 
-    def _run(self, graph: str, inputs: dict[str, np.ndarray | ort.OrtValue], outputs: list[str]) -> list:
-        session = self.sessions[graph]
-        binding = session.io_binding()
+    def bind(self, binding: ort.IOBinding, inputs: dict[str, np.ndarray | ort.OrtValue]) -> None:
         for name, value in inputs.items():
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
-                binding.bind_cpu_input(name, value)
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+
+    def bind_outputs(self, binding: ort.IOBinding, outputs: list[str]) -> None:
+        """Logits come back to the host; caches stay where the provider computes them."""
+        binding.clear_binding_outputs()
         for name in outputs:
             binding.bind_output(name, "cpu" if name == "logits" else self.device)
+
+    def _run(self, graph: str, inputs: dict[str, np.ndarray | ort.OrtValue], outputs: list[str]) -> list:
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        self.bind(binding, inputs)
+        self.bind_outputs(binding, outputs)
         session.run_with_iobinding(binding)
         return binding.get_outputs()
 
@@ -194,7 +202,10 @@ class Runtime:
 
 
 class _Steps(StepModel):
-    """The decoder of one generate call: cross cache bound once, self-attention cache carried between steps."""
+    """The decoder of one generate call. One IO binding lives as long as the call: the mask and the cross cache
+    are bound once; each step rebinds only the new tokens and, as the next step's past, the present OrtValues
+    the step just returned. Per step that saves the Python work of binding every input again, which is what a
+    step of a small model mostly costs."""
 
     def __init__(self, runtime: Runtime, input_ids: np.ndarray, attention_mask: np.ndarray, rows: int) -> None:
         self.rt = runtime
@@ -203,17 +214,25 @@ class _Steps(StepModel):
         self.fixed: dict[str, np.ndarray | ort.OrtValue] = {"encoder_attention_mask": attention_mask,
                                                             **runtime.encode(input_ids, attention_mask)}
         self.past: dict[str, np.ndarray | ort.OrtValue] = dict(runtime.empty_past(len(input_ids)))
+        self.session = runtime.sessions[DECODER]
+        self.binding = self.session.io_binding()
+        runtime.bind(self.binding, {**self.fixed, **self.past})
+        self.present_to_past = [past_for(n) for n in runtime.decoder_outputs[1:]]
 
     def log_probs(self, tokens: np.ndarray) -> np.ndarray:
-        outputs = self.rt._run(DECODER, {"input_ids": tokens[:, None], **self.fixed, **self.past},
-                               self.rt.decoder_outputs)
-        logits = outputs[0].numpy()[:, -1].astype(np.float32)  # (rows, V)
-        self.past = {past_for(n): v for n, v in zip(self.rt.decoder_outputs[1:], outputs[1:], strict=True)}
+        self.binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens[:, None], dtype=np.int64))
+        self.rt.bind_outputs(self.binding, self.rt.decoder_outputs)  # fresh outputs: the old ones are now inputs
+        self.session.run_with_iobinding(self.binding)
+        outputs = self.binding.get_outputs()
+        logits = np.asarray(outputs[0].numpy()[:, -1], dtype=np.float32)  # (rows, V)
+        self.past = dict(zip(self.present_to_past, outputs[1:], strict=True))
+        self.rt.bind(self.binding, self.past)
         return log_softmax(logits)
 
     def reorder(self, rows: np.ndarray) -> None:
         """Beam search: keep the cache rows of the surviving beams (through the host)."""
         self.past = {n: (v.numpy() if isinstance(v, ort.OrtValue) else v)[rows] for n, v in self.past.items()}
+        self.rt.bind(self.binding, self.past)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
