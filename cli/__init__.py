@@ -7,6 +7,7 @@ how to install it when it is missing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,13 +25,17 @@ def _need_export_extra() -> None:
         sys.exit("this verb needs the export extra (torch, onnx): pip install torch==2.13.0 'edgeformer[export]'")
 
 
-def _gen_config(args: argparse.Namespace) -> Any:
+GEN_FLAGS = {"strategy": "strategy", "max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens",
+             "beams": "num_beams", "length_penalty": "length_penalty", "n_best": "num_return_sequences",
+             "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed"}
+
+
+def _gen_config(args: argparse.Namespace, defaults: Any = None) -> Any:
+    """The flags a user gave, over the bundle's defaults (over GenerationConfig's when there is no bundle)."""
     from edgeformer.runtime.options import GenerationConfig
 
-    return GenerationConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
-                            min_new_tokens=args.min_new_tokens, num_beams=args.beams,
-                            length_penalty=args.length_penalty, num_return_sequences=args.n_best,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    given = {field: getattr(args, flag) for flag, field in GEN_FLAGS.items() if getattr(args, flag) is not None}
+    return dataclasses.replace(defaults or GenerationConfig(), **given)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -69,6 +74,29 @@ def cmd_export(args: argparse.Namespace) -> None:
                            ["max |diff| encoder", f"{p['max_abs_diff']['encoder']:.2e}"],
                            ["max |diff| decoder logits", f"{p['max_abs_diff']['decoder']:.2e}"],
                            ["greedy token agreement", f"{p['greedy_token_agreement']:.2%}"]]))
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    _need_export_extra()
+    from edgeformer.model.importers import TorchFacts, import_marian, import_torch_transformer
+
+    log = None if args.json else (lambda msg: print(f"  {msg}...", flush=True))
+    start = time.perf_counter()
+    if args.kind == "marian":
+        out = import_marian(Path(args.source), Path(args.out), force=args.force, check=not args.no_check,
+                            use_generation_settings=not args.no_generation_settings, log=log)
+    else:
+        facts = TorchFacts(n_heads=args.heads, norm=args.norm, activation=args.activation, positions=args.positions,
+                           scale_embeddings=not args.no_scale_embeddings, layer_norm_eps=args.layer_norm_eps,
+                           prefix=args.prefix, src_embedding=args.src_embedding, tgt_embedding=args.tgt_embedding,
+                           generator=args.generator, position_table=args.position_table, pad_id=args.pad_id,
+                           bos_id=args.bos_id, eos_id=args.eos_id)
+        out = import_torch_transformer(Path(args.source), Path(args.out), facts, force=args.force, log=log)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"checkpoint": str(out), "seconds": seconds}))
+    else:
+        print(f"checkpoint {out} written in {seconds:.1f} s; next: edgeformer export {out} BUNDLE")
 
 
 def _show_variant(report: Any, as_json: bool) -> None:
@@ -128,6 +156,8 @@ def cmd_info(args: argparse.Namespace) -> None:
           f"layers, d_ff {c['d_ff']}, vocab {c['src_vocab_size']}/{c['tgt_vocab_size']}, {c['activation']}, "
           f"{c['position']} positions" + (f" (at most {m.max_positions})" if m.max_positions else " (unbounded)")
           + f", {c['norm']}-norm")
+    if m.generation:
+        print("generation defaults: " + ", ".join(f"{k} {v}" for k, v in m.generation.items()))
     for name, spec in m.graphs.items():
         print(f"\n{name} graph ({m.graph_files[name]})")
         rows = [["in", t.name, t.dtype, "(" + ", ".join(map(str, t.shape)) + ")"] for t in spec.inputs]
@@ -183,7 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if misses:
         print(f"warning: this {rt.manifest.variant} bundle was written with --allow-drop and misses its target: "
               + "; ".join(misses), file=sys.stderr)
-    gen = _gen_config(args)
+    gen = _gen_config(args, rt.generation)
     inputs = args.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not inputs:
         sys.exit("nothing to generate: give inputs as arguments or on standard input")
@@ -199,7 +229,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
 
     def show(tokens: list[int]) -> str:
-        return rt.tokenizer.target.decode(tokens) if rt.tokenizer is not None and not args.ids else " ".join(
+        return rt.tokenizer.decode(tokens) if rt.tokenizer is not None and not args.ids else " ".join(
             map(str, tokens))
 
     if args.json:
@@ -276,6 +306,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
+    p = verbs.add_parser("import", help="weights you already have -> checkpoint, checked against the original")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    q = kinds.add_parser("marian", help="a Hugging Face MarianMT (OPUS-MT) folder")
+    q.add_argument("source", metavar="HF_FOLDER")
+    q.add_argument("--no-check", action="store_true", help="skip the comparison with transformers' MarianMTModel")
+    q.add_argument("--no-generation-settings", action="store_true",
+                   help="do not carry generation_config.json (beams, max length, forced EOS...) into the bundle")
+    r = kinds.add_parser("torch-transformer", help="a state dict of a model built on torch.nn.Transformer")
+    r.add_argument("source", metavar="STATE_DICT", help=".pt/.pth (read with weights_only=True) or .safetensors")
+    r.add_argument("--heads", type=int, required=True, help="nhead: the state dict cannot tell it")
+    r.add_argument("--norm", choices=["post", "pre"], default="post", help="pre for norm_first=True")
+    r.add_argument("--activation", choices=["relu", "gelu"], default="relu")
+    r.add_argument("--positions", choices=["sinusoidal", "learned"], default="sinusoidal",
+                   help="learned: import --position-table as a table")
+    r.add_argument("--no-scale-embeddings", action="store_true", help="embeddings are not multiplied by sqrt(d)")
+    r.add_argument("--layer-norm-eps", type=float, default=1e-5)
+    r.add_argument("--prefix", default="transformer.", help="where nn.Transformer sits in the state dict")
+    r.add_argument("--src-embedding", default="src_tok_emb.embedding.weight")
+    r.add_argument("--tgt-embedding", default="tgt_tok_emb.embedding.weight", help="= --src-embedding if shared")
+    r.add_argument("--generator", default="generator", help="the output Linear (weight, and bias if any)")
+    r.add_argument("--position-table", default="positional_encoding.pos_embedding")
+    r.add_argument("--pad-id", type=int, default=1)
+    r.add_argument("--bos-id", type=int, default=2)
+    r.add_argument("--eos-id", type=int, default=3)
+    for kind in (q, r):
+        kind.add_argument("out", metavar="OUT", help="the checkpoint folder to write")
+        kind.add_argument("--force", action="store_true", help="replace an existing checkpoint at OUT")
+        kind.add_argument("--json", action="store_true")
+        kind.set_defaults(func=cmd_import)
+
     p = verbs.add_parser("info", help="show a bundle's manifest (runtime only)")
     p.add_argument("bundle")
     p.add_argument("--json", action="store_true")
@@ -287,15 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", action="store_true", help="inputs and outputs are token ids")
     p.add_argument("--provider", default="cpu", help="comma-separated, in order of preference (cpu, cuda, ...)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "sample"])
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--min-new-tokens", type=int, default=0)
-    p.add_argument("--beams", type=int, default=4)
-    p.add_argument("--n-best", type=int, default=1)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--strategy", choices=["greedy", "beam", "sample"], help="default: the bundle's, else greedy")
+    p.add_argument("--max-new-tokens", type=int, help="default: the bundle's, else 64")
+    p.add_argument("--min-new-tokens", type=int)
+    p.add_argument("--beams", type=int, help="default: the bundle's, else 4")
+    p.add_argument("--n-best", type=int)
+    p.add_argument("--length-penalty", type=float)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)

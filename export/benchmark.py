@@ -153,10 +153,10 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIAN
 
 
 def markdown(records: list[dict]) -> str:
-    header = ["system", "sweep", "batch", "src", "new", "threads", "encoder ms", "per-token ms p50", "p90", "p99",
+    header = ["system", "sweep", "batch", "src", "new", "threads", "encoder ms", "ms/token", "step p50", "step p90", "step p99",
               "tokens/s", "vs PyTorch+KV", "start s", "size MB"]
     rows = [[r["system"], r["sweep"], r["batch"], r["src_len"], r["new_tokens"], r["threads"],
-             f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_p90_ms']:.3f}",
+             f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_p50_ms']:.3f}", f"{r['per_token_p90_ms']:.3f}",
              f"{r['per_token_p99_ms']:.3f}", f"{r['tokens_per_second']:.0f}", f"{r['speedup_vs_pytorch_kv']:.2f}x",
              f"{r['session_start_s']:.2f}", f"{r['bundle_bytes'] / 1e6:.1f}"] for r in records]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -211,7 +211,7 @@ def summary(records: list[dict]) -> str:
     """The base point, with how far its repeat measured off (the benchmark's own noise)."""
     base = [r for r in records if r["sweep"] == "base"]
     repeat = {r["system"]: r["per_token_ms"] for r in records if r["sweep"] == "base-repeat"}
-    return table(["system", "per-token ms p50", "p99", "tokens/s", "vs PyTorch+KV", "start s", "size MB",
+    return table(["system", "ms/token", "step p99", "tokens/s", "vs PyTorch+KV", "start s", "size MB",
                   "repeat differs by"],
                  [[r["system"], f"{r['per_token_ms']:.3f}", f"{r['per_token_p99_ms']:.3f}",
                    f"{r['tokens_per_second']:.0f}", f"{r['speedup_vs_pytorch_kv']:.2f}x", f"{r['session_start_s']:.2f}",

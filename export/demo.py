@@ -60,8 +60,8 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
         outputs = {name: rt.generate(src) for name, rt in runtimes.items()}
         print("5. generation, side by side")
         print(table(["input", "expected", "PyTorch", *outputs],
-                    [[s, t, tokenizer.target.decode(ref[i][0].tokens),
-                      *[tokenizer.target.decode(o[i][0].tokens) for o in outputs.values()]]
+                    [[s, t, tokenizer.decode(ref[i][0].tokens),
+                      *[tokenizer.decode(o[i][0].tokens) for o in outputs.values()]]
                      for i, (s, t) in enumerate(pairs)]))
         print()
 
@@ -74,7 +74,7 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
                 rt.step_model, ids.numpy(), mask.numpy(), 1)
         lat = compare_latency(systems, new_tokens, c.bos_id, max_seconds=30)
         base = lat["PyTorch eager + KV cache"].per_token_ms
-        print(table(["system", "encoder ms", "per-token ms p50", "p90", "speed-up per token"],
+        print(table(["system", "encoder ms", "ms/token", "step p90", "speed-up per token"],
                     [[name, f"{v.encoder_ms:.2f}", f"{v.per_token_ms:.3f}", f"{v.per_token_p90_ms:.3f}",
                       f"{base / v.per_token_ms:.2f}x"] for name, v in lat.items()]))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from edgeformer.export.parity import check_bundle
-from edgeformer.model.checkpoint import atomic_folder, load_checkpoint
+from edgeformer.model.checkpoint import atomic_folder, load_checkpoint, load_generation
 from edgeformer.model.transformer import Transformer
 from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.spec import (
@@ -261,7 +261,8 @@ def export(checkpoint: Path | str | None, out: Path | str, force: bool = False, 
             tokenizer.save(tmp)
         manifest = Manifest(config=model.config.to_dict(), graphs=specs, graph_files=GRAPH_FILES, variant="fp32",
                             opset=opset, tokenizer=TOKENIZER_FILE if tokenizer is not None else None,
-                            producer=producer_versions(), parity=parity, exporter=EXPORTER)
+                            producer=producer_versions(), parity=parity, exporter=EXPORTER,
+                            generation=load_generation(checkpoint))
         manifest.save(tmp)
         size = sum(p.stat().st_size for p in tmp.iterdir())
     return ExportResult(Path(out), time.perf_counter() - start, size, parity)

@@ -31,6 +31,7 @@ from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.session import OPTIMIZATION_LEVELS, Runtime
 from edgeformer.runtime.spec import DECODER, ENCODER
+from edgeformer.runtime.tokenizer import tokenizer_files
 
 # int8 presets: what suits each instruction set (onnxruntime's quantization guide). On AVX2 and AVX-512 without
 # VNNI, u8s8 products can saturate, so weights use 7 bits (reduce_range); VNNI and ARM64 dot products do not.
@@ -425,14 +426,14 @@ def _derive(bundle: Path | str, out: Path | str, variant: str, transform: GraphT
         share_across_graphs(list(protos.values()), tmp)
         for name, proto in protos.items():
             save_graph(proto, tmp / source.graph_files[name])
-        if source.tokenizer:
-            shutil.copy(Path(bundle) / source.tokenizer, tmp / source.tokenizer)
+        for name in tokenizer_files(Path(bundle)):
+            shutil.copy(Path(bundle) / name, tmp / name)
         say(f"{variant}: checking against the {source.variant} bundle")
         # The parity check needs a loadable bundle: write a provisional manifest first, the final one after.
         manifest = Manifest(config=source.config, graphs=source.graphs, graph_files=source.graph_files,
                             variant=variant, opset=source.opset, tokenizer=source.tokenizer,
                             producer={**source.producer, "onnxruntime": ort.__version__}, exporter=source.exporter,
-                            parity=source.parity)
+                            parity=source.parity, generation=source.generation)
         manifest.transforms = [*source.transforms, {"variant": variant, **settings, "graphs": details}]
         manifest.save(tmp)
         figures = compare_with_source(Path(bundle), tmp, provider=provider)

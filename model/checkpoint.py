@@ -5,6 +5,7 @@ No pickle anywhere. Loading reports every missing, unexpected or misshapen tenso
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,10 +21,12 @@ from safetensors.torch import save_file
 
 from edgeformer.model.config import ConfigError, TransformerConfig
 from edgeformer.model.transformer import Transformer
-from edgeformer.runtime.tokenizer import TOKENIZER_FILE, CharTokenizer
+from edgeformer.runtime.options import GenerationConfig
+from edgeformer.runtime.tokenizer import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation.json"  # default generation settings (an importer's), carried into the bundle
 DEFAULT_MODEL = "dates"
 
 
@@ -68,7 +72,7 @@ def state_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in model.named_parameters()}
 
 
-def save_checkpoint(model: Transformer, folder: Path, tokenizer: CharTokenizer | None = None,
+def save_checkpoint(model: Transformer, folder: Path, tokenizer: Tokenizer | None = None,
                     force: bool = False) -> Path:
     with atomic_folder(Path(folder), force=force) as tmp:
         model.config.save(tmp / CONFIG_FILE)
@@ -78,7 +82,7 @@ def save_checkpoint(model: Transformer, folder: Path, tokenizer: CharTokenizer |
     return Path(folder)
 
 
-def load_checkpoint(folder: Path | str | None = None) -> tuple[Transformer, CharTokenizer | None]:
+def load_checkpoint(folder: Path | str | None = None) -> tuple[Transformer, Tokenizer | None]:
     """Load a checkpoint folder (the shipped model when None) in eval mode, with its tokenizer if it has one."""
     folder = Path(folder) if folder is not None else default_checkpoint()
     if not folder.is_dir():
@@ -107,5 +111,17 @@ def load_checkpoint(folder: Path | str | None = None) -> tuple[Transformer, Char
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(tensors[name])
-    tokenizer = CharTokenizer.load(folder) if (folder / TOKENIZER_FILE).is_file() else None
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(folder)
+
+
+def load_generation(folder: Path | str | None) -> dict[str, Any]:
+    """The checkpoint's default generation settings ({} when it has none), as GenerationConfig fields."""
+    path = (Path(folder) if folder is not None else default_checkpoint()) / GENERATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+        GenerationConfig.from_dict(settings)
+    except (json.JSONDecodeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: not valid generation settings ({e})") from None
+    return dict(settings)

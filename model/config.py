@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ACTIVATIONS = ("relu", "gelu")
+ACTIVATIONS = ("relu", "gelu", "silu")
 POSITIONS = ("sinusoidal", "learned")
+SINUSOIDS = ("interleaved", "halves")
 NORMS = ("post", "pre")
 
 
@@ -32,13 +33,18 @@ class TransformerConfig:
     n_decoder_layers: int = 6
     d_ff: int = 2048
     dropout: float = 0.1
-    activation: str = "relu"  # relu (the paper) | gelu
+    activation: str = "relu"  # relu (the paper) | gelu (exact, erf) | silu (x * sigmoid(x), Marian's "swish")
     position: str = "sinusoidal"  # sinusoidal (the paper, unbounded) | learned (bounded by max_positions)
     norm: str = "post"  # post: Add & Norm after each sub-layer (the paper) | pre: norm first, final norm at the end
+    # Where the sines and cosines sit: interleaved sin, cos, sin, ... (the paper's formula, the PyTorch tutorial)
+    # or halves: all sines, then all cosines (Marian, fairseq, tensor2tensor). The same frequencies either way.
+    sinusoid: str = "interleaved"
     max_positions: int = 1024  # size of a learned position table; sinusoidal positions ignore it
     scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model), as the paper does
     share_embeddings: bool = False  # source and target share one table (needs one shared vocabulary)
     tie_output: bool = True  # the output projection reuses the target embedding
+    output_bias: bool = False  # a bias added to the logits (Marian's final_logits_bias, a tutorial's generator)
+    final_norm: bool | None = None  # LayerNorm after the last layer; None: with pre-norm only (nn.Transformer: always)
     layer_norm_eps: float = 1e-5
     pad_id: int = 0
     bos_id: int = 1  # first decoder input (the decoder start token)
@@ -50,6 +56,10 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def has_final_norm(self) -> bool:
+        return self.norm == "pre" if self.final_norm is None else self.final_norm
 
     def validate(self) -> None:
         problems = []
@@ -67,6 +77,8 @@ class TransformerConfig:
             problems.append(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         if self.position not in POSITIONS:
             problems.append(f"unknown position {self.position!r}; choose one of {', '.join(POSITIONS)}")
+        if self.sinusoid not in SINUSOIDS:
+            problems.append(f"unknown sinusoid layout {self.sinusoid!r}; choose one of {', '.join(SINUSOIDS)}")
         if self.norm not in NORMS:
             problems.append(f"unknown norm placement {self.norm!r}; choose one of {', '.join(NORMS)}")
         if not 0.0 <= self.dropout < 1.0:

@@ -42,14 +42,17 @@ class PositionalEncoding(nn.Module):
 
     inv_freq: Tensor
 
-    def __init__(self, d_model: int) -> None:
+    def __init__(self, d_model: int, layout: str = "interleaved") -> None:
         super().__init__()
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d_model, 2, dtype=torch.float64) / d_model))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.interleaved = layout == "interleaved"
 
     def forward(self, positions: Tensor) -> Tensor:
         angles = positions[:, None].float() * self.inv_freq[None, :]  # (T, D/2)
-        return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (T, D), sin and cos interleaved
+        if self.interleaved:
+            return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (T, D): sin, cos, sin, ...
+        return torch.cat((angles.sin(), angles.cos()), dim=-1)  # (T, D): sines, then cosines
 
 
 class LearnedPositionalEncoding(nn.Module):
@@ -70,7 +73,7 @@ class Embeddings(nn.Module):
         self.scale = math.sqrt(config.d_model) if config.scale_embeddings else 1.0
         self.positions: PositionalEncoding | LearnedPositionalEncoding
         if config.position == "sinusoidal":
-            self.positions = PositionalEncoding(config.d_model)
+            self.positions = PositionalEncoding(config.d_model, config.sinusoid)
         else:
             self.positions = LearnedPositionalEncoding(config.max_positions, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
@@ -113,7 +116,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.d_model, config.d_ff)
         self.fc2 = nn.Linear(config.d_ff, config.d_model)
-        self.activation = nn.ReLU() if config.activation == "relu" else nn.GELU()
+        self.activation = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}[config.activation]()
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -177,7 +180,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.embed = Embeddings(config, tokens)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
-        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm == "pre" else None
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.has_final_norm else None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         x = self.embed(input_ids)  # (B, S, D)
@@ -193,9 +196,10 @@ class Decoder(nn.Module):
         self.config = config
         self.embed = Embeddings(config, tokens)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_decoder_layers))
-        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm == "pre" else None
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.has_final_norm else None
         self.output_projection = (None if config.tie_output
                                   else nn.Linear(config.d_model, config.tgt_vocab_size, bias=False))
+        self.output_bias = nn.Parameter(torch.zeros(config.tgt_vocab_size)) if config.output_bias else None
 
     def cross_kv(self, memory: Tensor) -> list[KV]:
         """The cross-attention keys and values of every layer, computed once per source."""
@@ -228,6 +232,8 @@ class Decoder(nn.Module):
             logits = x @ self.embed.tokens.weight.t()  # (B, T, V)
         else:
             logits = self.output_projection(x)
+        if self.output_bias is not None:
+            logits = logits + self.output_bias
         return logits, present
 
 

@@ -46,6 +46,7 @@ class Manifest:
     exporter: str = ""
     transforms: list[dict[str, Any]] = field(default_factory=list)  # optimize/quantize steps, in order
     variant_parity: dict[str, Any] = field(default_factory=dict)  # a derived variant against its fp32 source
+    generation: dict[str, Any] = field(default_factory=dict)  # default GenerationConfig settings (an importer's)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -75,6 +76,7 @@ class Manifest:
             "parity": self.parity,
             "transforms": self.transforms,
             "variant_parity": self.variant_parity,
+            "generation": self.generation,
         }
 
     @classmethod
@@ -94,6 +96,7 @@ class Manifest:
                        variant=d["variant"], opset=d["opset"], tokenizer=d.get("tokenizer"), files=d["files"],
                        producer=d.get("producer", {}), parity=d.get("parity", {}), exporter=d.get("exporter", ""),
                        transforms=d.get("transforms", []), variant_parity=d.get("variant_parity", {}),
+                       generation=d.get("generation", {}),
                        format_version=version)
         except (KeyError, TypeError) as e:
             raise BundleError(f"{where}: malformed manifest, missing or wrong field {e}") from None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 STRATEGIES = ("greedy", "beam", "sample")
 
@@ -17,6 +18,8 @@ class GenerationConfig:
     length_penalty: float = 1.0  # beam score = sum of log-probs / length ** length_penalty
     num_return_sequences: int = 1  # n-best size (beam) or samples per input (sample)
     early_stopping: bool = True  # beam: stop an input once it has num_beams finished hypotheses
+    suppress_tokens: tuple[int, ...] = ()  # never generated (Marian's pad, which is also the decoder start)
+    forced_eos: bool = False  # the last step may only produce EOS (Hugging Face's forced_eos_token_id)
     temperature: float = 1.0
     top_k: int = 0  # 0 keeps every token
     top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches top_p
@@ -46,8 +49,21 @@ class GenerationConfig:
             problems.append(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not isinstance(t, int) or t < 0 for t in self.suppress_tokens):
+            problems.append(f"suppress_tokens must be token ids, got {self.suppress_tokens!r}")
         if problems:
             raise ValueError("invalid generation settings: " + "; ".join(problems))
+
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationConfig:
+        """Settings as a bundle's manifest stores them; unknown keys are an error, not ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown generation settings {unknown}; known ones are {sorted(known)}")
+        settings: dict[str, Any] = {k: tuple(v) if k == "suppress_tokens" else v for k, v in d.items()}
+        return cls(**settings)
 
 
 @dataclass(frozen=True)

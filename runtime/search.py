@@ -32,9 +32,15 @@ def search(make_steps: Callable[[int], StepModel], batch: int, gen: GenerationCo
     return _greedy_or_sample(make_steps(gen.num_return_sequences), batch, gen, bos_id, eos_id, on_token)
 
 
-def _forbid_eos(logp: np.ndarray, step: int, gen: GenerationConfig, eos_id: int) -> np.ndarray:
+def _constrain(logp: np.ndarray, step: int, gen: GenerationConfig, eos_id: int) -> np.ndarray:
+    """The rules on what a step may produce, applied to log-probabilities as Hugging Face's processors are."""
+    if gen.suppress_tokens:
+        logp[:, list(gen.suppress_tokens)] = -np.inf
     if step < gen.min_new_tokens and not gen.ignore_eos:
         logp[:, eos_id] = -np.inf
+    if gen.forced_eos and step == gen.max_new_tokens - 1 and not gen.ignore_eos:
+        logp[:, :] = -np.inf
+        logp[:, eos_id] = 0.0
     return logp
 
 
@@ -71,7 +77,7 @@ def _greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_i
     scores = np.zeros(rows)
     alive = np.ones(rows, dtype=bool)
     for step in range(gen.max_new_tokens):
-        logp = _forbid_eos(steps.log_probs(tokens), step, gen, eos_id)
+        logp = _constrain(steps.log_probs(tokens), step, gen, eos_id)
         if gen.strategy == "greedy":
             tokens = logp.argmax(-1)
         else:
@@ -103,7 +109,7 @@ def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_
         return score / (length ** gen.length_penalty)
 
     for step in range(gen.max_new_tokens):
-        logp = _forbid_eos(steps.log_probs(tokens), step, gen, eos_id)  # (B*K, V)
+        logp = _constrain(steps.log_probs(tokens), step, gen, eos_id)  # (B*K, V)
         vocab = logp.shape[-1]
         cand = (beam_scores[:, :, None] + logp.reshape(batch, k, vocab)).reshape(batch, k * vocab)
         top_idx = np.argpartition(-cand, 2 * k - 1, axis=-1)[:, : 2 * k]  # (B, 2K), unordered

@@ -7,19 +7,21 @@ inputs as OrtValues, so on CUDA they stay on the device and on the CPU nothing i
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from edgeformer.runtime.bundle import Manifest
+from edgeformer.runtime.bundle import MANIFEST_FILE, BundleError, Manifest
 from edgeformer.runtime.options import GenerationConfig, Hypothesis
 from edgeformer.runtime.search import StepModel, search
 from edgeformer.runtime.spec import DECODER, ENCODER, past_for
-from edgeformer.runtime.tokenizer import CharTokenizer
+from edgeformer.runtime.tokenizer import load_tokenizer
 
 # Short names a user types -> onnxruntime's execution providers, and the device their caches live on.
 PROVIDERS = {
@@ -85,7 +87,11 @@ class Runtime:
         self.provider = self.sessions[DECODER].get_providers()[0]  # the one that actually runs
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self._check_graphs()
-        self.tokenizer = (CharTokenizer.load(self.path) if self.manifest.tokenizer else None)
+        self.tokenizer = (load_tokenizer(self.path) if self.manifest.tokenizer else None)
+        try:
+            self.generation = GenerationConfig.from_dict(self.manifest.generation)
+        except (ValueError, TypeError) as e:
+            raise BundleError(f"{self.path / MANIFEST_FILE}: bad generation defaults ({e})") from None
         self.encoder_outputs = self.manifest.graphs[ENCODER].output_names
         self.decoder_outputs = self.manifest.graphs[DECODER].output_names
         self.self_cache_inputs = [t for t in self.manifest.graphs[DECODER].inputs
@@ -157,6 +163,10 @@ class Runtime:
         return {t.name: np.zeros((batch, int(t.shape[1]), 0, int(t.shape[3])), self.cache_dtype)
                 for t in self.self_cache_inputs}
 
+    def generation_config(self, **overrides: Any) -> GenerationConfig:
+        """The bundle's default settings (those its model was trained or imported with), with `overrides`."""
+        return dataclasses.replace(self.generation, **overrides)
+
     def step_model(self, input_ids: np.ndarray, attention_mask: np.ndarray, rows_per_input: int) -> _Steps:
         return _Steps(self, input_ids, attention_mask, rows_per_input)
 
@@ -166,7 +176,7 @@ class Runtime:
                  on_token: Callable[[int, int], None] | None = None) -> list[list[Hypothesis]]:
         """Token ids in, per input its hypotheses (best first) out. `on_token(input_index, token)` streams
         greedy and sampled tokens as they are produced."""
-        gen = gen or GenerationConfig()
+        gen = gen or self.generation
         self.check_inputs(src, gen)
         ids, mask = pad(src, int(self.config["pad_id"]))
         return search(lambda rows: self.step_model(ids, mask, rows), len(src), gen, int(self.config["bos_id"]),
@@ -174,7 +184,7 @@ class Runtime:
 
     def stream(self, src: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
         """Yield the tokens of one input as they are produced (greedy or sampling)."""
-        gen = gen or GenerationConfig()
+        gen = gen or self.generation
         if gen.strategy == "beam":
             raise ValueError("streaming yields one sequence as it grows; use strategy='greedy' or 'sample'")
         self.check_inputs([src], gen)
@@ -198,7 +208,7 @@ class Runtime:
         if self.tokenizer is None:
             raise ValueError(f"{self.path} carries no tokenizer; pass token ids to generate() instead")
         hyps = self.generate(self.tokenizer.encode_batch(texts), gen)
-        return [self.tokenizer.target.decode(h[0].tokens) for h in hyps]
+        return [self.tokenizer.decode(h[0].tokens) for h in hyps]
 
 
 class _Steps(StepModel):

@@ -75,7 +75,7 @@ def test_manifest_declares_names_axes_and_parity(exported) -> None:
     assert dims[0] == "batch" and dims[2] == "past_len"
 
 
-@pytest.mark.parametrize("variant", ["post-sinusoidal", "shared-untied"])
+@pytest.mark.parametrize("variant", ["post-sinusoidal", "shared-untied", "marian-like"])
 def test_no_weight_is_stored_twice(exported, variant: str) -> None:
     model, bundle = exported(variant)
     inline = []

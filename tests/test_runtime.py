@@ -37,7 +37,7 @@ def test_importing_the_runtime_never_imports_torch() -> None:
     assert out.stdout.strip() == "ok"
 
 
-@pytest.mark.parametrize("variant", ["post-sinusoidal", "pre-learned-gelu", "shared-untied"])
+@pytest.mark.parametrize("variant", ["post-sinusoidal", "pre-learned-gelu", "shared-untied", "marian-like"])
 @pytest.mark.parametrize("gen", [GREEDY, BEAM], ids=["greedy", "beam"])
 def test_runtime_equals_pytorch_token_for_token_on_padded_batches(exported, variant: str,
                                                                   gen: GenerationConfig) -> None:
