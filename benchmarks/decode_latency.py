@@ -75,7 +75,7 @@ def main() -> None:
         starts = {"pytorch-eager-kv": 0.0}
         for variant, path in bundles.items():
             start = time.perf_counter()
-            rt = Runtime(path, threads=args.threads)
+            rt = Runtime(path, threads=args.threads, spin=False)  # see README: Benchmarks, on spinning
             starts[f"runtime-{variant}"] = time.perf_counter() - start
             print(f"{variant}: session start {starts[f'runtime-{variant}']:.2f} s")
             systems[f"runtime-{variant}"] = partial(rt.step_model, ids.numpy(), mask.numpy(), 1)

@@ -85,7 +85,7 @@ def _rss_mb() -> float:
 def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIANTS,
           providers: Sequence[str] | None = None, sweeps: dict[str, Sequence[int]] | None = None,
           base: Point = Point(), no_cache_reference: bool = True, max_seconds: float = 20.0,
-          repeat_base: bool = True,
+          repeat_base: bool = True, spin: bool = False,
           out: Path | None = None, progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
     """Export a checkpoint (the shipped model by default), build its variants, and measure every system at
     every point. Writes results.json, results.md and per_token_latency.png to `out` when given."""
@@ -113,7 +113,7 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIAN
             key = (variant, provider, threads)
             if key not in runtimes:
                 start = time.perf_counter()
-                rt = Runtime(bundles[variant], providers=[provider], threads=threads)
+                rt = Runtime(bundles[variant], providers=[provider], threads=threads, spin=spin)
                 runtimes[key] = (rt, time.perf_counter() - start)
             return runtimes[key]
 
@@ -153,11 +153,12 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIAN
 
 
 def markdown(records: list[dict]) -> str:
-    header = ["system", "sweep", "batch", "src", "new", "threads", "encoder ms", "ms/token", "step p50", "step p90", "step p99",
-              "tokens/s", "vs PyTorch+KV", "start s", "size MB"]
+    header = ["system", "sweep", "batch", "src", "new", "threads", "encoder ms", "ms/token", "step p50", "step p90",
+              "step p99", "tokens/s", "vs PyTorch+KV", "start s", "size MB"]
     rows = [[r["system"], r["sweep"], r["batch"], r["src_len"], r["new_tokens"], r["threads"],
-             f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_p50_ms']:.3f}", f"{r['per_token_p90_ms']:.3f}",
-             f"{r['per_token_p99_ms']:.3f}", f"{r['tokens_per_second']:.0f}", f"{r['speedup_vs_pytorch_kv']:.2f}x",
+             f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_p50_ms']:.3f}",
+             f"{r['per_token_p90_ms']:.3f}", f"{r['per_token_p99_ms']:.3f}", f"{r['tokens_per_second']:.0f}",
+             f"{r['speedup_vs_pytorch_kv']:.2f}x",
              f"{r['session_start_s']:.2f}", f"{r['bundle_bytes'] / 1e6:.1f}"] for r in records]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -175,7 +176,7 @@ def plot(records: list[dict], path: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         base = [r for r in records if r["sweep"] == "base"]
         ax.barh([r["system"] for r in base], [r["per_token_ms"] for r in base])
-        ax.set_xlabel("per-token latency, ms (p50)")
+        ax.set_xlabel("ms per token (median run)")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -189,7 +190,7 @@ def plot(records: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(axis.replace("_", " "))
-        ax.set_ylabel("per-token latency, ms (p50)")
+        ax.set_ylabel("ms per token (median run)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

@@ -53,7 +53,7 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
                       f"{r.figures['exact_match']:.1%}"] for r in reports]))
         print()
 
-        runtimes = {name: Runtime(path, threads=threads) for name, path in paths.items()}
+        runtimes = {name: Runtime(path, threads=threads, spin=False) for name, path in paths.items()}
         pairs = get_task("dates").pairs(examples, "test", seed=7)
         src = tokenizer.encode_batch([s for s, _ in pairs])
         ref = generate(model, src)

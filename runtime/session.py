@@ -62,7 +62,7 @@ class Runtime:
     """A loaded bundle. Thread-safe: `generate` keeps all of its state in local variables."""
 
     def __init__(self, bundle: Path | str, providers: Sequence[str] = ("cpu",), threads: int | None = None,
-                 optimization: str = "all", verify: bool = True) -> None:
+                 optimization: str = "all", verify: bool = True, spin: bool = True) -> None:
         # "all" even for graphs optimized offline: measured on Transformer-base, loading them with less leaves the
         # tied projection's Transpose unfolded (3x slower steps) and the encoder 1.6x slower, while the session
         # start time is the same (0.17 s).
@@ -75,6 +75,9 @@ class Runtime:
         options = ort.SessionOptions()
         options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
         options.log_severity_level = 3
+        # Idle intra-op threads spin for work by default: the fastest for one session alone, but the spinning
+        # threads of one session take cores from another that runs next in the same process (spin=False).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -120,6 +123,10 @@ class Runtime:
             bad = [t for t in seq if not 0 <= int(t) < vocab]
             if bad:
                 raise ValueError(f"input {i} has token ids {bad[:5]} outside the source vocabulary [0, {vocab})")
+        target_vocab = int(self.config["tgt_vocab_size"])
+        if any(t >= target_vocab for t in gen.suppress_tokens):
+            raise ValueError(f"suppress_tokens {list(gen.suppress_tokens)} reach outside the target vocabulary "
+                             f"[0, {target_vocab})")
         bound = self.manifest.max_positions
         if bound is not None:
             longest = max(len(s) for s in src)

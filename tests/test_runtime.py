@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def test_runtime_reports_the_provider_that_runs_and_falls_back_in_order(exported
     ([[5, -1]], GREEDY, "outside the source vocabulary"),
     ([], GREEDY, "no inputs"),
     ([[5], []], GREEDY, "input 1 is empty"),
+    ([[5]], GenerationConfig(suppress_tokens=(99,)), r"suppress_tokens \[99\] reach outside the target vocabulary"),
 ])
 def test_bad_input_is_a_clear_error(exported, src, gen, message: str) -> None:
     _, bundle = exported("post-sinusoidal")
@@ -183,3 +185,18 @@ def test_padded_batch_gives_what_each_input_gives_alone(exported) -> None:
     batch = rt.generate(src, BEAM)
     for s, hyps in zip(src, batch, strict=True):
         assert rt.generate([s], BEAM)[0][0].tokens == hyps[0].tokens
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_suppressed_tokens_never_appear_and_forced_eos_ends_on_the_last_step(exported, strategy: str) -> None:
+    model, bundle = exported("post-sinusoidal")
+    rt = Runtime(bundle)
+    src = random_sources(12, model.config.src_vocab_size, seed=3)
+    free = rt.generate(src, GenerationConfig(strategy=strategy, max_new_tokens=8, ignore_eos=True))
+    common = Counter(t for hs in free for t in hs[0].tokens).most_common(1)[0][0]
+    gen = GenerationConfig(strategy=strategy, max_new_tokens=8, suppress_tokens=(common,))
+    suppressed = rt.generate(src, gen)
+    assert all(common not in hs[0].tokens for hs in suppressed)
+    assert [[h.tokens for h in hs] for hs in suppressed] == [[h.tokens for h in hs] for hs in generate(model, src, gen)]
+    forced = rt.generate(src, GenerationConfig(strategy=strategy, max_new_tokens=4, forced_eos=True))
+    assert all(len(h.tokens) <= 3 for hs in forced for h in hs)  # the 4th token can only be EOS
