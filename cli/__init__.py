@@ -11,7 +11,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -371,22 +371,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_demo)
 
-    p = verbs.add_parser("optimize", help="transformer fusions + onnxruntime offline optimization -> new bundle")
-    p.add_argument("bundle")
-    p.add_argument("out")
+    def bundle_to_bundle(verb: str, help: str, func: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+        """A verb that writes a new bundle from one, checked against it."""
+        p = verbs.add_parser(verb, help=help)
+        p.add_argument("bundle")
+        p.add_argument("out")
+        p.add_argument("--force", action="store_true")
+        p.add_argument("--allow-drop", action="store_true", help="write it even if it misses its parity target")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+        return p
+
+    p = bundle_to_bundle("optimize", "transformer fusions + onnxruntime offline optimization -> new bundle",
+                         cmd_optimize)
     p.add_argument("--level", default="extended", choices=["basic", "extended", "all"],
                    help="onnxruntime level saved offline; 'all' adds layout changes tied to this machine")
     p.add_argument("--provider", default="cpu", help="the execution provider the graphs are optimized for")
     p.add_argument("--fuse-attention", default="auto", choices=["auto", "yes", "no"],
                    help="attention -> com.microsoft.MultiHeadAttention; auto: on GPU providers, where it is faster")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--allow-drop", action="store_true", help="write it even if it misses its parity target")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_optimize)
 
-    p = verbs.add_parser("quantize", help="int8 (dynamic), int4 (weight-only) or fp16 -> new bundle")
-    p.add_argument("bundle")
-    p.add_argument("out")
+    p = bundle_to_bundle("quantize", "int8 (dynamic), int4 (weight-only) or fp16 -> new bundle", cmd_quantize)
     p.add_argument("--to", required=True, choices=["int8", "int4", "fp16"])
     p.add_argument("--preset", default="avx2", choices=["avx2", "avx512-vnni", "arm64"], help="int8 only")
     p.add_argument("--method", default="dynamic", choices=["dynamic", "static"],
@@ -397,10 +401,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=32, help="int4 only")
     p.add_argument("--keep", action="append", default=[], metavar="NODE|OP|output_projection",
                    help="keep in full precision, by node name, operator type, or output_projection; repeatable")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--allow-drop", action="store_true", help="write it even if it misses its parity target")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_quantize)
 
     p = verbs.add_parser("bench", help="latency and throughput across variants, providers, sizes, vs PyTorch")
     p.add_argument("checkpoint", nargs="?", default=None, help="default: the shipped model")

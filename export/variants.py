@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -29,7 +30,7 @@ from edgeformer.model.checkpoint import atomic_folder
 from edgeformer.model.tasks import get_task
 from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.options import GenerationConfig
-from edgeformer.runtime.session import OPTIMIZATION_LEVELS, Runtime
+from edgeformer.runtime.session import OPTIMIZATION_LEVELS, Runtime, pad
 from edgeformer.runtime.spec import DECODER, ENCODER
 from edgeformer.runtime.tokenizer import tokenizer_files
 
@@ -86,13 +87,25 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def logits_matmul(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The output projection: the MatMul that makes the logits, directly or through Add(bias) (Marian's
+    final_logits_bias)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    node = producers.get("logits")
+    if node is not None and node.op_type == "Add":
+        node = next((producers.get(i) for i in node.input if i not in inits and i in producers), None)
+    return node if node is not None and node.op_type == "MatMul" else None
+
+
 def resolve_keep(model: onnx.ModelProto, keep: list[str]) -> list[str]:
     """Node names to keep in full precision, from names, operator types, or the alias 'output_projection'."""
     nodes = list(model.graph.node)
     names = set()
     for item in keep:
         if item == OUTPUT_PROJECTION:
-            names |= {n.name for n in nodes if "logits" in n.output and n.op_type == "MatMul"}
+            projection = logits_matmul(model)
+            names |= {projection.name} if projection is not None else set()
         else:
             matched = {n.name for n in nodes if n.name == item or n.op_type == item}
             names |= matched
@@ -103,21 +116,27 @@ def with_types(model: onnx.ModelProto) -> onnx.ModelProto:
     """Every intermediate tensor typed, com.microsoft operators included, where symbolic inference can."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    try:
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception:  # an operator it does not know: fall back on the quantizer's DefaultTensorType
-        return model
+    # When it cannot type everything, onnxruntime dumps sym_shape_infer_temp.onnx and its weights into the
+    # working directory before raising: let that land in a folder that is thrown away.
+    cwd = Path.cwd()
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)
+        try:
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        except Exception:  # an operator it does not know: fall back on the quantizer's DefaultTensorType
+            return model
+        finally:
+            os.chdir(cwd)
 
 
 def _tied_projection(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeProto, str] | None:
     """(MatMul, Transpose, table) when the logits come from MatMul(x, Transpose(table)): a tied projection."""
     inits = {i.name for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and "logits" in node.output:
-            t = producers.get(node.input[1])
-            if t is not None and t.op_type == "Transpose" and t.input[0] in inits:
-                return node, t, t.input[0]
+    node = logits_matmul(model)
+    t = producers.get(node.input[1]) if node is not None else None
+    if node is not None and t is not None and t.op_type == "Transpose" and t.input[0] in inits:
+        return node, t, t.input[0]
     return None
 
 
@@ -146,7 +165,7 @@ def quantize_tied_projection_int8(model: onnx.ModelProto) -> bool:
     int8 table: MatMulInteger(quantize(x), Transpose(table_int8)), one table on disk for both uses."""
     inits = {i.name for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-    matmul = next((n for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
+    matmul = logits_matmul(model)
     transpose = producers.get(matmul.input[1]) if matmul is not None else None
     if matmul is None or transpose is None or transpose.op_type != "Transpose":
         return False
@@ -258,8 +277,6 @@ def calibration_feeds(bundle: Path, texts: list[str] | None, size: int, steps: i
         rng = np.random.default_rng(17)
         sources = [rng.integers(4, int(rt.config["src_vocab_size"]), rng.integers(2, 33)).tolist()
                    for _ in range(size)]
-    from edgeformer.runtime.session import pad
-
     feeds: dict[str, list[dict]] = {ENCODER: [], DECODER: []}
     for i in range(0, len(sources), 16):
         ids, mask = pad(sources[i: i + 16], int(rt.config["pad_id"]))
@@ -361,8 +378,6 @@ def compare_with_source(source: Path, candidate: Path, provider: str = "cpu", n:
     worst, agree, total = 0.0, 0, 0
     for i in range(0, len(src), 50):
         chunk = src[i: i + 50]
-        from edgeformer.runtime.session import pad
-
         ids, mask = pad(chunk, int(ref.config["pad_id"]))
         a, b = ref.step_model(ids, mask, 1), new.step_model(ids, mask, 1)
         tokens = np.full(len(chunk), int(ref.config["bos_id"]), dtype=np.int64)

@@ -73,12 +73,14 @@ def state_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: Transformer, folder: Path, tokenizer: Tokenizer | None = None,
-                    force: bool = False) -> Path:
+                    force: bool = False, generation: GenerationConfig | None = None) -> Path:
     with atomic_folder(Path(folder), force=force) as tmp:
         model.config.save(tmp / CONFIG_FILE)
         save_file(state_tensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if generation is not None:
+            (tmp / GENERATION_FILE).write_text(json.dumps(generation.to_dict(), indent=2) + "\n")
     return Path(folder)
 
 

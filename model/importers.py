@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgeformer.model.checkpoint import GENERATION_FILE, atomic_folder, save_checkpoint
+from edgeformer.model.checkpoint import save_checkpoint
 from edgeformer.model.config import ConfigError, TransformerConfig
 from edgeformer.model.transformer import PositionalEncoding, Transformer
 from edgeformer.runtime.options import GenerationConfig
@@ -99,13 +99,6 @@ TORCH_DECODER_LAYER = {
     "decoder.layers.{i}.ffn.fc2": "{p}decoder.layers.{i}.linear2",
     "decoder.layers.{i}.ffn_block.norm": "{p}decoder.layers.{i}.norm3",
 }
-# nn.MultiheadAttention packs q, k and v into one in_proj tensor.
-TORCH_PACKED: dict[str, Source] = {
-    f"{side}.layers.{{i}}.{ours}.{proj}_proj.{kind}": Part(f"{{p}}{side}.layers.{{i}}.{theirs}.in_proj_{kind}", index)
-    for side, ours, theirs in (("encoder", "self_attn", "self_attn"), ("decoder", "self_attn", "self_attn"),
-                               ("decoder", "cross_attn", "multihead_attn"))
-    for index, proj in enumerate("qkv") for kind in ("weight", "bias")
-}
 TORCH_FINAL_NORMS = {"encoder.norm": "{p}encoder.norm", "decoder.norm": "{p}decoder.norm"}
 
 
@@ -113,12 +106,31 @@ def modules_to_tensors(table: dict[str, str]) -> dict[str, Source]:
     return {f"{ours}.{kind}": f"{theirs}.{kind}" for ours, theirs in table.items() for kind in ("weight", "bias")}
 
 
-def per_layer(table: dict[str, Source], layers: int) -> dict[str, Source]:
-    def at(source: Source, i: int) -> Source:
-        return Part(source.name.format(i=i, p="{p}"), source.index) if isinstance(source, Part) else (
-            source.format(i=i, p="{p}"))
+def packed_qkv(side: str, ours: str, theirs: str) -> dict[str, Source]:
+    """nn.MultiheadAttention packs q, k and v into one in_proj tensor: ours are its thirds."""
+    return {f"{side}.layers.{{i}}.{ours}.{proj}_proj.{kind}":
+            Part(f"{{p}}{side}.layers.{{i}}.{theirs}.in_proj_{kind}", index)
+            for index, proj in enumerate("qkv") for kind in ("weight", "bias")}
 
-    return {ours.format(i=i): at(theirs, i) for ours, theirs in table.items() for i in range(layers)}
+
+TORCH_ENCODER_TENSORS = {**modules_to_tensors(TORCH_ENCODER_LAYER), **packed_qkv("encoder", "self_attn", "self_attn")}
+TORCH_DECODER_TENSORS = {**modules_to_tensors(TORCH_DECODER_LAYER), **packed_qkv("decoder", "self_attn", "self_attn"),
+                         **packed_qkv("decoder", "cross_attn", "multihead_attn")}
+
+
+def expand(table: dict[str, Source], layers: int = 1, prefix: str = "") -> dict[str, Source]:
+    """The table with {i} filled in for each of `layers` layers and {p} with `prefix`."""
+    def fill(source: Source, i: int) -> Source:
+        if isinstance(source, Part):
+            return Part(source.name.format(i=i, p=prefix), source.index, source.parts)
+        return source.format(i=i, p=prefix)
+
+    return {ours.format(i=i): fill(theirs, i) for ours, theirs in table.items() for i in range(layers)}
+
+
+def _raise_if(problems: list[str], headline: str) -> None:
+    if problems:
+        raise ImporterError(f"{headline}:\n  " + "\n  ".join(problems))
 
 
 def place(model: Transformer, table: dict[str, Source], theirs: dict[str, Tensor],
@@ -151,13 +163,11 @@ def place(model: Transformer, table: dict[str, Source], theirs: dict[str, Tensor
         used.add(name)
     left = sorted(set(theirs) - used)
     problems += [f"unexpected tensor {n} {tuple(theirs[n].shape)}: the config has no place for it" for n in left]
-    if problems:
-        raise ImporterError("cannot import these weights:\n  " + "\n  ".join(problems))
+    _raise_if(problems, "cannot import these weights")
 
 
 def _refuse(problems: list[str], what: str) -> None:
-    if problems:
-        raise ImporterError(f"{what} uses options edgeformer cannot express faithfully:\n  " + "\n  ".join(problems))
+    _raise_if(problems, f"{what} uses options edgeformer cannot express faithfully")
 
 
 def read_tensors(path: Path) -> dict[str, Tensor]:
@@ -191,10 +201,9 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _compare(ours: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
-             reference: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], config: TransformerConfig,
-             what: str) -> float:
+def _compare(model: Transformer, reference: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], what: str) -> float:
     """Both models on the same padded batch; the max |logit difference| over the real (unpadded) positions."""
+    config = model.config
     g = torch.Generator().manual_seed(0)
     low = 0 if config.pad_id != 0 else 1
     src = torch.randint(low, config.src_vocab_size, (4, 11), generator=g)
@@ -206,17 +215,13 @@ def _compare(ours: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
     src = src.masked_fill(src_mask == 0, config.pad_id)
     tgt = tgt.masked_fill(tgt_mask == 0, config.pad_id)
     with torch.no_grad():
-        a, b = ours(src, src_mask, tgt, tgt_mask), reference(src, src_mask, tgt, tgt_mask)
+        a, b = model(src, tgt, src_mask), reference(src, src_mask, tgt, tgt_mask)
     diff = float((a - b).abs()[tgt_mask.bool()].max())
     scale = max(1.0, float(b.abs().max()))
     if not diff <= TOLERANCE * scale:
         raise ImporterError(f"the imported model does not reproduce {what}: max |logit difference| {diff:.2e} "
                             f"> {TOLERANCE * scale:.1e}; nothing was written")
     return diff
-
-
-def _ours(model: Transformer) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    return lambda src, src_mask, tgt, tgt_mask: model(src, tgt, src_mask)
 
 
 # -- Hugging Face Marian (OPUS-MT) ----------------------------------------------------------------------------
@@ -280,9 +285,9 @@ HF_GENERATION_IGNORED = {"bos_token_id", "eos_token_id", "pad_token_id", "decode
                          "output_scores", "return_dict_in_generate"}
 
 
-def marian_generation(hf: dict[str, Any], eos_id: int) -> dict[str, Any]:
-    """Hugging Face's generation settings for this model as a GenerationConfig (as a dict), so that `generate`
-    with the bundle's defaults does what `MarianMTModel.generate()` does."""
+def marian_generation(hf: dict[str, Any], eos_id: int) -> GenerationConfig:
+    """Hugging Face's generation settings for this model, so that `generate` with the bundle's defaults does what
+    `MarianMTModel.generate()` does."""
     s = {k: hf.get(k, v) for k, v in HF_GENERATION_DEFAULTS.items()}
     problems = [f"{k}={s[k]!r}" for k in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
                                           "repetition_penalty", "diversity_penalty", "num_beam_groups",
@@ -302,14 +307,13 @@ def marian_generation(hf: dict[str, Any], eos_id: int) -> dict[str, Any]:
     # max_length counts the decoder start token; unset, Hugging Face generates 20 new tokens.
     max_new = s["max_new_tokens"] or (s["max_length"] - 1 if s["max_length"] else 20)
     sample = bool(s["do_sample"])
-    gen = GenerationConfig(strategy="sample" if sample else "beam" if s["num_beams"] > 1 else "greedy",
-                           max_new_tokens=max_new, min_new_tokens=max(0, min(s["min_length"] - 1, max_new)),
-                           num_beams=s["num_beams"], length_penalty=float(s["length_penalty"]),
-                           num_return_sequences=s["num_return_sequences"], early_stopping=bool(s["early_stopping"]),
-                           temperature=float(s["temperature"]), top_k=int(s["top_k"]) if sample else 0,
-                           top_p=float(s["top_p"]), suppress_tokens=tuple(sorted(set(suppress))),
-                           forced_eos=s["forced_eos_token_id"] is not None)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in gen.__dict__.items() if k != "seed"}
+    return GenerationConfig(strategy="sample" if sample else "beam" if s["num_beams"] > 1 else "greedy",
+                            max_new_tokens=max_new, min_new_tokens=max(0, min(s["min_length"] - 1, max_new)),
+                            num_beams=s["num_beams"], length_penalty=float(s["length_penalty"]),
+                            num_return_sequences=s["num_return_sequences"], early_stopping=bool(s["early_stopping"]),
+                            temperature=float(s["temperature"]), top_k=int(s["top_k"]) if sample else 0,
+                            top_p=float(s["top_p"]), suppress_tokens=tuple(sorted(set(suppress))),
+                            forced_eos=s["forced_eos_token_id"] is not None)
 
 
 def _marian_positions_ok(theirs: dict[str, Tensor], config: TransformerConfig) -> list[str]:
@@ -356,34 +360,21 @@ def import_marian(folder: Path | str, out: Path | str, force: bool = False, chec
             theirs.pop(copy)
         else:
             problems.append(f"{copy} differs from {original}, but the config says they are tied")
-    if problems:
-        raise ImporterError("cannot import these weights:\n  " + "\n  ".join(problems))
-    table: dict[str, Source] = {**per_layer(modules_to_tensors(MARIAN_ENCODER_LAYER), config.n_encoder_layers),
-                                **per_layer(modules_to_tensors(MARIAN_DECODER_LAYER), config.n_decoder_layers),
-                                **MARIAN_TENSORS, "encoder.embed.tokens.weight": shared}
+    _raise_if(problems, "cannot import these weights")
+    table = {**expand(modules_to_tensors(MARIAN_ENCODER_LAYER), config.n_encoder_layers),
+             **expand(modules_to_tensors(MARIAN_DECODER_LAYER), config.n_decoder_layers),
+             **MARIAN_TENSORS, "encoder.embed.tokens.weight": shared}
     model = Transformer(config).eval()
     place(model, table, theirs, reshape={"decoder.output_bias": lambda t: t.reshape(-1)})
     if check:
         _check_marian(model, folder, say)
     tokenizer = _marian_tokenizer(folder, say)
-    generation = {}
+    generation = None
     if use_generation_settings:
         gen_file = folder / "generation_config.json"
         settings = json.loads(gen_file.read_text()) if gen_file.is_file() else hf
         generation = marian_generation(settings, config.eos_id)
-    return _write(model, out, tokenizer, generation, force)
-
-
-def _write(model: Transformer, out: Path | str, tokenizer: MarianTokenizer | None, generation: dict[str, Any],
-           force: bool) -> Path:
-    with atomic_folder(Path(out), force=force) as tmp:
-        save_checkpoint(model, tmp / "checkpoint", tokenizer)
-        for f in (tmp / "checkpoint").iterdir():
-            f.rename(tmp / f.name)
-        (tmp / "checkpoint").rmdir()
-        if generation:
-            (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
-    return Path(out)
+    return save_checkpoint(model, Path(out), tokenizer, force=force, generation=generation)
 
 
 def _marian_tokenizer(folder: Path, say: Callable[[str], None]) -> MarianTokenizer | None:
@@ -417,7 +408,7 @@ def _check_marian(model: Transformer, folder: Path, say: Callable[[str], None]) 
     def run(src: Tensor, src_mask: Tensor, tgt: Tensor, tgt_mask: Tensor) -> Tensor:
         return reference(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt).logits
 
-    diff = _compare(_ours(model), run, model.config, "Hugging Face's MarianMTModel")
+    diff = _compare(model, run, "Hugging Face's MarianMTModel")
     say(f"max |logit difference| to Hugging Face: {diff:.2e}")
 
 
@@ -498,48 +489,36 @@ def import_torch_transformer(state_dict: Path | str | dict[str, Tensor], out: Pa
     say = log or (lambda _msg: None)
     theirs = dict(state_dict) if isinstance(state_dict, dict) else read_tensors(Path(state_dict))
     config = torch_transformer_config(theirs, facts)
-    p = facts.prefix
     if facts.positions == "sinusoidal" and facts.position_table in theirs:
-        table = theirs.pop(facts.position_table)
-        table = table.reshape(table.shape[0], -1)
-        expected = PositionalEncoding(config.d_model)(torch.arange(table.shape[0]))
-        if table.shape != expected.shape or float((table.float() - expected).abs().max()) > 1e-4:
+        stored = _flat(theirs.pop(facts.position_table))
+        expected = PositionalEncoding(config.d_model)(torch.arange(stored.shape[0]))
+        if stored.shape != expected.shape or float((stored.float() - expected).abs().max()) > 1e-4:
             raise ImporterError(f"{facts.position_table} is not the sinusoid table (sin, cos interleaved); "
                                 "import it as a table with positions=learned")
-    table_: dict[str, Source] = {
-        **per_layer({**modules_to_tensors(TORCH_ENCODER_LAYER),
-                     **{k: v for k, v in TORCH_PACKED.items() if k.startswith("encoder")}}, config.n_encoder_layers),
-        **per_layer({**modules_to_tensors(TORCH_DECODER_LAYER),
-                     **{k: v for k, v in TORCH_PACKED.items() if k.startswith("decoder")}}, config.n_decoder_layers),
-        "encoder.embed.tokens.weight": facts.src_embedding,
-        "decoder.embed.tokens.weight": facts.tgt_embedding,
-        "decoder.output_projection.weight": f"{facts.generator}.weight",
-        "decoder.output_bias": f"{facts.generator}.bias",
-        "encoder.embed.positions.weight": facts.position_table,
-        "decoder.embed.positions.weight": facts.position_table,
-    }
-    if config.has_final_norm:
-        table_.update(modules_to_tensors(TORCH_FINAL_NORMS))
-    table_ = {k: Part(v.name.replace("{p}", p), v.index) if isinstance(v, Part) else v.replace("{p}", p)
-              for k, v in table_.items()}
+    p = facts.prefix
+    table = {**expand(TORCH_ENCODER_TENSORS, config.n_encoder_layers, p),
+             **expand(TORCH_DECODER_TENSORS, config.n_decoder_layers, p),
+             **expand(modules_to_tensors(TORCH_FINAL_NORMS), prefix=p),
+             "encoder.embed.tokens.weight": facts.src_embedding,
+             "decoder.embed.tokens.weight": facts.tgt_embedding,
+             "decoder.output_projection.weight": f"{facts.generator}.weight",
+             "decoder.output_bias": f"{facts.generator}.bias",
+             "encoder.embed.positions.weight": facts.position_table,  # one table serves both sides
+             "decoder.embed.positions.weight": facts.position_table}
     model = Transformer(config).eval()
-    flat = {"encoder.embed.positions.weight": _flat, "decoder.embed.positions.weight": _flat}
-    if config.position == "learned":  # one table serves both sides here; ours has one per side
-        theirs[facts.position_table + "#decoder"] = theirs[facts.position_table]
-        table_["decoder.embed.positions.weight"] = facts.position_table + "#decoder"
-    place(model, table_, theirs, reshape=flat)
+    place(model, table, theirs, reshape={"encoder.embed.positions.weight": _flat,
+                                         "decoder.embed.positions.weight": _flat})
     say("checking against torch.nn.Transformer")
-    diff = _compare(_ours(model), _torch_reference(model.config, facts, dict(model.state_dict()), theirs), config,
-                    "the nn.Transformer model")
+    diff = _compare(model, _torch_reference(config, facts, theirs), "the nn.Transformer model")
     say(f"max |logit difference| to nn.Transformer: {diff:.2e}")
-    return _write(model, out, None, {}, force)
+    return save_checkpoint(model, Path(out), force=force)
 
 
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def _torch_reference(config: TransformerConfig, facts: TorchFacts, ours: dict[str, Tensor],
+def _torch_reference(config: TransformerConfig, facts: TorchFacts,
                      theirs: dict[str, Tensor]) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """The tutorial's forward pass on a real nn.Transformer loaded with the original tensors, to check ours by.
 

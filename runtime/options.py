@@ -54,6 +54,9 @@ class GenerationConfig:
         if problems:
             raise ValueError("invalid generation settings: " + "; ".join(problems))
 
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON holds it (the form from_dict reads)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenerationConfig:

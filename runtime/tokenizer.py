@@ -71,9 +71,6 @@ class CharTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.target.decode(ids)
 
-    def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        return [self.target.decode(i) for i in ids]
-
     def to_dict(self) -> dict[str, object]:
         return {"kind": "char", "specials": list(SPECIALS), "source": self.source.chars,
                 "target": self.target.chars}
@@ -82,14 +79,10 @@ class CharTokenizer:
         (Path(folder) / TOKENIZER_FILE).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n")
 
     @classmethod
-    def load(cls, folder: Path) -> CharTokenizer:
-        path = Path(folder) / TOKENIZER_FILE
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read the tokenizer ({e})") from None
-        if d.get("kind") != "char" or d.get("specials") != list(SPECIALS):
-            raise ValueError(f"{path}: unsupported tokenizer kind {d.get('kind')!r}; this version reads 'char'")
+    def from_dict(cls, folder: Path, d: dict[str, Any]) -> CharTokenizer:
+        if d.get("specials") != list(SPECIALS):
+            raise ValueError(f"{Path(folder) / TOKENIZER_FILE}: special tokens {d.get('specials')} are not "
+                             f"{list(SPECIALS)}")
         return cls(CharVocab(d["source"]), CharVocab(d["target"]))
 
 
@@ -155,7 +148,8 @@ class MarianTokenizer:
 
     def save(self, folder: Path) -> None:
         folder = Path(folder)
-        for name in MARIAN_FILES.values():
+        for key in ("source_spm", "target_spm"):
+            name = MARIAN_FILES[key]
             if (self.folder / name).resolve() != (folder / name).resolve():
                 shutil.copyfile(self.folder / name, folder / name)
         (folder / MARIAN_FILES["vocab"]).write_text(json.dumps(self.vocab, ensure_ascii=False, indent=1) + "\n")
@@ -171,16 +165,11 @@ class MarianTokenizer:
         return cls(folder, vocab, eos=d["eos"], unk=d["unk"], pad=d["pad"], decode_with=d["decode_with"])
 
 
-def tokenizer_files(folder: Path) -> tuple[str, ...]:
-    """The files of the tokenizer in `folder` (none without tokenizer.json), read without loading it."""
-    path = Path(folder) / TOKENIZER_FILE
-    if not path.is_file():
-        return ()
-    return MarianTokenizer.files if json.loads(path.read_text()).get("kind") == "marian" else CharTokenizer.files
+KINDS: dict[str, type[CharTokenizer] | type[MarianTokenizer]] = {"char": CharTokenizer, "marian": MarianTokenizer}
 
 
-def load_tokenizer(folder: Path) -> Tokenizer | None:
-    """The tokenizer a checkpoint or bundle folder carries, or None when it has no tokenizer.json."""
+def _described(folder: Path) -> tuple[type[CharTokenizer] | type[MarianTokenizer], dict[str, Any]] | None:
+    """The tokenizer kind in `folder` and its tokenizer.json, or None without one."""
     path = Path(folder) / TOKENIZER_FILE
     if not path.is_file():
         return None
@@ -188,6 +177,19 @@ def load_tokenizer(folder: Path) -> Tokenizer | None:
         d = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read the tokenizer ({e})") from None
-    if d.get("kind") == "marian":
-        return MarianTokenizer.from_dict(Path(folder), d)
-    return CharTokenizer.load(folder)
+    if d.get("kind") not in KINDS:
+        raise ValueError(f"{path}: unsupported tokenizer kind {d.get('kind')!r}; this version reads "
+                         f"{', '.join(KINDS)}")
+    return KINDS[d["kind"]], d
+
+
+def tokenizer_files(folder: Path) -> tuple[str, ...]:
+    """The files of the tokenizer in `folder` (none without tokenizer.json), read without loading it."""
+    described = _described(folder)
+    return described[0].files if described else ()
+
+
+def load_tokenizer(folder: Path) -> Tokenizer | None:
+    """The tokenizer a checkpoint or bundle folder carries, or None when it has no tokenizer.json."""
+    described = _described(folder)
+    return described[0].from_dict(Path(folder), described[1]) if described else None

@@ -65,13 +65,18 @@ def test_quantized_bundles_stay_accurate_and_shrink(demo_variants, variant: str,
     assert expected in ops
 
 
-def test_optimize_then_quantize_and_quantize_then_optimize(demo_variants, tmp_path: Path) -> None:
+def test_optimize_then_quantize_and_quantize_then_optimize(demo_variants, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "work"  # onnxruntime's shape inference dumps files into the working directory on failure
+    work.mkdir()
+    monkeypatch.chdir(work)
     report = quantize(demo_variants["fp32-optimized"], tmp_path / "opt-int8", to="int8")
     assert report.variant == "int8" and not report.misses
     report = optimize(demo_variants["int8"], tmp_path / "int8-opt")
     assert report.variant == "int8" and report.figures["against"] == "int8 bundle"
     steps = [(t["step"], t["variant"]) for t in Manifest.load(tmp_path / "int8-opt").transforms]
     assert steps == [("quantize", "int8"), ("optimize", "int8")]
+    assert list(work.iterdir()) == []
 
 
 def test_quantizing_a_quantized_bundle_is_refused(demo_variants, tmp_path: Path) -> None:
