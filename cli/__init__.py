@@ -243,13 +243,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_parity(args: argparse.Namespace) -> None:
     _need_export_extra()
-    from edgeformer.export.compare import compare_runtime
+    from edgeformer.export.compare import compare_runtime, report_rows
 
     report = compare_runtime(Path(args.bundle), args.checkpoint, n=args.n)
     if args.json:
         print(json.dumps(report))
         return
-    print(table(["check", "result"], [[k, v if isinstance(v, str) else f"{v:.4g}"] for k, v in report.items()]))
+    print(table(["check", "result"], report_rows(report)))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -30,9 +30,9 @@ def compare_runtime(bundle: Path, checkpoint: Path | str | None = None, n: int =
         same = sum(a[0].tokens == b[0].tokens for a, b in zip(ours, ref, strict=True))
         report[f"{name} identical to PyTorch"] = same / n
         if name == "greedy":
-            report["exact match (runtime)"] = sum(tokenizer.target.decode(h[0].tokens) == t
+            report["exact match (runtime)"] = sum(tokenizer.decode(h[0].tokens) == t
                                                   for h, (_, t) in zip(ours, pairs, strict=True)) / n
-            report["exact match (PyTorch)"] = sum(tokenizer.target.decode(h[0].tokens) == t
+            report["exact match (PyTorch)"] = sum(tokenizer.decode(h[0].tokens) == t
                                                   for h, (_, t) in zip(ref, pairs, strict=True)) / n
     worst = 0.0
     with torch.no_grad():
@@ -42,3 +42,13 @@ def compare_runtime(bundle: Path, checkpoint: Path | str | None = None, n: int =
             worst = max(worst, r["decoder"])
     report["max |logit diff| per step"] = worst
     return report
+
+
+def report_rows(report: dict[str, float | str]) -> list[list[str]]:
+    """The report as a person reads it: shares as percentages, the logit difference in scientific notation."""
+    def show(key: str, value: float | str) -> str:
+        if isinstance(value, str) or key == "inputs":
+            return str(value)
+        return f"{value:.2%}" if "identical" in key or "exact match" in key else f"{value:.2e}"
+
+    return [[k, show(k, v)] for k, v in report.items()]

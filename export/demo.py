@@ -11,7 +11,7 @@ import torch
 
 from edgeformer.cli.table import table
 from edgeformer.export.bench import compare_latency
-from edgeformer.export.compare import compare_runtime
+from edgeformer.export.compare import compare_runtime, report_rows
 from edgeformer.export.onnx_export import export
 from edgeformer.export.variants import optimize, quantize
 from edgeformer.model.checkpoint import default_checkpoint, load_checkpoint
@@ -37,7 +37,7 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
 
         print("3. parity of the runtime (numpy + onnxruntime) with PyTorch on 200 held-out inputs")
         report = compare_runtime(bundle, threads=threads)
-        print(table(["check", "result"], [[k, v if isinstance(v, str) else f"{v:.4g}"] for k, v in report.items()]))
+        print(table(["check", "result"], report_rows(report)))
         print()
 
         print("4. faster variants, each checked against the fp32 bundle before it is written")
