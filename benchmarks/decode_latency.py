@@ -24,7 +24,7 @@ import torch
 from edgeformer.cli.table import table
 from edgeformer.export.bench import compare_latency
 from edgeformer.export.onnx_export import export, producer_versions
-from edgeformer.export.variants import optimize, quantize
+from edgeformer.export.variants import build_variants
 from edgeformer.model.checkpoint import load_checkpoint, save_checkpoint
 from edgeformer.model.config import BASE_SIZE, TransformerConfig
 from edgeformer.model.generate import TorchSteps, pad_batch
@@ -56,18 +56,13 @@ def main() -> None:
         result = export(checkpoint, Path(tmp) / "bundle")
         print(f"export: {time.perf_counter() - start:.1f} s, bundle {result.bundle_bytes / 1e6:.1f} MB, "
               f"max |logit diff| {result.parity['max_abs_diff']['decoder']:.2e}")
-        bundles = {"fp32": Path(tmp) / "bundle"}
-        for variant in args.variants.split(","):
-            if variant == "fp32":
-                continue
-            start = time.perf_counter()
-            path = Path(tmp) / variant
-            report = (optimize(bundles["fp32"], path) if variant == "fp32-optimized"
-                      else quantize(bundles["fp32"], path, to=variant))
+        bundles: dict[str, Path] = {}
+        for variant, (path, report) in build_variants(Path(tmp) / "bundle", tmp, args.variants.split(",")).items():
             bundles[variant] = path
-            print(f"{variant}: {time.perf_counter() - start:.1f} s, {report.bundle_bytes / 1e6:.1f} MB "
-                  f"({report.bundle_bytes / report.source_bytes:.0%} of fp32), greedy agreement with fp32 "
-                  f"{report.figures['greedy_token_agreement']:.2%}")
+            if report is not None:
+                print(f"{variant}: {report.seconds:.1f} s, {report.bundle_bytes / 1e6:.1f} MB "
+                      f"({report.bundle_bytes / report.source_bytes:.0%} of its source), greedy agreement "
+                      f"{report.figures['greedy_token_agreement']:.2%}")
         src = np.random.default_rng(0).integers(4, model.config.src_vocab_size, args.src_len).tolist()
         ids, mask = pad_batch([src], model.config.pad_id)
         systems = {"pytorch-eager-kv": lambda: TorchSteps(model, ids, mask, 1)}
@@ -75,7 +70,7 @@ def main() -> None:
         starts = {"pytorch-eager-kv": 0.0}
         for variant, path in bundles.items():
             start = time.perf_counter()
-            rt = Runtime(path, threads=args.threads, spin=False)  # see README: Benchmarks, on spinning
+            rt = Runtime(path, threads=args.threads)
             starts[f"runtime-{variant}"] = time.perf_counter() - start
             print(f"{variant}: session start {starts[f'runtime-{variant}']:.2f} s")
             systems[f"runtime-{variant}"] = partial(rt.step_model, ids.numpy(), mask.numpy(), 1)

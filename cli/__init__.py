@@ -273,7 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     base = Point(args.base_batch, args.base_src_len, args.base_new_tokens, args.base_threads)
     records = bench(args.checkpoint, variants=args.variants.split(","),
                     providers=args.providers.split(",") if args.providers else None, sweeps=sweeps, base=base,
-                    no_cache_reference=not args.skip_no_cache, max_seconds=args.max_seconds, spin=args.spin,
+                    no_cache_reference=not args.skip_no_cache, max_seconds=args.max_seconds, spin=not args.no_spin,
                     out=Path(args.out) if args.out else None, progress=not args.json,
                     log=(lambda _m: None) if args.json else print)
     if args.json:
@@ -415,9 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-new-tokens", type=int, default=64)
     p.add_argument("--base-threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="the base point only")
-    p.add_argument("--spin", action="store_true",
-                   help="let idle onnxruntime threads spin (its default); off here, since in one process their "
-                        "spinning slows whatever runs next, PyTorch included (see README: Benchmarks)")
+    p.add_argument("--no-spin", action="store_true",
+                   help="onnxruntime's threads block when idle instead of spinning for work during a run")
     p.add_argument("--skip-no-cache", action="store_true", help="leave out PyTorch without its KV cache")
     p.add_argument("--max-seconds", type=float, default=20.0, help="time budget of one point")
     p.add_argument("--out", default=None, help="folder for results.json, results.md, per_token_latency.png")

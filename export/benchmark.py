@@ -27,7 +27,7 @@ from tqdm import tqdm
 from edgeformer.cli.table import table
 from edgeformer.export.bench import compare_latency
 from edgeformer.export.onnx_export import export, producer_versions
-from edgeformer.export.variants import optimize, quantize
+from edgeformer.export.variants import build_variants
 from edgeformer.model.checkpoint import load_checkpoint
 from edgeformer.model.generate import TorchFullSteps, TorchSteps
 from edgeformer.runtime.search import StepModel
@@ -85,7 +85,7 @@ def _rss_mb() -> float:
 def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIANTS,
           providers: Sequence[str] | None = None, sweeps: dict[str, Sequence[int]] | None = None,
           base: Point = Point(), no_cache_reference: bool = True, max_seconds: float = 20.0,
-          repeat_base: bool = True, spin: bool = False,
+          repeat_base: bool = True, spin: bool = True,
           out: Path | None = None, progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
     """Export a checkpoint (the shipped model by default), build its variants, and measure every system at
     every point. Writes results.json, results.md and per_token_latency.png to `out` when given."""
@@ -97,14 +97,8 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIAN
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         log("building the bundles (export, then each variant checked against fp32)")
-        bundles = {"fp32": Path(tmp) / "fp32"}
-        export(checkpoint, bundles["fp32"])
-        for v in variants:
-            if v == "fp32-optimized":
-                optimize(bundles["fp32"], Path(tmp) / v)
-            elif v != "fp32":
-                quantize(bundles["fp32"], Path(tmp) / v, to=v)
-            bundles[v] = Path(tmp) / v if v != "fp32" else bundles["fp32"]
+        export(checkpoint, Path(tmp) / "fp32")
+        bundles = {v: path for v, (path, _) in build_variants(Path(tmp) / "fp32", tmp, variants).items()}
         sizes = {v: sum((p / f).stat().st_size for f in Runtime(p, verify=False).manifest.files)
                  for v, p in bundles.items()}
         runtimes: dict[tuple[str, str, int], tuple[Runtime, float]] = {}

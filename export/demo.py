@@ -13,7 +13,7 @@ from edgeformer.cli.table import table
 from edgeformer.export.bench import compare_latency
 from edgeformer.export.compare import compare_runtime, report_rows
 from edgeformer.export.onnx_export import export
-from edgeformer.export.variants import optimize, quantize
+from edgeformer.export.variants import build_variants
 from edgeformer.model.checkpoint import default_checkpoint, load_checkpoint
 from edgeformer.model.generate import TorchSteps, generate, pad_batch
 from edgeformer.model.tasks import get_task
@@ -40,20 +40,18 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
         print(table(["check", "result"], report_rows(report)))
         print()
 
-        print("4. faster variants, each checked against the fp32 bundle before it is written")
-        paths = {"fp32": bundle}
-        reports = [optimize(bundle, Path(tmp) / "optimized")]
-        paths["fp32-optimized"] = Path(tmp) / "optimized"
-        for to in ("int8", "int4"):
-            reports.append(quantize(bundle, Path(tmp) / to, to=to))
-            paths[to] = Path(tmp) / to
-        print(table(["variant", "size MB", "of fp32", "max |log-prob diff|", "greedy agreement", "exact match"],
-                    [[r.variant, f"{r.bundle_bytes / 1e6:.2f}", f"{r.bundle_bytes / r.source_bytes:.0%}",
+        print("4. faster variants: optimized (fused), then quantized from it; each checked against its source first")
+        built = build_variants(bundle, tmp, ["fp32-optimized", "int8", "int4"])
+        paths = {name: path for name, (path, _) in built.items()}
+        reports = [r for _, r in built.values() if r is not None]
+        print(table(["variant", "size MB", "of fp32", "max |log-prob diff| to source", "greedy agreement",
+                     "exact match"],
+                    [[r.variant, f"{r.bundle_bytes / 1e6:.2f}", f"{r.bundle_bytes / result.bundle_bytes:.0%}",
                       f"{r.figures['max_abs_logprob_diff']:.1e}", f"{r.figures['greedy_token_agreement']:.1%}",
                       f"{r.figures['exact_match']:.1%}"] for r in reports]))
         print()
 
-        runtimes = {name: Runtime(path, threads=threads, spin=False) for name, path in paths.items()}
+        runtimes = {name: Runtime(path, threads=threads) for name, path in paths.items()}
         pairs = get_task("dates").pairs(examples, "test", seed=7)
         src = tokenizer.encode_batch([s for s, _ in pairs])
         ref = generate(model, src)

@@ -9,16 +9,18 @@ graphs have one fixed shape, so we match it here:
 where K and V are the layer's projections (encoder self-attention), the past cache concatenated with them
 (decoder self-attention, whose Concat outputs are the `present.*` outputs), or the cross-attention cache inputs
 (decoder cross-attention). Each match becomes one MultiHeadAttention node: past and present go through its
-past_key/past_value inputs and present_key/present_value outputs; padding masks become its key_padding_mask and
-the causal mask its attention_bias.
+past_key/past_value inputs and present_key/present_value outputs; padding masks become its key_padding_mask, the
+causal mask its `unidirectional` attribute, and the projections' biases its `bias` input. Node count is what a
+decoding step of a small model costs, so every node the kernel can absorb goes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
 
@@ -31,9 +33,20 @@ class _Graph:
         self.producer = {o: n for n in self.model.graph.node for o in n.output}
         self.inputs = {i.name for i in self.model.graph.input}
 
+        self.initializers = {i.name: i for i in self.model.graph.initializer}
+
     def op(self, name: str, op_type: str) -> onnx.NodeProto | None:
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op_type else None
+
+    def unbiased(self, name: str) -> tuple[str, np.ndarray | None]:
+        """(x, b) for a projection `name` = Add(x, b) with b a (D,) initializer; (name, None) otherwise."""
+        add = self.op(name, "Add")
+        if add is not None:
+            for x, b in (add.input, reversed(add.input)):
+                if b in self.initializers and len(self.initializers[b].dims) == 1:
+                    return x, numpy_helper.to_array(self.initializers[b])
+        return name, None
 
 
 def _split_heads_source(g: _Graph, name: str) -> str | None:
@@ -67,6 +80,13 @@ def _padding_mask_input(g: _Graph, bias: str) -> str | None:
     return None
 
 
+def _qkv_bias(model: onnx.ModelProto, name: str, parts: list[np.ndarray | None], width: int) -> str:
+    """One (3 D,) initializer of the q, k and v biases, zeros where a projection has none."""
+    bias = np.concatenate([np.zeros(width, np.float32) if p is None else p.astype(np.float32) for p in parts])
+    model.graph.initializer.append(numpy_helper.from_array(bias, name))
+    return name
+
+
 def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
     """Rewrite every matching attention block in place; returns how many were fused."""
     g = _Graph(model)
@@ -96,19 +116,24 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
         bias = add.input[1]
         inputs: list[str]
         outputs = [reshape_out.output[0]]
+        unidirectional = 0
+        query, q_bias = g.unbiased(query)
         concat_k, concat_v = g.op(k_src, "Concat"), g.op(v_src, "Concat")
         if concat_k is not None and concat_v is not None:  # decoder self-attention with its cache
             new_k = _split_heads_source(g, concat_k.input[1])
             new_v = _split_heads_source(g, concat_v.input[1])
-            if new_k is None or new_v is None:
+            if new_k is None or new_v is None or _padding_mask_input(g, bias) is not None:
                 continue
-            # attention_bias: the causal mask (1, 1, T, P+T), as the graph computes it
-            inputs = [query, new_k, new_v, "", "", bias, concat_k.input[0], concat_v.input[0]]
+            (new_k, k_bias), (new_v, v_bias) = g.unbiased(new_k), g.unbiased(new_v)
+            # the graph's additive bias here is the causal mask alone: the kernel applies it itself, past included
+            unidirectional = 1
+            inputs = [query, new_k, new_v, "", "", "", concat_k.input[0], concat_v.input[0]]
             outputs += [concat_k.output[0], concat_v.output[0]]
         elif k_src in g.inputs and v_src in g.inputs:  # cross-attention on the cached encoder keys and values
             mask = _padding_mask_input(g, bias)
             if mask is None:
                 continue
+            k_bias = v_bias = None  # already in the cache
             inputs = [query, k_src, v_src, "", _mask_int32(model, mask, masks)]
         else:  # encoder self-attention: K^T came from one Transpose of the split heads
             reshape_k = g.op(k_src, "Reshape")
@@ -116,10 +141,15 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
             mask = _padding_mask_input(g, bias)
             if reshape_k is None or new_v is None or mask is None:
                 continue
-            inputs = [query, reshape_k.input[0], new_v, "", _mask_int32(model, mask, masks)]
+            (new_k, k_bias), (new_v, v_bias) = g.unbiased(reshape_k.input[0]), g.unbiased(new_v)
+            inputs = [query, new_k, new_v, "", _mask_int32(model, mask, masks)]
+        biases = [q_bias, k_bias, v_bias]
+        if any(b is not None for b in biases):
+            width = next(b for b in biases if b is not None).shape[0]
+            inputs[3] = _qkv_bias(model, f"/attention_{fused}/qkv_bias", biases, width)
         model.graph.node.append(helper.make_node(
             "MultiHeadAttention", inputs, outputs, name=f"/attention_{fused}/MultiHeadAttention",
-            domain=MS_DOMAIN, num_heads=num_heads))
+            domain=MS_DOMAIN, num_heads=num_heads, unidirectional=unidirectional))
         for node in (reshape_out, t_out, context, softmax, add, mul, scores, k_node):
             model.graph.node.remove(node)
         if len(outputs) == 3 and concat_k is not None and concat_v is not None:

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -208,10 +208,12 @@ def quantize_tied_projection_int8(model: onnx.ModelProto) -> bool:
 GraphTransform = Callable[[Path, str, Manifest], tuple[onnx.ModelProto, dict]]
 
 
-# Providers on which one MultiHeadAttention kernel beats the unfused graph. Not the CPU: measured with
-# onnxruntime 1.32 on 2 cores, fused attention made a decoding step of the demo model 1.6x slower (0.71 against
-# 0.44 ms) and left Transformer-base unchanged (8.40 against 8.48 ms).
-ATTENTION_FUSION_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
+# Providers that run com.microsoft.MultiHeadAttention (others would hand it back to the CPU). On the CPU, with
+# onnxruntime 1.32 on 2 cores, it made a decoding step of the shipped model 0.149 against 0.161 ms and
+# Transformer-base 5.37 against 5.69 ms. (An earlier measurement that found it slower was taken while idle
+# onnxruntime threads spun; see Runtime.)
+ATTENTION_FUSION_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+                              "ROCMExecutionProvider")
 
 
 def fuse(level: str, provider: str, attention: bool) -> GraphTransform:
@@ -284,8 +286,7 @@ def calibration_feeds(bundle: Path, texts: list[str] | None, size: int, steps: i
         state = rt.step_model(ids, mask, 1)
         tokens = np.full(len(ids), int(rt.config["bos_id"]), dtype=np.int64)
         for _ in range(steps):
-            feed = {"input_ids": tokens[:, None], **state.fixed, **state.past}
-            feeds[DECODER].append({k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in feed.items()})
+            feeds[DECODER].append({"input_ids": tokens[:, None], **state.inputs()})
             tokens = state.log_probs(tokens).argmax(-1)
     return feeds
 
@@ -467,7 +468,7 @@ def optimize(bundle: Path | str, out: Path | str, level: str = "extended", provi
              fuse_attention: bool | None = None, **kwargs: object) -> VariantReport:
     """Transformer fusions, then onnxruntime's offline graph optimization for a provider, saved.
 
-    fuse_attention: None fuses attention into MultiHeadAttention where that is faster (GPU providers)."""
+    fuse_attention: None fuses attention into MultiHeadAttention for the providers that run it."""
     if level not in OPTIMIZATION_LEVELS or level == "disable":
         raise ValueError(f"unknown optimization level {level!r}; choose basic, extended or all")
     from edgeformer.runtime.session import PROVIDERS
@@ -503,3 +504,23 @@ def quantize(bundle: Path | str, out: Path | str, to: str, preset: str = "avx2",
     else:
         raise ValueError(f"unknown quantization {to!r}; choose one of {', '.join(QUANTIZE_TARGETS)}")
     return derive(bundle, out, to, transform, {"step": "quantize", **settings, "keep": keep}, **kwargs)  # type: ignore[arg-type]
+
+
+def build_variants(fp32: Path | str, folder: Path | str, variants: Sequence[str],
+                   log: Callable[[str], None] | None = None) -> dict[str, tuple[Path, VariantReport | None]]:
+    """The bundles of `variants` from an exported fp32 bundle, chained as a CPU deployment would chain them:
+    fusions first, then int8 or int4 quantization of the optimized bundle, so that they keep the fused attention
+    (fp16, a GPU variant, is made from fp32). Returns {variant: (path, report)}; fp32 has no report."""
+    unknown = set(variants) - {"fp32", "fp32-optimized", *QUANTIZE_TARGETS}
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from fp32, fp32-optimized, "
+                         f"{', '.join(QUANTIZE_TARGETS)}")
+    built: dict[str, tuple[Path, VariantReport | None]] = {"fp32": (Path(fp32), None)}
+    if {"fp32-optimized", "int8", "int4"} & set(variants):
+        path = Path(folder) / "fp32-optimized"
+        built["fp32-optimized"] = (path, optimize(fp32, path, log=log))
+    for v in (v for v in variants if v in QUANTIZE_TARGETS):
+        source = built["fp32" if v == "fp16" else "fp32-optimized"][0]
+        path = Path(folder) / v
+        built[v] = (path, quantize(source, path, to=v, log=log))
+    return {v: built[v] for v in ("fp32", *variants) if v in built}

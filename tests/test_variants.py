@@ -7,16 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+import torch
 
 from edgeformer.export import variants
-from edgeformer.export.parity import ParityError
+from edgeformer.export.parity import ParityError, cpu_session
 from edgeformer.export.variants import Target, optimize, quantize, resolve_keep
 from edgeformer.model.generate import generate
 from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.session import Runtime
+from edgeformer.runtime.spec import past_for
 from tests.test_runtime import random_sources
 
 
@@ -159,10 +162,39 @@ def test_attention_fuses_into_multihead_attention_and_stays_exact(exported, demo
     assert [h[0].tokens for h in rt.generate(src, gen)] == [h[0].tokens for h in generate(model, src, gen)]
 
 
-def test_attention_is_not_fused_on_cpu_by_default(demo_variants) -> None:
+def test_attention_is_fused_on_cpu_by_default(demo_variants) -> None:
     settings = Manifest.load(demo_variants["fp32-optimized"]).transforms[-1]
-    assert settings["fuse_attention"] is False
-    assert "MultiHeadAttention" not in settings["graphs"]["decoder"]["fused_operators"]
+    assert settings["fuse_attention"] is True
+    assert settings["graphs"]["decoder"]["fused_operators"]["MultiHeadAttention"] == 4
+    ops = settings["graphs"]["decoder"]["operators"]
+    # the causal mask and the q, k, v biases went into the kernel: no Softmax, no Greater, 4 Adds left (the
+    # embedding's positions, and the feed-forward's first bias of each layer, the rest in SkipLayerNormalization)
+    assert "Softmax" not in ops and "Greater" not in ops and ops.get("Add", 0) <= 4
+
+
+@pytest.mark.parametrize("name", ["post-sinusoidal", "pre-learned-gelu"])
+def test_fused_attention_keeps_the_causal_mask_over_a_past(exported, name: str, tmp_path: Path) -> None:
+    """A prefix fed in two chunks (3 tokens, then 2 more over that past) gives PyTorch's logits for all 5."""
+    model, bundle = exported(name)
+    optimize(bundle, tmp_path / "mha", fuse_attention=True)
+    m = Manifest.load(tmp_path / "mha")
+    enc, dec = cpu_session(tmp_path / "mha" / "encoder.onnx"), cpu_session(tmp_path / "mha" / "decoder.onnx")
+    src = torch.randint(4, 37, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    tgt = torch.randint(4, 29, (2, 5))
+    cross = dict(zip(m.graphs["encoder"].output_names, enc.run(None, {"input_ids": src.numpy(),
+                                                                     "attention_mask": mask.numpy()}), strict=True))
+    past = {t.name: np.zeros((2, 4, 0, 8), np.float32) for t in m.graphs["decoder"].inputs if ".decoder." in t.name}
+    logits = []
+    for chunk in (tgt[:, :3], tgt[:, 3:]):
+        feed = {"input_ids": chunk.numpy(), "encoder_attention_mask": mask.numpy(), **past,
+                **{past_for(n): v for n, v in cross.items()}}
+        out = dict(zip(m.graphs["decoder"].output_names, dec.run(None, feed), strict=True))
+        logits.append(out.pop("logits"))
+        past = {past_for(n): v for n, v in out.items()}
+    with torch.no_grad():
+        want = model(src, tgt, mask).numpy()
+    assert np.abs(np.concatenate(logits, axis=1) - want).max() < 1e-4
 
 
 def test_optimizing_for_a_missing_provider_is_refused(demo_variants, tmp_path: Path) -> None:
