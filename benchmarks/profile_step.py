@@ -1,6 +1,6 @@
 """Where the time of a decoding step goes: onnxruntime's profiler by operator, and Python's around the calls.
 
-    .venv/bin/python benchmarks/profile_step.py [--size base|demo]
+    .venv/bin/python benchmarks/profile_step.py [--size base|demo] [--optimized]
 
 Decodes 64 tokens at batch 1 from a 32-token source with 2 threads; prints the share of decoder time per
 operator type (onnxruntime's profile), and the share of each step spent outside onnxruntime (cProfile).
@@ -22,6 +22,7 @@ import torch
 
 from edgeformer.cli.table import table
 from edgeformer.export.onnx_export import export
+from edgeformer.export.variants import optimize
 from edgeformer.model.checkpoint import save_checkpoint
 from edgeformer.model.config import BASE_SIZE, TransformerConfig
 from edgeformer.model.transformer import Transformer
@@ -40,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["base", "demo"], default="base")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--optimized", action="store_true", help="profile the optimized bundle (fused attention)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -47,8 +49,12 @@ def main() -> None:
             torch.manual_seed(0)
             save_checkpoint(Transformer(TransformerConfig(**BASE_SIZE)), Path(tmp) / "ck")
             checkpoint = Path(tmp) / "ck"
-        export(checkpoint, Path(tmp) / "bundle")
-        rt = Runtime(Path(tmp) / "bundle", threads=args.threads)
+        export(checkpoint, Path(tmp) / "fp32")
+        bundle = Path(tmp) / "fp32"
+        if args.optimized:
+            optimize(bundle, Path(tmp) / "optimized")
+            bundle = Path(tmp) / "optimized"
+        rt = Runtime(bundle, threads=args.threads)
         decode(rt, 8, 32)  # warm-up
 
         profiler = cProfile.Profile()
@@ -57,7 +63,7 @@ def main() -> None:
         profiler.disable()
         stats = pstats.Stats(profiler)
         total = stats.total_tt  # type: ignore[attr-defined]
-        in_ort = sum(v[3] for k, v in stats.stats.items() if k[2] in ("run_with_iobinding",))  # type: ignore[attr-defined]
+        in_ort = sum(v[3] for k, v in stats.stats.items() if "run_with_iobinding" in k[2])  # type: ignore[attr-defined]
         print(f"Python profile of 64 steps: {total * 1e3 / 64:.3f} ms a step, of which onnxruntime "
               f"{in_ort / total:.1%}; the rest is Python and numpy around the calls")
         top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:8]  # type: ignore[attr-defined]
@@ -68,7 +74,7 @@ def main() -> None:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
         options.intra_op_num_threads = args.threads
-        rt.sessions["decoder"] = ort.InferenceSession(str(Path(tmp) / "bundle" / "decoder.onnx"), options,
+        rt.sessions["decoder"] = ort.InferenceSession(str(bundle / "decoder.onnx"), options,
                                                       providers=["CPUExecutionProvider"])
         decode(rt, 64, 32)
         trace = json.loads(Path(rt.sessions["decoder"].end_profiling()).read_text())

@@ -44,13 +44,23 @@ def time_decode(make_steps: Callable[[], StepModel], new_tokens: int, bos_id: in
 
 
 def compare_latency(systems: dict[str, Callable[[], StepModel]], new_tokens: int, bos_id: int, batch: int = 1,
-                    warmup: int = 1, min_runs: int = 3, max_runs: int = 30, max_seconds: float = 60.0,
-                    tolerance: float = 0.02) -> dict[str, Latency]:
+                    warmup: int = 1, min_runs: int = 10, max_runs: int = 30, max_seconds: float = 60.0,
+                    tolerance: float = 0.02, warmup_s: float = 1.0, pause_s: float = 0.02) -> dict[str, Latency]:
     """Interleaved runs until every system's per-token median moves less than `tolerance` from one run to the
-    next (after min_runs), or the time budget is spent; warm-up runs are discarded."""
-    for _ in range(warmup):
+    next (after min_runs), or the time budget is spent.
+
+    Warm-up rounds (`warmup`, and more until `warmup_s` has passed) are discarded: after a single one, the first
+    point of a benchmark ran 10-50% slower than its repeat at the end. At least 10 runs: at the shipped model's
+    size a run takes 10 ms, and with 3 or 4 runs one slow run moved a median by up to 75%. A pause of `pause_s`
+    before each run: PyTorch's OpenMP threads spin a while after its last parallel region, and the system that ran
+    right after PyTorch (recomputing the prefix) met 4 ms stalls (one scheduler tick) in most of its runs, in four
+    benchmarks out of four on 2 cores; with the pause, none."""
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < warmup or time.perf_counter() - start < warmup_s:
         for make in systems.values():
             time_decode(make, new_tokens, bos_id, batch)
+        rounds += 1
     enc: dict[str, list[float]] = {name: [] for name in systems}
     per_run: dict[str, list[float]] = {name: [] for name in systems}
     steps: dict[str, list[float]] = {name: [] for name in systems}
@@ -58,6 +68,7 @@ def compare_latency(systems: dict[str, Callable[[], StepModel]], new_tokens: int
     previous: dict[str, float] = {}
     for run in range(max_runs):
         for name, make in systems.items():
+            time.sleep(pause_s)
             e, s = time_decode(make, new_tokens, bos_id, batch)
             enc[name].append(e)
             per_run[name].append(sum(s) / len(s))

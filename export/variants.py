@@ -209,9 +209,9 @@ GraphTransform = Callable[[Path, str, Manifest], tuple[onnx.ModelProto, dict]]
 
 
 # Providers that run com.microsoft.MultiHeadAttention (others would hand it back to the CPU). On the CPU, with
-# onnxruntime 1.32 on 2 cores, it made a decoding step of the shipped model 0.149 against 0.161 ms and
-# Transformer-base 5.37 against 5.69 ms. (An earlier measurement that found it slower was taken while idle
-# onnxruntime threads spun; see Runtime.)
+# onnxruntime 1.32 on 2 cores, fused attention made a decoding step of the shipped model 0.135 against 0.176 ms,
+# and of Transformer-base 5.34 against 5.73 ms (README: Benchmarks). An earlier measurement that found it slower
+# was taken while idle onnxruntime threads spun (see Runtime).
 ATTENTION_FUSION_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
                               "ROCMExecutionProvider")
 

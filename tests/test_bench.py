@@ -36,7 +36,8 @@ def test_latency_comparison_reports_every_system_with_percentiles() -> None:
     model = tiny_model()
     ids, mask = pad_batch([[5, 6, 7]], 0)
     lat = compare_latency({"a": lambda: TorchSteps(model, ids, mask, 1),
-                           "b": lambda: TorchFullSteps(model, ids, mask, 1)}, 4, 1, min_runs=2, max_runs=3)
+                           "b": lambda: TorchFullSteps(model, ids, mask, 1)}, 4, 1, min_runs=2, max_runs=3,
+                          warmup_s=0, pause_s=0)
     for v in lat.values():
         assert 2 <= v.runs <= 3 and 0 < v.per_token_ms <= v.per_token_p99_ms
         assert v.end_to_end_ms >= v.encoder_ms

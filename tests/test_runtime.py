@@ -107,6 +107,17 @@ def test_runtime_reports_the_provider_that_runs_and_falls_back_in_order(exported
         Runtime(bundle, providers=["tpu"])
 
 
+@pytest.mark.parametrize("spin", [True, False])
+def test_threads_never_spin_after_a_run_returns(exported, spin: bool) -> None:
+    """Left spinning, the encoder session's idle threads took the cores the decoder's steps needed."""
+    _, bundle = exported("post-sinusoidal")
+    rt = Runtime(bundle, threads=2, spin=spin)
+    for session in rt.sessions.values():
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+
+
 @pytest.mark.parametrize(("src", "gen", "message"), [
     ([[5, 99]], GREEDY, r"input 0 has token ids \[99\] outside the source vocabulary \[0, 37\)"),
     ([[5, -1]], GREEDY, "outside the source vocabulary"),
