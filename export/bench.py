@@ -54,7 +54,7 @@ def compare_latency(systems: dict[str, Callable[[], StepModel]], new_tokens: int
     size a run takes 10 ms, and with 3 or 4 runs one slow run moved a median by up to 75%. A pause of `pause_s`
     before each run: PyTorch's OpenMP threads spin a while after its last parallel region, and the system that ran
     right after PyTorch (recomputing the prefix) met 4 ms stalls (one scheduler tick) in most of its runs, in four
-    benchmarks out of four on 2 cores; with the pause, none."""
+    benchmarks out of four on 2 cores; in the two benchmarks run with the pause, it met none."""
     start = time.perf_counter()
     rounds = 0
     while rounds < warmup or time.perf_counter() - start < warmup_s:

@@ -96,7 +96,7 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIAN
     points = sweep_points(SWEEPS if sweeps is None else sweeps, base, repeat_base)
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        log("building the bundles (export, then each variant checked against fp32)")
+        log("building the bundles (export, optimize, quantize the optimized bundle; each checked against its source)")
         export(checkpoint, Path(tmp) / "fp32")
         bundles = {v: path for v, (path, _) in build_variants(Path(tmp) / "fp32", tmp, variants).items()}
         sizes = {v: sum((p / f).stat().st_size for f in Runtime(p, verify=False).manifest.files)

@@ -32,7 +32,6 @@ class _Graph:
     def __post_init__(self) -> None:
         self.producer = {o: n for n in self.model.graph.node for o in n.output}
         self.inputs = {i.name for i in self.model.graph.input}
-
         self.initializers = {i.name: i for i in self.model.graph.initializer}
 
     def op(self, name: str, op_type: str) -> onnx.NodeProto | None:
@@ -80,8 +79,9 @@ def _padding_mask_input(g: _Graph, bias: str) -> str | None:
     return None
 
 
-def _qkv_bias(model: onnx.ModelProto, name: str, parts: list[np.ndarray | None], width: int) -> str:
+def _qkv_bias(model: onnx.ModelProto, name: str, parts: list[np.ndarray | None]) -> str:
     """One (3 D,) initializer of the q, k and v biases, zeros where a projection has none."""
+    width = next(p.shape[0] for p in parts if p is not None)
     bias = np.concatenate([np.zeros(width, np.float32) if p is None else p.astype(np.float32) for p in parts])
     model.graph.initializer.append(numpy_helper.from_array(bias, name))
     return name
@@ -145,8 +145,7 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
             inputs = [query, new_k, new_v, "", _mask_int32(model, mask, masks)]
         biases = [q_bias, k_bias, v_bias]
         if any(b is not None for b in biases):
-            width = next(b for b in biases if b is not None).shape[0]
-            inputs[3] = _qkv_bias(model, f"/attention_{fused}/qkv_bias", biases, width)
+            inputs[3] = _qkv_bias(model, f"/attention_{fused}/qkv_bias", biases)
         model.graph.node.append(helper.make_node(
             "MultiHeadAttention", inputs, outputs, name=f"/attention_{fused}/MultiHeadAttention",
             domain=MS_DOMAIN, num_heads=num_heads, unidirectional=unidirectional))
