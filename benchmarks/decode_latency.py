@@ -4,26 +4,26 @@
     .venv/bin/python benchmarks/decode_latency.py --size demo     # the shipped model
 
 Batch 1, 32 source tokens, 64 new tokens forced (EOS ignored), 2 threads for both systems; runs interleaved
-pair by pair; medians. Writes one JSON record per system to benchmarks/results/.
+in rounds; ratios are medians of the ratios within rounds, with their 95% interval. Writes one JSON record per
+system to benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from edgeformer.cli.table import table
 from edgeformer.export.bench import compare_latency
-from edgeformer.export.onnx_export import export, producer_versions
+from edgeformer.export.benchmark import machine
+from edgeformer.export.onnx_export import export
 from edgeformer.export.variants import build_variants
 from edgeformer.model.checkpoint import load_checkpoint, save_checkpoint
 from edgeformer.model.config import BASE_SIZE, TransformerConfig
@@ -75,20 +75,21 @@ def main() -> None:
             print(f"{variant}: session start {starts[f'runtime-{variant}']:.2f} s")
             systems[f"runtime-{variant}"] = partial(rt.step_model, ids.numpy(), mask.numpy(), 1)
             sizes[f"runtime-{variant}"] = sum((path / f).stat().st_size for f in rt.manifest.files)
-        lat = compare_latency(systems, args.new_tokens, model.config.bos_id, max_seconds=300)
-    base = lat["pytorch-eager-kv"].per_token_ms
+        lat = compare_latency(systems, args.new_tokens, model.config.bos_id, reference="pytorch-eager-kv",
+                              max_seconds=300)
+    described = machine()
     records = [{"model": args.size, "system": name, "provider": "CPUExecutionProvider" if name != "pytorch-eager-kv"
                 else "torch-cpu", "batch": 1, "src_len": args.src_len, "new_tokens": args.new_tokens,
                 "threads": args.threads, "session_start_s": starts[name], "encoder_ms": v.encoder_ms,
                 "per_token_ms": v.per_token_ms, "per_token_ms_p50": v.per_token_p50_ms,
                 "per_token_ms_p90": v.per_token_p90_ms, "tokens_per_second": 1e3 / v.per_token_ms, "runs": v.runs,
-                "speedup_vs_pytorch_kv": base / v.per_token_ms, "bundle_bytes": sizes[name],
-                "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                            "onnxruntime": ort.__version__, **producer_versions()}}
-               for name, v in lat.items()]
-    print(table(["system", "encoder ms", "ms/token", "step p90", "runs", "speed-up per token", "size MB"],
+                "speedup_vs_pytorch_kv": v.speedup,
+                "speedup_ci95": [v.speedup_low, v.speedup_high], "bundle_bytes": sizes[name],
+                "machine": described} for name, v in lat.items()]
+    print(table(["system", "encoder ms", "ms/token", "step p90", "runs", "speed-up per token (95% CI)", "size MB"],
                 [[r["system"], f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_ms_p90']:.3f}",
-                  r["runs"], f"{r['speedup_vs_pytorch_kv']:.2f}x", f"{r['bundle_bytes'] / 1e6:.1f}"]
+                  r["runs"], "{:.2f}x ({:.2f}-{:.2f})".format(r["speedup_vs_pytorch_kv"], *r["speedup_ci95"]),
+                  f"{r['bundle_bytes'] / 1e6:.1f}"]
                  for r in records]))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"decode_latency_{args.size}.json"

@@ -271,9 +271,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
                                     "new_tokens": _ints(args.new_tokens), "threads": _ints(args.threads)}
     sweeps = {k: v for k, v in sweeps.items() if v}
     base = Point(args.base_batch, args.base_src_len, args.base_new_tokens, args.base_threads)
-    records = bench(args.checkpoint, variants=args.variants.split(","),
+    records = bench(args.checkpoint, variants=args.variants.split(",") if args.variants else None,
                     providers=args.providers.split(",") if args.providers else None, sweeps=sweeps, base=base,
                     no_cache_reference=not args.skip_no_cache, max_seconds=args.max_seconds, spin=not args.no_spin,
+                    memory=not args.no_memory,
                     out=Path(args.out) if args.out else None, progress=not args.json,
                     log=(lambda _m: None) if args.json else print)
     if args.json:
@@ -404,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("bench", help="latency and throughput across variants, providers, sizes, vs PyTorch")
     p.add_argument("checkpoint", nargs="?", default=None, help="default: the shipped model")
-    p.add_argument("--variants", default="fp32,fp32-optimized,int8,int4")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated; default: fp32,fp32-optimized,int8,int4, and fp16 with a GPU provider")
     p.add_argument("--providers", default=None, help="comma-separated; default: every one onnxruntime has")
     p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--src-lens", default="8,32,128,512")
@@ -418,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-spin", action="store_true",
                    help="onnxruntime's threads block when idle instead of spinning for work during a run")
     p.add_argument("--skip-no-cache", action="store_true", help="leave out PyTorch without its KV cache")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip peak memory (measured per configuration in a child process of its own)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="time budget of one point")
     p.add_argument("--out", default=None, help="folder for results.json, results.md, per_token_latency.png")
     p.add_argument("--json", action="store_true")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from edgeformer.cli.table import table
 from edgeformer.export.bench import compare_latency
+from edgeformer.export.memory import measure
 from edgeformer.export.onnx_export import export, producer_versions
 from edgeformer.export.variants import build_variants
 from edgeformer.model.checkpoint import load_checkpoint
@@ -34,6 +35,7 @@ from edgeformer.runtime.search import StepModel
 from edgeformer.runtime.session import PROVIDERS, Runtime
 
 VARIANTS = ("fp32", "fp32-optimized", "int8", "int4")
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider")
 TORCH_KV, TORCH_FULL = "pytorch-eager-kv", "pytorch-eager-no-cache"
 
 
@@ -72,27 +74,30 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "providers": ort.get_available_providers(), **producer_versions()}
 
 
-def _rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+def configurations(variants: Sequence[str] | None, providers: Sequence[str]) -> list[tuple[str, str]]:
+    """(variant, provider) pairs to measure: each variant on each provider, but fp16, a GPU variant, on GPU
+    providers only; by default VARIANTS, and fp16 too where a GPU provider is measured."""
+    gpu = [p for p in providers if p in GPU_PROVIDERS]
+    variants = variants or (*VARIANTS, *(["fp16"] if gpu else []))
+    return [(v, p) for v in variants for p in (gpu if v == "fp16" else providers)]
 
 
-def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIANTS,
+def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None = None,
           providers: Sequence[str] | None = None, sweeps: dict[str, Sequence[int]] | None = None,
           base: Point = Point(), no_cache_reference: bool = True, max_seconds: float = 20.0,
-          repeat_base: bool = True, spin: bool = True,
+          repeat_base: bool = True, spin: bool = True, memory: bool = True,
           out: Path | None = None, progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
     """Export a checkpoint (the shipped model by default), build its variants, and measure every system at
-    every point. Writes results.json, results.md and per_token_latency.png to `out` when given."""
+    every point; with `memory`, each configuration's peak resident memory too, in a process of its own
+    (export/memory.py). Writes results.json, results.md and per_token_latency.png to `out` when given.
+
+    Variants by default: VARIANTS, and fp16 where a GPU provider is measured; fp16 runs on GPU providers only."""
     model, _ = load_checkpoint(checkpoint)
     c = model.config
     # every compute provider onnxruntime has here (AzureExecutionProvider, a remote-call provider, is not one)
     providers = list(providers or [p for p in ort.get_available_providers() if p in PROVIDERS.values()])
+    pairs = configurations(variants, providers)
+    variants = list(dict.fromkeys(v for v, _ in pairs))
     points = sweep_points(SWEEPS if sweeps is None else sweeps, base, repeat_base)
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,6 +107,16 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIAN
         sizes = {v: sum((p / f).stat().st_size for f in Runtime(p, verify=False).manifest.files)
                  for v, p in bundles.items()}
         runtimes: dict[tuple[str, str, int], tuple[Runtime, float]] = {}
+        peaks: dict[str, float] = {}  # one child process per configuration
+
+        def peak_mb(spec: dict[str, Any], p: Point) -> float | None:
+            if not memory:
+                return None
+            spec = {**spec, **asdict(p), "src_vocab_size": c.src_vocab_size, "bos_id": c.bos_id}
+            key = json.dumps(spec, sort_keys=True)
+            if key not in peaks:
+                peaks[key] = measure(spec)["peak_rss_mb"]
+            return peaks[key]
 
         def runtime(variant: str, provider: str, threads: int) -> tuple[Runtime, float]:
             key = (variant, provider, threads)
@@ -122,23 +137,28 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIAN
             systems: dict[str, Callable[[], StepModel]] = {TORCH_KV: partial(TorchSteps, model, t_ids, t_mask, 1)}
             if no_cache_reference:
                 systems[TORCH_FULL] = partial(TorchFullSteps, model, t_ids, t_mask, 1)
-            info: dict[str, dict] = {TORCH_KV: {"variant": "pytorch", "provider": "torch-cpu", "session_start_s": 0.0,
-                                                "bundle_bytes": sizes["fp32"]}}
-            info[TORCH_FULL] = info[TORCH_KV]
-            for v in bundles:
-                for prov in providers:
-                    rt, start_s = runtime(v, prov, p.threads)
-                    name = f"{v} {rt.provider.removesuffix('ExecutionProvider')}"
-                    systems[name] = partial(rt.step_model, ids, mask, 1)
-                    info[name] = {"variant": v, "provider": rt.provider, "session_start_s": start_s,
-                                  "bundle_bytes": sizes[v]}
-            lat = compare_latency(systems, p.new_tokens, c.bos_id, batch=p.batch, max_seconds=max_seconds)
-            reference = lat[TORCH_KV].per_token_ms
+            torch_info = {"variant": "pytorch", "provider": "torch-cpu", "session_start_s": 0.0,
+                          "bundle_bytes": sizes["fp32"]}
+            info: dict[str, dict] = {TORCH_KV: torch_info, TORCH_FULL: torch_info}
+            source = None if checkpoint is None else str(checkpoint)
+            memory_specs: dict[str, dict[str, Any]] = {TORCH_KV: {"system": "torch-kv", "checkpoint": source},
+                                                       TORCH_FULL: {"system": "torch-no-cache", "checkpoint": source}}
+            for v, prov in pairs:
+                rt, start_s = runtime(v, prov, p.threads)
+                name = f"{v} {rt.provider.removesuffix('ExecutionProvider')}"
+                systems[name] = partial(rt.step_model, ids, mask, 1)
+                info[name] = {"variant": v, "provider": rt.provider, "session_start_s": start_s,
+                              "bundle_bytes": sizes[v]}
+                memory_specs[name] = {"system": "onnx", "bundle": str(bundles[v]), "provider": prov}
+            lat = compare_latency(systems, p.new_tokens, c.bos_id, reference=TORCH_KV, batch=p.batch,
+                                  max_seconds=max_seconds)
             for name, v in lat.items():
-                records.append({"system": name, "sweep": axis, **info[name], **asdict(p), **asdict(v),
+                timing = {k: x for k, x in asdict(v).items() if not k.startswith("speedup")}
+                records.append({"system": name, "sweep": axis, **info[name], **asdict(p), **timing,
                                 "tokens_per_second": p.batch * 1e3 / v.per_token_ms,
-                                "speedup_vs_pytorch_kv": reference / v.per_token_ms,
-                                "peak_rss_mb": _rss_mb(),
+                                "speedup_vs_pytorch_kv": v.speedup,
+                                "speedup_ci95": [v.speedup_low, v.speedup_high],
+                                "peak_rss_mb": peak_mb(memory_specs[name], p),
                                 "model": {"d_model": c.d_model, "layers": [c.n_encoder_layers, c.n_decoder_layers],
                                           "vocab": c.tgt_vocab_size}})
     if out is not None:
@@ -146,14 +166,23 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] = VARIAN
     return records
 
 
+def _ratio(r: dict) -> str:
+    low, high = r["speedup_ci95"]
+    return f"{r['speedup_vs_pytorch_kv']:.2f}x ({low:.2f}-{high:.2f})"
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def markdown(records: list[dict]) -> str:
     header = ["system", "sweep", "batch", "src", "new", "threads", "encoder ms", "ms/token", "step p50", "step p90",
-              "step p99", "tokens/s", "vs PyTorch+KV", "start s", "size MB"]
+              "step p99", "tokens/s", "vs PyTorch+KV (95% CI)", "runs", "start s", "size MB", "peak RSS MB"]
     rows = [[r["system"], r["sweep"], r["batch"], r["src_len"], r["new_tokens"], r["threads"],
              f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_p50_ms']:.3f}",
              f"{r['per_token_p90_ms']:.3f}", f"{r['per_token_p99_ms']:.3f}", f"{r['tokens_per_second']:.0f}",
-             f"{r['speedup_vs_pytorch_kv']:.2f}x",
-             f"{r['session_start_s']:.2f}", f"{r['bundle_bytes'] / 1e6:.1f}"] for r in records]
+             _ratio(r), r["runs"], f"{r['session_start_s']:.2f}", f"{r['bundle_bytes'] / 1e6:.1f}",
+             _mb(r["peak_rss_mb"])] for r in records]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -172,7 +201,7 @@ def plot(records: list[dict], path: Path) -> None:
         ax.barh([r["system"] for r in base], [r["per_token_ms"] for r in base])
         ax.set_xlabel("ms per token (median run)")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format="png")
         plt.close(fig)
         return
     fig, axes = plt.subplots(1, len(axes_names), figsize=(4.5 * len(axes_names), 4), squeeze=False)
@@ -188,28 +217,43 @@ def plot(records: list[dict], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def _replace(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file beside `path`, so that a failed write leaves the old file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_results(records: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine(), "records": records}, indent=1) + "\n")
     m = machine()
-    (out / "results.md").write_text(f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags'])}; "
-                                    f"onnxruntime {m.get('onnxruntime')}, torch {m.get('torch')}\n\n"
-                                    + markdown(records))
-    plot(records, out / "per_token_latency.png")
+    _replace(out / "results.json",
+             lambda p: p.write_text(json.dumps({"machine": m, "records": records}, indent=1) + "\n"))
+    _replace(out / "results.md", lambda p: p.write_text(
+        f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags'])}; onnxruntime "
+        f"{m.get('onnxruntime')}, torch {m.get('torch')}\n\n" + markdown(records)))
+    _replace(out / "per_token_latency.png", lambda p: plot(records, p))
 
 
 def summary(records: list[dict]) -> str:
-    """The base point, with how far its repeat measured off (the benchmark's own noise)."""
+    """The base point, with how far its repeat at the end measured off (the benchmark's own noise), both in
+    per-token time and in the ratio to PyTorch."""
     base = [r for r in records if r["sweep"] == "base"]
-    repeat = {r["system"]: r["per_token_ms"] for r in records if r["sweep"] == "base-repeat"}
-    return table(["system", "ms/token", "step p99", "tokens/s", "vs PyTorch+KV", "start s", "size MB",
-                  "repeat differs by"],
+    repeat = {r["system"]: r for r in records if r["sweep"] == "base-repeat"}
+
+    def off(r: dict, key: str) -> str:
+        return f"{abs(repeat[r['system']][key] / r[key] - 1):.1%}" if r["system"] in repeat else "-"
+
+    return table(["system", "ms/token", "step p99", "tokens/s", "vs PyTorch+KV (95% CI)", "start s", "size MB",
+                  "peak RSS MB", "repeat: ms/token", "repeat: ratio"],
                  [[r["system"], f"{r['per_token_ms']:.3f}", f"{r['per_token_p99_ms']:.3f}",
-                   f"{r['tokens_per_second']:.0f}", f"{r['speedup_vs_pytorch_kv']:.2f}x", f"{r['session_start_s']:.2f}",
-                   f"{r['bundle_bytes'] / 1e6:.1f}",
-                   f"{abs(repeat[r['system']] / r['per_token_ms'] - 1):.1%}" if r["system"] in repeat else "-"]
-                  for r in base])
+                   f"{r['tokens_per_second']:.0f}", _ratio(r), f"{r['session_start_s']:.2f}",
+                   f"{r['bundle_bytes'] / 1e6:.1f}", _mb(r["peak_rss_mb"]), off(r, "per_token_ms"),
+                   off(r, "speedup_vs_pytorch_kv")] for r in base])

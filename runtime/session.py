@@ -43,6 +43,24 @@ OPTIMIZATION_LEVELS = {
 }
 
 
+def session_options(optimization: str, threads: int | None, spin: bool, stop_spinning: bool) -> ort.SessionOptions:
+    """Intra-op threads spin for work while a run lasts. The encoder's stop when its run returns: left spinning
+    (onnxruntime's default), they took the cores the decoder's steps needed. The decoder's keep spinning between
+    the steps of a generate call: stopped after each step, a thread that went to sleep had to be woken for the
+    next one, and on a 2-vCPU VM the wake-up of an idle vCPU cost a 4 ms scheduler tick in 53-82% of 16-token
+    runs (median 0.23-0.38 ms a token against 0.136 spinning). They stop on their own a while after the last
+    step (README: Benchmarks). spin=False: threads block whenever idle."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.add_session_config_entry("session.force_spinning_stop", "1" if stop_spinning else "0")
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
 def resolve_providers(requested: Sequence[str]) -> list[str]:
     """Map names (short or onnxruntime's) to the available providers, in the order asked, CPU last as fallback."""
     full_names = set(PROVIDERS.values())
@@ -72,20 +90,10 @@ class Runtime:
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"unknown optimization level {optimization!r}; choose one of "
                              f"{', '.join(OPTIMIZATION_LEVELS)}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-        options.log_severity_level = 3
-        # Intra-op threads spin for work while a run lasts, and stop when it returns: left spinning after it (the
-        # default), the threads of the encoder's session took the cores the decoder's next step needed, and those
-        # of any session the cores of the Python or PyTorch work that ran next (README: Benchmarks).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         self.requested_providers = resolve_providers(providers)
         self.sessions = {
-            name: ort.InferenceSession(str(self.path / self.manifest.graph_files[name]), options,
+            name: ort.InferenceSession(str(self.path / self.manifest.graph_files[name]),
+                                       session_options(optimization, threads, spin, stop_spinning=name == ENCODER),
                                        providers=self.requested_providers)
             for name in (ENCODER, DECODER)
         }

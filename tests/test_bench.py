@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 
-from edgeformer.export.bench import compare_latency
-from edgeformer.export.benchmark import TORCH_FULL, TORCH_KV, Point, bench, sweep_points
+import pytest
+
+from edgeformer.export.bench import compare_latency, known_within, median_ci
+from edgeformer.export.benchmark import TORCH_FULL, TORCH_KV, Point, bench, configurations, sweep_points
+from edgeformer.export.memory import measure
 from edgeformer.model.generate import TorchFullSteps, TorchSteps, pad_batch
+from edgeformer.model.transformer import Transformer
 from tests.conftest import tiny_model
 
 
@@ -17,6 +23,13 @@ def test_sweeps_vary_one_axis_around_the_base_point() -> None:
     assert ("batch", Point(batch=4)) in points and ("new_tokens", Point(new_tokens=16)) in points
     assert len(points) == 3  # batch 1 and 64 new tokens are the base point itself
     assert sweep_points({}, Point(), repeat_base=True) == [("base", Point()), ("base-repeat", Point())]
+
+
+def test_fp16_is_measured_on_gpu_providers_only_and_by_default_where_one_is() -> None:
+    cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
+    assert ("fp16", cuda) in configurations(None, [cpu, cuda])
+    assert not any(v == "fp16" for v, _ in configurations(None, [cpu]))
+    assert configurations(["fp16", "int8"], [cpu, cuda]) == [("fp16", cuda), ("int8", cpu), ("int8", cuda)]
 
 
 def test_decoding_without_cache_gives_the_same_tokens_as_with_it() -> None:
@@ -32,15 +45,46 @@ def test_decoding_without_cache_gives_the_same_tokens_as_with_it() -> None:
         tokens = la.argmax(-1)
 
 
-def test_latency_comparison_reports_every_system_with_percentiles() -> None:
+def test_latency_comparison_reports_every_system_with_percentiles_and_paired_ratios() -> None:
     model = tiny_model()
     ids, mask = pad_batch([[5, 6, 7]], 0)
     lat = compare_latency({"a": lambda: TorchSteps(model, ids, mask, 1),
-                           "b": lambda: TorchFullSteps(model, ids, mask, 1)}, 4, 1, min_runs=2, max_runs=3,
-                          warmup_s=0, pause_s=0)
+                           "b": lambda: TorchFullSteps(model, ids, mask, 1)}, 4, 1, reference="a", min_runs=2,
+                          max_runs=3, warmup_s=0, pause_s=0)
     for v in lat.values():
-        assert 2 <= v.runs <= 3 and 0 < v.per_token_ms <= v.per_token_p99_ms
+        assert 2 <= v.runs <= 3 and len(v.per_run_ms) == v.runs and 0 < v.per_token_ms <= v.per_token_p99_ms
         assert v.end_to_end_ms >= v.encoder_ms
+        assert v.speedup_low <= v.speedup <= v.speedup_high
+    assert lat["a"].speedup == 1.0
+    # the median of the ratios within rounds, not the ratio of the medians
+    ratios = [a / b for a, b in zip(lat["a"].per_run_ms, lat["b"].per_run_ms, strict=True)]
+    assert lat["b"].speedup == pytest.approx(statistics.median(ratios), rel=1e-3)
+
+
+def test_latency_comparison_refuses_a_reference_it_does_not_measure() -> None:
+    with pytest.raises(ValueError, match="reference 'c' is not one of the systems"):
+        compare_latency({"a": lambda: TorchSteps(tiny_model(), *pad_batch([[5]], 0), 1)}, 2, 1, reference="c")
+
+
+def test_median_interval_comes_from_order_statistics_and_narrows_with_more_runs() -> None:
+    assert median_ci([float(x) for x in range(1, 11)]) == (2.0, 9.0)  # the textbook 95% interval for n = 10
+    assert median_ci([float(x) for x in range(1, 101)]) == (41.0, 60.0)  # and for n = 100
+    assert known_within([1.0] * 10, 0.04)
+    noisy = [1.0, 1.3] * 5
+    assert not known_within(noisy, 0.04)
+    assert known_within([1.0] * 30 + noisy, 0.04)  # the same outliers, drowned in more runs
+
+
+def test_peak_memory_of_a_runtime_configuration_is_measured_without_torch(
+        exported: Callable[[str], tuple[Transformer, Path]]) -> None:
+    model, bundle = exported("post-sinusoidal")
+    c = model.config
+    spec = {"system": "onnx", "bundle": str(bundle), "provider": "CPUExecutionProvider", "threads": 1, "batch": 2,
+            "src_len": 5, "new_tokens": 3, "src_vocab_size": c.src_vocab_size, "bos_id": c.bos_id}
+    result = measure(spec)
+    assert result["torch_imported"] is False and 10 < result["peak_rss_mb"] < 2000
+    with pytest.raises(ValueError, match="system must be one of"):
+        measure({**spec, "system": "tensorflow"})
 
 
 def test_bench_writes_records_table_and_plot(tmp_path: Path) -> None:
@@ -53,7 +97,13 @@ def test_bench_writes_records_table_and_plot(tmp_path: Path) -> None:
     kv = next(r for r in records if r["system"] == TORCH_KV and r["sweep"] == "base")
     assert kv["speedup_vs_pytorch_kv"] == 1.0
     fp32 = next(r for r in records if r["system"] == "fp32 CPU" and r["sweep"] == "base")
-    assert fp32["speedup_vs_pytorch_kv"] == kv["per_token_ms"] / fp32["per_token_ms"]
+    ratios = [a / b for a, b in zip(kv["per_run_ms"], fp32["per_run_ms"], strict=True)]
+    assert fp32["speedup_vs_pytorch_kv"] == pytest.approx(statistics.median(ratios), rel=1e-3)
+    low, high = fp32["speedup_ci95"]
+    assert low <= fp32["speedup_vs_pytorch_kv"] <= high
+    # each configuration's own process: the runtime's without torch, so lighter than PyTorch's
+    assert all(r["peak_rss_mb"] > 10 for r in records)
+    assert fp32["peak_rss_mb"] < kv["peak_rss_mb"]
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["machine"]["cores"] and len(data["records"]) == len(records)
     assert "| fp32 CPU |" in (tmp_path / "results.md").read_text()
