@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from edgeformer.cli.table import table
-from edgeformer.export.bench import compare_latency
+from edgeformer.export.bench import compare_latency, speedup_text
 from edgeformer.export.benchmark import machine
 from edgeformer.export.onnx_export import export
 from edgeformer.export.variants import build_variants
@@ -74,7 +74,7 @@ def main() -> None:
             starts[f"runtime-{variant}"] = time.perf_counter() - start
             print(f"{variant}: session start {starts[f'runtime-{variant}']:.2f} s")
             systems[f"runtime-{variant}"] = partial(rt.step_model, ids.numpy(), mask.numpy(), 1)
-            sizes[f"runtime-{variant}"] = sum((path / f).stat().st_size for f in rt.manifest.files)
+            sizes[f"runtime-{variant}"] = rt.manifest.bytes(path)
         lat = compare_latency(systems, args.new_tokens, model.config.bos_id, reference="pytorch-eager-kv",
                               max_seconds=300)
     described = machine()
@@ -88,7 +88,7 @@ def main() -> None:
                 "machine": described} for name, v in lat.items()]
     print(table(["system", "encoder ms", "ms/token", "step p90", "runs", "speed-up per token (95% CI)", "size MB"],
                 [[r["system"], f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_ms_p90']:.3f}",
-                  r["runs"], "{:.2f}x ({:.2f}-{:.2f})".format(r["speedup_vs_pytorch_kv"], *r["speedup_ci95"]),
+                  r["runs"], speedup_text(r["speedup_vs_pytorch_kv"], *r["speedup_ci95"]),
                   f"{r['bundle_bytes'] / 1e6:.1f}"]
                  for r in records]))
     args.out.mkdir(parents=True, exist_ok=True)

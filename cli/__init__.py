@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime level saved offline; 'all' adds layout changes tied to this machine")
     p.add_argument("--provider", default="cpu", help="the execution provider the graphs are optimized for")
     p.add_argument("--fuse-attention", default="auto", choices=["auto", "yes", "no"],
-                   help="attention -> com.microsoft.MultiHeadAttention; auto: on GPU providers, where it is faster")
+                   help="attention -> com.microsoft.MultiHeadAttention; auto: where the provider runs the fused "
+                        "kernel (CPU, CUDA, TensorRT, ROCm)")
 
     p = bundle_to_bundle("quantize", "int8 (dynamic), int4 (weight-only) or fp16 -> new bundle", cmd_quantize)
     p.add_argument("--to", required=True, choices=["int8", "int4", "fp16"])

@@ -34,6 +34,11 @@ class Latency:
     per_run_ms: tuple[float, ...]  # per-token time of each run, in round order
 
 
+def speedup_text(speedup: float, low: float, high: float) -> str:
+    """A ratio as every table prints it: '6.43x (6.14-7.22)', its 95% interval in brackets."""
+    return f"{speedup:.2f}x ({low:.2f}-{high:.2f})"
+
+
 def median_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
     """95% confidence interval of the median, from order statistics: no assumption about the distribution,
     which matters here, as run times have a floor and a long tail (preemption, the host's other tenants)."""
@@ -102,6 +107,7 @@ def compare_latency(systems: dict[str, Callable[[], StepModel]], new_tokens: int
         if run + 1 >= min_runs and (time.perf_counter() - start > max_seconds or all(
                 known_within(per_run[n], tolerance) and known_within(ratios[n], tolerance) for n in systems)):
             break
+    intervals = {name: median_ci(ratios[name]) for name in systems}
     return {name: Latency(encoder_ms=statistics.median(enc[name]) * 1e3,
                           per_token_ms=statistics.median(per_run[name]) * 1e3,
                           per_token_p50_ms=float(np.percentile(steps[name], 50)) * 1e3,
@@ -110,5 +116,5 @@ def compare_latency(systems: dict[str, Callable[[], StepModel]], new_tokens: int
                           end_to_end_ms=statistics.median(e + t * new_tokens for e, t in
                                                           zip(enc[name], per_run[name], strict=True)) * 1e3,
                           runs=len(per_run[name]), speedup=statistics.median(ratios[name]),
-                          speedup_low=median_ci(ratios[name])[0], speedup_high=median_ci(ratios[name])[1],
+                          speedup_low=intervals[name][0], speedup_high=intervals[name][1],
                           per_run_ms=tuple(round(t * 1e3, 4) for t in per_run[name])) for name in systems}

@@ -25,12 +25,13 @@ import torch
 from tqdm import tqdm
 
 from edgeformer.cli.table import table
-from edgeformer.export.bench import compare_latency
+from edgeformer.export.bench import compare_latency, speedup_text
 from edgeformer.export.memory import measure
 from edgeformer.export.onnx_export import export, producer_versions
 from edgeformer.export.variants import build_variants
 from edgeformer.model.checkpoint import load_checkpoint
 from edgeformer.model.generate import TorchFullSteps, TorchSteps
+from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.search import StepModel
 from edgeformer.runtime.session import PROVIDERS, Runtime
 
@@ -104,8 +105,7 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None =
         log("building the bundles (export, optimize, quantize the optimized bundle; each checked against its source)")
         export(checkpoint, Path(tmp) / "fp32")
         bundles = {v: path for v, (path, _) in build_variants(Path(tmp) / "fp32", tmp, variants).items()}
-        sizes = {v: sum((p / f).stat().st_size for f in Runtime(p, verify=False).manifest.files)
-                 for v, p in bundles.items()}
+        sizes = {v: Manifest.load(p, verify=False).bytes(p) for v, p in bundles.items()}
         runtimes: dict[tuple[str, str, int], tuple[Runtime, float]] = {}
         peaks: dict[str, float] = {}  # one child process per configuration
 
@@ -167,8 +167,7 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None =
 
 
 def _ratio(r: dict) -> str:
-    low, high = r["speedup_ci95"]
-    return f"{r['speedup_vs_pytorch_kv']:.2f}x ({low:.2f}-{high:.2f})"
+    return speedup_text(r["speedup_vs_pytorch_kv"], *r["speedup_ci95"])
 
 
 def _mb(value: float | None) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from edgeformer.cli.table import table
-from edgeformer.export.bench import compare_latency
+from edgeformer.export.bench import compare_latency, speedup_text
 from edgeformer.export.compare import compare_runtime, report_rows
 from edgeformer.export.onnx_export import export
 from edgeformer.export.variants import build_variants
@@ -73,5 +73,5 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
         lat = compare_latency(systems, new_tokens, c.bos_id, reference="PyTorch eager + KV cache", max_seconds=8)
         print(table(["system", "encoder ms", "ms/token", "step p90", "speed-up per token (95% CI)"],
                     [[name, f"{v.encoder_ms:.2f}", f"{v.per_token_ms:.3f}", f"{v.per_token_p90_ms:.3f}",
-                      f"{v.speedup:.2f}x ({v.speedup_low:.2f}-{v.speedup_high:.2f})"] for name, v in lat.items()]))
+                      speedup_text(v.speedup, v.speedup_low, v.speedup_high)] for name, v in lat.items()]))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")

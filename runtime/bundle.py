@@ -60,6 +60,10 @@ class Manifest:
         """Learned position tables bound the length of sources and targets; sinusoidal ones do not."""
         return int(self.config["max_positions"]) if self.config.get("position") == "learned" else None
 
+    def bytes(self, folder: Path) -> int:
+        """Size on disk of the files this manifest lists (in `folder`, the bundle it was loaded from)."""
+        return sum((Path(folder) / f).stat().st_size for f in self.files)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
