@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/decode_latency.py                 # Transformer-base, random weights
     .venv/bin/python benchmarks/decode_latency.py --size demo     # the shipped model
 
-Batch 1, 32 source tokens, 64 new tokens forced (EOS ignored), 2 threads for both systems; runs interleaved
+Batch 1, 32 source tokens, 64 new tokens forced (EOS ignored), 2 threads for both systems (the runtime's decoder on
+its default, one thread for the shipped model's small steps); runs interleaved
 in rounds; ratios are medians of the ratios within rounds, with their 95% interval. Writes one JSON record per
 system to benchmarks/results/.
 """
@@ -22,7 +23,7 @@ import torch
 
 from edgeformer.cli.table import table
 from edgeformer.export.bench import compare_latency, speedup_text
-from edgeformer.export.benchmark import machine
+from edgeformer.export.benchmark import machine, replace_file
 from edgeformer.export.onnx_export import export
 from edgeformer.export.variants import build_variants
 from edgeformer.model.checkpoint import load_checkpoint, save_checkpoint
@@ -68,6 +69,7 @@ def main() -> None:
         systems = {"pytorch-eager-kv": lambda: TorchSteps(model, ids, mask, 1)}
         sizes = {"pytorch-eager-kv": result.bundle_bytes}
         starts = {"pytorch-eager-kv": 0.0}
+        decoder_threads = {"pytorch-eager-kv": args.threads}
         for variant, path in bundles.items():
             start = time.perf_counter()
             rt = Runtime(path, threads=args.threads)
@@ -75,12 +77,14 @@ def main() -> None:
             print(f"{variant}: session start {starts[f'runtime-{variant}']:.2f} s")
             systems[f"runtime-{variant}"] = partial(rt.step_model, ids.numpy(), mask.numpy(), 1)
             sizes[f"runtime-{variant}"] = rt.manifest.bytes(path)
+            decoder_threads[f"runtime-{variant}"] = rt.decoder(1)[1]
         lat = compare_latency(systems, args.new_tokens, model.config.bos_id, reference="pytorch-eager-kv",
                               max_seconds=300)
     described = machine()
     records = [{"model": args.size, "system": name, "provider": "CPUExecutionProvider" if name != "pytorch-eager-kv"
                 else "torch-cpu", "batch": 1, "src_len": args.src_len, "new_tokens": args.new_tokens,
-                "threads": args.threads, "session_start_s": starts[name], "encoder_ms": v.encoder_ms,
+                "threads": args.threads, "decoder_threads": decoder_threads[name], "session_start_s": starts[name],
+                "encoder_ms": v.encoder_ms,
                 "per_token_ms": v.per_token_ms, "per_token_ms_p50": v.per_token_p50_ms,
                 "per_token_ms_p90": v.per_token_p90_ms, "tokens_per_second": 1e3 / v.per_token_ms, "runs": v.runs,
                 "speedup_vs_pytorch_kv": v.speedup,
@@ -93,7 +97,7 @@ def main() -> None:
                  for r in records]))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"decode_latency_{args.size}.json"
-    path.write_text(json.dumps(records, indent=2) + "\n")
+    replace_file(path, lambda tmp: tmp.write_text(json.dumps(records, indent=2) + "\n"))
     print(f"written to {path}")
 
 

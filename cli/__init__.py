@@ -208,7 +208,8 @@ def _fold_cache_rows(rows: list[list[str]]) -> list[list[str]]:
 def cmd_generate(args: argparse.Namespace) -> None:
     from edgeformer.runtime.session import Runtime
 
-    rt = Runtime(args.bundle, providers=args.provider.split(","), threads=args.threads)
+    rt = Runtime(args.bundle, providers=args.provider.split(","), threads=args.threads,
+                 decoder_threads=args.decoder_threads)
     misses = rt.manifest.variant_parity.get("misses")
     if misses:
         print(f"warning: this {rt.manifest.variant} bundle was written with --allow-drop and misses its target: "
@@ -274,7 +275,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     records = bench(args.checkpoint, variants=args.variants.split(",") if args.variants else None,
                     providers=args.providers.split(",") if args.providers else None, sweeps=sweeps, base=base,
                     no_cache_reference=not args.skip_no_cache, max_seconds=args.max_seconds, spin=not args.no_spin,
-                    memory=not args.no_memory,
+                    memory=not args.no_memory, decoder_threads=args.decoder_threads,
                     out=Path(args.out) if args.out else None, progress=not args.json,
                     log=(lambda _m: None) if args.json else print)
     if args.json:
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", action="store_true", help="inputs and outputs are token ids")
     p.add_argument("--provider", default="cpu", help="comma-separated, in order of preference (cpu, cuda, ...)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--decoder-threads", type=int, default=None,
+                   help="the decoder's intra-op threads; default: 1 where a step is small (a small model at a "
+                        "small batch), else --threads")
     p.add_argument("--strategy", choices=["greedy", "beam", "sample"], help="default: the bundle's, else greedy")
     p.add_argument("--max-new-tokens", type=int, help="default: the bundle's, else 64")
     p.add_argument("--min-new-tokens", type=int)
@@ -417,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-src-len", type=int, default=32)
     p.add_argument("--base-new-tokens", type=int, default=64)
     p.add_argument("--base-threads", type=int, default=2)
+    p.add_argument("--decoder-threads", type=int, default=None,
+                   help="the decoder's intra-op threads; default: 1 for a small model (its steps are too small to "
+                        "share), else the point's threads")
     p.add_argument("--quick", action="store_true", help="the base point only")
     p.add_argument("--no-spin", action="store_true",
                    help="onnxruntime's threads block when idle instead of spinning for work during a run")

@@ -86,13 +86,15 @@ def configurations(variants: Sequence[str] | None, providers: Sequence[str]) -> 
 def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None = None,
           providers: Sequence[str] | None = None, sweeps: dict[str, Sequence[int]] | None = None,
           base: Point = Point(), no_cache_reference: bool = True, max_seconds: float = 20.0,
-          repeat_base: bool = True, spin: bool = True, memory: bool = True,
+          repeat_base: bool = True, spin: bool = True, memory: bool = True, decoder_threads: int | None = None,
           out: Path | None = None, progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
     """Export a checkpoint (the shipped model by default), build its variants, and measure every system at
     every point; with `memory`, each configuration's peak resident memory too, in a process of its own
     (export/memory.py). Writes results.json, results.md and per_token_latency.png to `out` when given.
 
-    Variants by default: VARIANTS, and fp16 where a GPU provider is measured; fp16 runs on GPU providers only."""
+    Variants by default: VARIANTS, and fp16 where a GPU provider is measured; fp16 runs on GPU providers only.
+    The runtime's decoder runs on `decoder_threads` at every point; None: the runtime's default (one thread
+    for the small steps of a small model, the point's threads otherwise; see Runtime)."""
     model, _ = load_checkpoint(checkpoint)
     c = model.config
     # every compute provider onnxruntime has here (AzureExecutionProvider, a remote-call provider, is not one)
@@ -122,7 +124,8 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None =
             key = (variant, provider, threads)
             if key not in runtimes:
                 start = time.perf_counter()
-                rt = Runtime(bundles[variant], providers=[provider], threads=threads, spin=spin)
+                rt = Runtime(bundles[variant], providers=[provider], threads=threads, spin=spin,
+                             decoder_threads=decoder_threads)
                 runtimes[key] = (rt, time.perf_counter() - start)
             return runtimes[key]
 
@@ -138,7 +141,7 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None =
             if no_cache_reference:
                 systems[TORCH_FULL] = partial(TorchFullSteps, model, t_ids, t_mask, 1)
             torch_info = {"variant": "pytorch", "provider": "torch-cpu", "session_start_s": 0.0,
-                          "bundle_bytes": sizes["fp32"]}
+                          "bundle_bytes": sizes["fp32"], "decoder_threads": p.threads}
             info: dict[str, dict] = {TORCH_KV: torch_info, TORCH_FULL: torch_info}
             source = None if checkpoint is None else str(checkpoint)
             memory_specs: dict[str, dict[str, Any]] = {TORCH_KV: {"system": "torch-kv", "checkpoint": source},
@@ -148,8 +151,9 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None =
                 name = f"{v} {rt.provider.removesuffix('ExecutionProvider')}"
                 systems[name] = partial(rt.step_model, ids, mask, 1)
                 info[name] = {"variant": v, "provider": rt.provider, "session_start_s": start_s,
-                              "bundle_bytes": sizes[v]}
-                memory_specs[name] = {"system": "onnx", "bundle": str(bundles[v]), "provider": prov}
+                              "bundle_bytes": sizes[v], "decoder_threads": rt.decoder(p.batch)[1]}
+                memory_specs[name] = {"system": "onnx", "bundle": str(bundles[v]), "provider": prov,
+                                      "decoder_threads": decoder_threads}
             lat = compare_latency(systems, p.new_tokens, c.bos_id, reference=TORCH_KV, batch=p.batch,
                                   max_seconds=max_seconds)
             for name, v in lat.items():
@@ -170,6 +174,11 @@ def _ratio(r: dict) -> str:
     return speedup_text(r["speedup_vs_pytorch_kv"], *r["speedup_ci95"])
 
 
+def _threads(r: dict) -> str:
+    decoder = r.get("decoder_threads", r["threads"])
+    return str(r["threads"]) if decoder == r["threads"] else f"{r['threads']} (decoder {decoder})"
+
+
 def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -177,7 +186,7 @@ def _mb(value: float | None) -> str:
 def markdown(records: list[dict]) -> str:
     header = ["system", "sweep", "batch", "src", "new", "threads", "encoder ms", "ms/token", "step p50", "step p90",
               "step p99", "tokens/s", "vs PyTorch+KV (95% CI)", "runs", "start s", "size MB", "peak RSS MB"]
-    rows = [[r["system"], r["sweep"], r["batch"], r["src_len"], r["new_tokens"], r["threads"],
+    rows = [[r["system"], r["sweep"], r["batch"], r["src_len"], r["new_tokens"], _threads(r),
              f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_p50_ms']:.3f}",
              f"{r['per_token_p90_ms']:.3f}", f"{r['per_token_p99_ms']:.3f}", f"{r['tokens_per_second']:.0f}",
              _ratio(r), r["runs"], f"{r['session_start_s']:.2f}", f"{r['bundle_bytes'] / 1e6:.1f}",
@@ -220,7 +229,7 @@ def plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _replace(path: Path, write: Callable[[Path], object]) -> None:
+def replace_file(path: Path, write: Callable[[Path], object]) -> None:
     """Write through a temporary file beside `path`, so that a failed write leaves the old file whole."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -233,12 +242,12 @@ def _replace(path: Path, write: Callable[[Path], object]) -> None:
 def write_results(records: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     m = machine()
-    _replace(out / "results.json",
+    replace_file(out / "results.json",
              lambda p: p.write_text(json.dumps({"machine": m, "records": records}, indent=1) + "\n"))
-    _replace(out / "results.md", lambda p: p.write_text(
+    replace_file(out / "results.md", lambda p: p.write_text(
         f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags'])}; onnxruntime "
         f"{m.get('onnxruntime')}, torch {m.get('torch')}\n\n" + markdown(records)))
-    _replace(out / "per_token_latency.png", lambda p: plot(records, p))
+    replace_file(out / "per_token_latency.png", lambda p: plot(records, p))
 
 
 def summary(records: list[dict]) -> str:

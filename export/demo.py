@@ -63,8 +63,10 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
                      for i, (s, t) in enumerate(pairs)]))
         print()
 
-        print(f"6. decoding latency, batch 1, {new_tokens} new tokens forced, {threads} threads, "
-              "runs in rounds, medians; ratios within rounds, with their 95% interval")
+        _, decoder_threads = next(iter(runtimes.values())).decoder(1)
+        print(f"6. decoding latency, batch 1, {new_tokens} new tokens forced, {threads} threads (the runtime's "
+              f"decoder: {decoder_threads}, its default at this size)\n"
+              "   runs in rounds, medians; ratios within rounds, with their 95% interval")
         ids, mask = pad_batch(src[:1], c.pad_id)
         systems: dict = {"PyTorch eager + KV cache": lambda: TorchSteps(model, ids, mask, 1)}
         for name, rt in runtimes.items():

@@ -43,7 +43,7 @@ def measure(spec: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
     """Run one configuration in a child process: {"peak_rss_mb": ..., "torch_imported": ...}.
 
     spec: system (one of SYSTEMS); bundle and provider (onnx) or checkpoint (None: the shipped model; torch);
-    threads, batch, src_len, new_tokens, src_vocab_size, bos_id."""
+    threads (and decoder_threads, onnx), batch, src_len, new_tokens, src_vocab_size, bos_id."""
     if spec.get("system") not in SYSTEMS:
         raise ValueError(f"system must be one of {SYSTEMS}, not {spec.get('system')!r}")
     done = subprocess.run([sys.executable, "-m", __name__, json.dumps(spec)], capture_output=True, text=True,
@@ -65,7 +65,8 @@ def _decode_once(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["system"] == "onnx":
         from edgeformer.runtime.session import Runtime
 
-        rt = Runtime(spec["bundle"], providers=[spec["provider"]], threads=spec["threads"])
+        rt = Runtime(spec["bundle"], providers=[spec["provider"]], threads=spec["threads"],
+                     decoder_threads=spec.get("decoder_threads"))
         make: Any = partial(rt.step_model, ids, mask, 1)
     else:
         import torch

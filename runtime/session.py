@@ -61,6 +61,21 @@ def session_options(optimization: str, threads: int | None, spin: bool, stop_spi
     return options
 
 
+# A decoder step that reads fewer weights than this, over all its rows, runs on one intra-op thread: handing its
+# small operators to a second thread costs more than it saves. Measured side by side on this project's 2-vCPU
+# machine (benchmarks/decoder_threads.py): below 2M weights a step one thread won every case, by 12-17%; from 4.8M
+# to 6.3M it went either way; above, two threads won by 1.3-1.6x (README: Benchmarks, "Threads").
+SMALL_STEP_WEIGHTS = 2_000_000
+
+
+def step_weights(config: dict[str, Any]) -> int:
+    """The weights one decoder step reads for one row: per layer the self-attention's four projections, the
+    cross-attention's query and output ones (its keys and values come from the encoder, once), the feed-forward;
+    then the output projection."""
+    d, layers, d_ff = int(config["d_model"]), int(config["n_decoder_layers"]), int(config["d_ff"])
+    return layers * (6 * d * d + 2 * d * d_ff) + d * int(config["tgt_vocab_size"])
+
+
 def resolve_providers(requested: Sequence[str]) -> list[str]:
     """Map names (short or onnxruntime's) to the available providers, in the order asked, CPU last as fallback."""
     full_names = set(PROVIDERS.values())
@@ -80,7 +95,11 @@ class Runtime:
     """A loaded bundle. Thread-safe: `generate` keeps all of its state in local variables."""
 
     def __init__(self, bundle: Path | str, providers: Sequence[str] = ("cpu",), threads: int | None = None,
-                 optimization: str = "all", verify: bool = True, spin: bool = True) -> None:
+                 optimization: str = "all", verify: bool = True, spin: bool = True,
+                 decoder_threads: int | None = None) -> None:
+        """threads: intra-op threads (None: onnxruntime's default, one per physical core). decoder_threads: the
+        decoder's, if they should differ; by default a generate call whose steps are small (SMALL_STEP_WEIGHTS)
+        runs its decoder on one thread, and on `threads` otherwise."""
         # "all" even for graphs optimized offline: measured on Transformer-base, loading them with less leaves the
         # tied projection's Transpose unfolded (3x slower steps) and the encoder 1.6x slower, while the session
         # start time is the same (0.17 s).
@@ -90,15 +109,27 @@ class Runtime:
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"unknown optimization level {optimization!r}; choose one of "
                              f"{', '.join(OPTIMIZATION_LEVELS)}")
+        for name, value in (("threads", threads), ("decoder_threads", decoder_threads)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}: give a positive number of threads, or None for the default")
         self.requested_providers = resolve_providers(providers)
-        self.sessions = {
-            name: ort.InferenceSession(str(self.path / self.manifest.graph_files[name]),
-                                       session_options(optimization, threads, spin, stop_spinning=name == ENCODER),
-                                       providers=self.requested_providers)
-            for name in (ENCODER, DECODER)
-        }
+        self.threads, self.decoder_threads = threads, decoder_threads or threads
+
+        def open_session(graph: str, threads: int | None) -> ort.InferenceSession:
+            return ort.InferenceSession(str(self.path / self.manifest.graph_files[graph]),
+                                        session_options(optimization, threads, spin, stop_spinning=graph == ENCODER),
+                                        providers=self.requested_providers)
+
+        self.sessions = {ENCODER: open_session(ENCODER, threads), DECODER: open_session(DECODER, self.decoder_threads)}
         self.provider = self.sessions[DECODER].get_providers()[0]  # the one that actually runs
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        # A second decoder session on one thread, for the small steps of a small model (see SMALL_STEP_WEIGHTS):
+        # which one a call uses depends on its rows, and a session's threads are fixed when it opens. It costs
+        # little: only a model whose step reads fewer than SMALL_STEP_WEIGHTS weights gets one.
+        self.step_weights = step_weights(self.config)
+        self.one_thread_decoder = (
+            open_session(DECODER, 1) if decoder_threads is None and threads != 1 and self.device == "cpu"
+            and self.step_weights < SMALL_STEP_WEIGHTS else None)
         self._check_graphs()
         self.tokenizer = (load_tokenizer(self.path) if self.manifest.tokenizer else None)
         try:
@@ -184,6 +215,13 @@ class Runtime:
         """The bundle's default settings (those its model was trained or imported with), with `overrides`."""
         return dataclasses.replace(self.generation, **overrides)
 
+    def decoder(self, rows: int) -> tuple[ort.InferenceSession, int | None]:
+        """The decoder session that runs a step over `rows` rows, and its intra-op threads (None: onnxruntime's
+        default)."""
+        if self.one_thread_decoder is not None and rows * self.step_weights < SMALL_STEP_WEIGHTS:
+            return self.one_thread_decoder, 1
+        return self.sessions[DECODER], self.decoder_threads
+
     def step_model(self, input_ids: np.ndarray, attention_mask: np.ndarray, rows_per_input: int) -> _Steps:
         return _Steps(self, input_ids, attention_mask, rows_per_input)
 
@@ -245,8 +283,9 @@ class _Steps(StepModel):
             "encoder_attention_mask": np.ascontiguousarray(attention_mask),
             **{n: v._ortvalue for n, v in runtime.encode(input_ids, attention_mask).items()}}
         self.past: dict[str, Any] = dict(runtime.empty_past(len(input_ids)))
-        self.session = runtime.sessions[DECODER]._sess
-        self.binding = runtime.sessions[DECODER].io_binding()._iobinding
+        decoder, _ = runtime.decoder(len(input_ids))
+        self.session = decoder._sess
+        self.binding = decoder.io_binding()._iobinding
         # the C binding does not keep numpy arrays alive: these references do, as long as they are bound
         self.held: dict[str, Any] = {}
         for name, value in {**self.fixed, **self.past}.items():

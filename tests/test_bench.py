@@ -99,6 +99,8 @@ def test_bench_writes_records_table_and_plot(tmp_path: Path) -> None:
     fp32 = next(r for r in records if r["system"] == "fp32 CPU" and r["sweep"] == "base")
     ratios = [a / b for a, b in zip(kv["per_run_ms"], fp32["per_run_ms"], strict=True)]
     assert fp32["speedup_vs_pytorch_kv"] == pytest.approx(statistics.median(ratios), rel=1e-3)
+    # the threads each system ran on: PyTorch the point's, the tiny model's decoder its default of one
+    assert (kv["threads"], kv["decoder_threads"], fp32["threads"], fp32["decoder_threads"]) == (2, 2, 2, 1)
     low, high = fp32["speedup_ci95"]
     assert low <= fp32["speedup_vs_pytorch_kv"] <= high
     # each configuration's own process: the runtime's without torch, so lighter than PyTorch's
@@ -106,5 +108,5 @@ def test_bench_writes_records_table_and_plot(tmp_path: Path) -> None:
     assert fp32["peak_rss_mb"] < kv["peak_rss_mb"]
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["machine"]["cores"] and len(data["records"]) == len(records)
-    assert "| fp32 CPU |" in (tmp_path / "results.md").read_text()
+    assert "| fp32 CPU | base | 1 | 8 | 4 | 2 (decoder 1) |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "per_token_latency.png").stat().st_size > 1000

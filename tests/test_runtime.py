@@ -14,12 +14,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from edgeformer.model.checkpoint import default_checkpoint
+from edgeformer.model.config import BASE_SIZE, TransformerConfig
 from edgeformer.model.generate import generate
 from edgeformer.model.tasks import get_task
 from edgeformer.runtime.bundle import MANIFEST_FILE, BundleError
 from edgeformer.runtime.options import GenerationConfig
-from edgeformer.runtime.session import Runtime
-from edgeformer.runtime.spec import ENCODER
+from edgeformer.runtime.session import SMALL_STEP_WEIGHTS, Runtime, step_weights
+from edgeformer.runtime.spec import DECODER, ENCODER
 
 GREEDY = GenerationConfig(max_new_tokens=12)
 BEAM = GenerationConfig(strategy="beam", num_beams=4, num_return_sequences=2, max_new_tokens=12)
@@ -119,6 +121,51 @@ def test_encoder_threads_stop_spinning_when_its_run_returns_and_decoder_threads_
         options = session.get_session_options()
         assert options.get_session_config_entry("session.force_spinning_stop") == ("1" if name == ENCODER else "0")
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+
+
+def test_the_shipped_models_steps_count_as_small_and_transformer_bases_do_not() -> None:
+    shipped = json.loads((default_checkpoint() / "config.json").read_text())
+    base = TransformerConfig(**BASE_SIZE).to_dict()
+    assert step_weights(base) == 6 * (6 * 512 * 512 + 2 * 512 * 2048) + 512 * 32000
+    assert step_weights(shipped) < SMALL_STEP_WEIGHTS < step_weights(base)
+    assert 6 * step_weights(shipped) < SMALL_STEP_WEIGHTS < 7 * step_weights(shipped)  # up to batch 6 (README)
+
+
+def test_small_steps_run_on_a_one_thread_decoder_and_large_ones_on_the_threads_asked(exported) -> None:
+    """One thread was faster for the shipped model's steps at small batches, two at large ones."""
+    _, bundle = exported("post-sinusoidal")
+    rt = Runtime(bundle, threads=2)
+    large = SMALL_STEP_WEIGHTS // rt.step_weights + 1  # rows
+    assert rt.sessions[ENCODER].get_session_options().intra_op_num_threads == 2
+    for rows, threads in ((1, 1), (large - 1, 1), (large, 2)):
+        session, used = rt.decoder(rows)
+        assert used == threads == session.get_session_options().intra_op_num_threads
+        ids = np.full((rows, 3), 5, dtype=np.int64)
+        assert rt.step_model(ids, np.ones_like(ids), 1).session is session._sess
+
+
+@pytest.mark.parametrize(("options", "threads"), [({"threads": 2, "decoder_threads": 2}, 2), ({"threads": 1}, 1),
+                                                  ({"threads": 2, "decoder_threads": 1}, 1)])
+def test_threads_given_for_the_decoder_hold_at_every_batch(exported, options: dict[str, int], threads: int) -> None:
+    _, bundle = exported("post-sinusoidal")
+    rt = Runtime(bundle, **options)
+    assert rt.one_thread_decoder is None
+    assert rt.decoder(1) == (rt.sessions[DECODER], threads)
+    assert rt.sessions[DECODER].get_session_options().intra_op_num_threads == threads
+
+
+def test_the_one_thread_decoder_generates_what_the_two_thread_one_does(exported) -> None:
+    _, bundle = exported("post-sinusoidal")
+    src = random_sources(6, 37, seed=3)
+    assert Runtime(bundle, threads=2).generate(src, BEAM) == Runtime(bundle, threads=2, decoder_threads=2).generate(
+        src, BEAM)
+
+
+@pytest.mark.parametrize("threads", [{"threads": 0}, {"decoder_threads": -1}])
+def test_a_thread_count_below_one_is_refused(exported, threads: dict[str, int]) -> None:
+    _, bundle = exported("post-sinusoidal")
+    with pytest.raises(ValueError, match="give a positive number of threads"):
+        Runtime(bundle, **threads)
 
 
 @pytest.mark.parametrize(("src", "gen", "message"), [
