@@ -40,6 +40,10 @@ def test_generate_with_token_ids(exported) -> None:
     out = edgeformer("generate", str(bundle), "5 6 7", "--ids", "--max-new-tokens", "3", "--json")
     assert out.returncode == 0, out.stderr
     assert len(json.loads(out.stdout)["outputs"][0][0]["tokens"]) <= 3
+    pinned = edgeformer("generate", str(bundle), "5 6 7", "--ids", "--max-new-tokens", "3", "--json", "--threads",
+                        "2", "--decoder-threads", "2")
+    assert pinned.returncode == 0, pinned.stderr
+    assert json.loads(pinned.stdout)["outputs"] == json.loads(out.stdout)["outputs"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -47,6 +51,7 @@ def test_generate_with_token_ids(exported) -> None:
     (["generate", "{bundle}", "5", "--ids", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
     (["generate", "{bundle}", "5", "--ids", "--strategy", "beam", "--beams", "0"], "num_beams must be >= 1"),
     (["generate", "{bundle}", "5", "--ids", "--provider", "tpu"], "unknown execution provider"),
+    (["generate", "{bundle}", "5", "--ids", "--decoder-threads", "0"], "give a positive number of threads"),
     (["info", "/no/such/bundle"], "no such bundle folder"),
     (["export", "/no/such/checkpoint", "{tmp}/out"], "no such checkpoint folder"),
     (["bench", "/no/such/checkpoint", "--quick"], "no such checkpoint folder"),
