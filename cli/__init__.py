@@ -422,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-new-tokens", type=int, default=64)
     p.add_argument("--base-threads", type=int, default=2)
     p.add_argument("--decoder-threads", type=int, default=None,
-                   help="the decoder's intra-op threads; default: 1 for a small model (its steps are too small to "
-                        "share), else the point's threads")
+                   help="the decoder's intra-op threads; default: 1 where a step is small (a small model at a "
+                        "small batch), else the point's threads")
     p.add_argument("--quick", action="store_true", help="the base point only")
     p.add_argument("--no-spin", action="store_true",
                    help="onnxruntime's threads block when idle instead of spinning for work during a run")

@@ -175,7 +175,7 @@ def _ratio(r: dict) -> str:
 
 
 def _threads(r: dict) -> str:
-    decoder = r.get("decoder_threads", r["threads"])
+    decoder = r["decoder_threads"]
     return str(r["threads"]) if decoder == r["threads"] else f"{r['threads']} (decoder {decoder})"
 
 
@@ -243,7 +243,7 @@ def write_results(records: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     m = machine()
     replace_file(out / "results.json",
-             lambda p: p.write_text(json.dumps({"machine": m, "records": records}, indent=1) + "\n"))
+                 lambda p: p.write_text(json.dumps({"machine": m, "records": records}, indent=1) + "\n"))
     replace_file(out / "results.md", lambda p: p.write_text(
         f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags'])}; onnxruntime "
         f"{m.get('onnxruntime')}, torch {m.get('torch')}\n\n" + markdown(records)))

@@ -264,5 +264,5 @@ def export(checkpoint: Path | str | None, out: Path | str, force: bool = False, 
                             producer=producer_versions(), parity=parity, exporter=EXPORTER,
                             generation=load_generation(checkpoint))
         manifest.save(tmp)
-        size = sum(p.stat().st_size for p in tmp.iterdir())
+        size = manifest.bytes(tmp)
     return ExportResult(Path(out), time.perf_counter() - start, size, parity)

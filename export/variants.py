@@ -459,7 +459,7 @@ def _derive(bundle: Path | str, out: Path | str, variant: str, transform: GraphT
                               "Nothing was written; pass --allow-drop (allow_drop=True) to write it anyway")
         manifest.variant_parity = {**figures, "target": asdict(TARGETS[variant]), "misses": misses}
         manifest.save(tmp)
-        size = sum(p.stat().st_size for p in tmp.iterdir())
+        size = manifest.bytes(tmp)
     source_size = source.bytes(bundle)
     return VariantReport(variant, time.perf_counter() - start, size, source_size, figures, misses)
 

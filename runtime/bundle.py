@@ -61,8 +61,9 @@ class Manifest:
         return int(self.config["max_positions"]) if self.config.get("position") == "learned" else None
 
     def bytes(self, folder: Path) -> int:
-        """Size on disk of the files this manifest lists (in `folder`, the bundle it was loaded from)."""
-        return sum((Path(folder) / f).stat().st_size for f in self.files)
+        """Size on disk of the bundle in `folder` (the one this manifest was loaded from or saved to): the manifest
+        and the files it lists."""
+        return sum((Path(folder) / f).stat().st_size for f in (MANIFEST_FILE, *self.files))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -113,7 +113,7 @@ class Runtime:
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}: give a positive number of threads, or None for the default")
         self.requested_providers = resolve_providers(providers)
-        self.threads, self.decoder_threads = threads, decoder_threads or threads
+        self.decoder_threads = decoder_threads or threads
 
         def open_session(graph: str, threads: int | None) -> ort.InferenceSession:
             return ort.InferenceSession(str(self.path / self.manifest.graph_files[graph]),
@@ -290,15 +290,15 @@ class _Steps(StepModel):
         self.held: dict[str, Any] = {}
         for name, value in {**self.fixed, **self.past}.items():
             self._bind(name, value)
-        self.outputs = runtime.decoder_outputs
-        self.present_to_past = [past_for(n) for n in self.outputs[1:]]
+        logits, *self.presents = runtime.decoder_outputs
+        self.present_to_past = [past_for(n) for n in self.presents]
         self.cache_device = ort.OrtDevice.make(runtime.device, 0)._get_c_device()
         # The tokens of each step are written into this bound array: onnxruntime reads it in place. The logits
         # keep one binding too (their shape is the same every step); the caches are bound anew each step, since
         # the ones a step returns are the next step's past.
         self.tokens = np.zeros((len(input_ids), 1), np.int64)
         self._bind("input_ids", self.tokens)
-        self.binding.bind_output(self.outputs[0], ort.OrtDevice.make("cpu", 0)._get_c_device())
+        self.binding.bind_output(logits, ort.OrtDevice.make("cpu", 0)._get_c_device())
 
     def _bind(self, name: str, value: Any) -> None:
         if isinstance(value, np.ndarray):
@@ -309,7 +309,7 @@ class _Steps(StepModel):
 
     def log_probs(self, tokens: np.ndarray) -> np.ndarray:
         self.tokens[:, 0] = tokens
-        for name in self.outputs[1:]:
+        for name in self.presents:
             self.binding.bind_output(name, self.cache_device)
         self.session.run_with_iobinding(self.binding, None)
         outputs = self.binding.get_outputs()
