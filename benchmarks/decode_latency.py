@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeformer.cli.table import table
-from edgeformer.export.bench import compare_latency, speedup_text
-from edgeformer.export.benchmark import machine, replace_file
+from edgeformer.benchmarks.latency import compare_latency
+from edgeformer.benchmarks.sweep import machine, replace_file
 from edgeformer.export.onnx_export import export
-from edgeformer.export.variants import build_variants
 from edgeformer.model.checkpoint import load_checkpoint, save_checkpoint
 from edgeformer.model.config import BASE_SIZE, TransformerConfig
 from edgeformer.model.generate import TorchSteps, pad_batch
 from edgeformer.model.transformer import Transformer
+from edgeformer.report.format import ratio_text, table
 from edgeformer.runtime.session import Runtime
+from edgeformer.transforms.derive import build_variants
 
 
 def main() -> None:
@@ -92,7 +92,7 @@ def main() -> None:
                 "machine": described} for name, v in lat.items()]
     print(table(["system", "encoder ms", "ms/token", "step p90", "runs", "speed-up per token (95% CI)", "size MB"],
                 [[r["system"], f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_ms_p90']:.3f}",
-                  r["runs"], speedup_text(r["speedup_vs_pytorch_kv"], *r["speedup_ci95"]),
+                  r["runs"], ratio_text(r["speedup_vs_pytorch_kv"], *r["speedup_ci95"]),
                   f"{r['bundle_bytes'] / 1e6:.1f}"]
                  for r in records]))
     args.out.mkdir(parents=True, exist_ok=True)

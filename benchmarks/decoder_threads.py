@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeformer.cli.table import table
-from edgeformer.export.bench import compare_latency, speedup_text
-from edgeformer.export.benchmark import machine, replace_file
+from edgeformer.benchmarks.latency import compare_latency
+from edgeformer.benchmarks.sweep import machine, replace_file
 from edgeformer.export.onnx_export import export
 from edgeformer.model.checkpoint import save_checkpoint
 from edgeformer.model.config import TransformerConfig
 from edgeformer.model.transformer import Transformer
+from edgeformer.report.format import ratio_text, table
 from edgeformer.runtime.session import SMALL_STEP_WEIGHTS, Runtime, step_weights
 
 # name -> the config overrides of a random model (None: the shipped one)
@@ -76,12 +76,12 @@ def main() -> None:
                                 "per_token_ms_many": a.per_token_ms, "per_token_ms_one": b.per_token_ms,
                                 "speedup_of_one_thread": b.speedup, "speedup_ci95": [b.speedup_low, b.speedup_high],
                                 "runs": b.runs, "default_decoder_threads": default.decoder(batch)[1]})
-                print(f"{name} batch {batch}: {speedup_text(b.speedup, b.speedup_low, b.speedup_high)}", flush=True)
+                print(f"{name} batch {batch}: {ratio_text(b.speedup, b.speedup_low, b.speedup_high)}", flush=True)
     print(f"\nthreshold: one decoder thread below {SMALL_STEP_WEIGHTS / 1e6:.1f}M weights a step")
     print(table(["model", "batch", "weights a step", "ms/token 1 thread", f"ms/token {args.threads} threads",
                  "1 thread's speed-up (95% CI)", "runs", "default"],
                 [[r["model"], r["batch"], f"{r['step_weights'] / 1e6:.2f}M", f"{r['per_token_ms_one']:.3f}",
-                  f"{r['per_token_ms_many']:.3f}", speedup_text(r["speedup_of_one_thread"], *r["speedup_ci95"]),
+                  f"{r['per_token_ms_many']:.3f}", ratio_text(r["speedup_of_one_thread"], *r["speedup_ci95"]),
                   r["runs"], f"{r['default_decoder_threads']} thread(s)"] for r in records]))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "decoder_threads.json"

@@ -20,13 +20,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edgeformer.cli.table import table
 from edgeformer.export.onnx_export import export
-from edgeformer.export.variants import optimize
 from edgeformer.model.checkpoint import save_checkpoint
 from edgeformer.model.config import BASE_SIZE, TransformerConfig
 from edgeformer.model.transformer import Transformer
+from edgeformer.report.format import table
 from edgeformer.runtime.session import Runtime
+from edgeformer.transforms.derive import optimize
 
 
 def decode(rt: Runtime, new_tokens: int, src_len: int) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeformer.cli.table import table
+from edgeformer.report.format import figure_text, table
 
 
 def _need_export_extra() -> None:
@@ -77,21 +77,20 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
+    """The importer's own arguments are read by the importer's parser, built only for the importer asked for."""
     _need_export_extra()
-    from edgeformer.model.importers import TorchFacts, import_marian, import_torch_transformer
+    from edgeformer.model.importers import IMPORTERS, importer
 
+    module = importer(args.kind)
+    parser = argparse.ArgumentParser(prog=f"edgeformer import {args.kind}", description=IMPORTERS[args.kind][1])
+    module.add_arguments(parser)
+    parser.add_argument("out", metavar="OUT", help="the checkpoint folder to write")
+    parser.add_argument("--force", action="store_true", help="replace an existing checkpoint at OUT")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(args.arguments)
     log = None if args.json else (lambda msg: print(f"  {msg}...", flush=True))
     start = time.perf_counter()
-    if args.kind == "marian":
-        out = import_marian(Path(args.source), Path(args.out), force=args.force, check=not args.no_check,
-                            use_generation_settings=not args.no_generation_settings, log=log)
-    else:
-        facts = TorchFacts(n_heads=args.heads, norm=args.norm, activation=args.activation, positions=args.positions,
-                           scale_embeddings=not args.no_scale_embeddings, layer_norm_eps=args.layer_norm_eps,
-                           prefix=args.prefix, src_embedding=args.src_embedding, tgt_embedding=args.tgt_embedding,
-                           generator=args.generator, position_table=args.position_table, pad_id=args.pad_id,
-                           bos_id=args.bos_id, eos_id=args.eos_id)
-        out = import_torch_transformer(Path(args.source), Path(args.out), facts, force=args.force, log=log)
+    out = module.run(args, Path(args.out), args.force, log)
     seconds = time.perf_counter() - start
     if args.json:
         print(json.dumps({"checkpoint": str(out), "seconds": seconds}))
@@ -108,37 +107,41 @@ def _show_variant(report: Any, as_json: bool) -> None:
     rows = [["variant", report.variant], ["time", f"{report.seconds:.1f} s"],
             ["size", f"{report.bundle_bytes / 1e6:.2f} MB ({report.bundle_bytes / report.source_bytes:.0%} of the "
                      "source)"],
+            ["judged on", f"{f['judged_on']['inputs']} ({f['inputs']} inputs)"],
             [f"max |log-prob diff| to the {f['against']}", f"{f['max_abs_logprob_diff']:.2e}"],
             ["greedy token agreement", f"{f['greedy_token_agreement']:.2%}"]]
-    if "exact_match" in f:
-        rows.append(["exact match (source -> this)", f"{f['exact_match_source']:.2%} -> {f['exact_match']:.2%}"])
+    if "metric" in f:
+        rows.append([f"{f['metric']} (source -> this)", f"{f['metric_source']:.2f} -> {f['metric_variant']:.2f}"])
     if report.misses:
         rows.append(["TARGET MISSED (--allow-drop)", "; ".join(report.misses)])
     print(table(["", ""], rows))
 
 
+def _derive_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What every bundle-to-bundle verb passes on: overwrite, gate, judging, progress."""
+    from edgeformer.transforms.derive import Judging
+
+    return {"force": args.force, "allow_drop": args.allow_drop, "judging": Judging(args.eval, args.metric,
+                                                                                   args.eval_size),
+            "log": None if args.json else (lambda msg: print(f"  {msg}...", flush=True))}
+
+
 def cmd_optimize(args: argparse.Namespace) -> None:
     _need_export_extra()
-    from edgeformer.export.variants import optimize
+    from edgeformer.transforms.derive import optimize
 
-    log = None if args.json else (lambda msg: print(f"  {msg}...", flush=True))
     attention = {"auto": None, "yes": True, "no": False}[args.fuse_attention]
-    _show_variant(optimize(args.bundle, args.out, level=args.level, provider=args.provider, force=args.force,
-                           fuse_attention=attention, allow_drop=args.allow_drop, log=log), args.json)
+    _show_variant(optimize(args.bundle, args.out, level=args.level, provider=args.provider, fuse_attention=attention,
+                           **_derive_options(args)), args.json)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     _need_export_extra()
-    from edgeformer.export.variants import quantize
+    from edgeformer.transforms.derive import quantize
 
-    log = None if args.json else (lambda msg: print(f"  {msg}...", flush=True))
-    calibration = None
-    if args.calibration:
-        calibration = [line.rstrip("\n") for line in Path(args.calibration).read_text().splitlines() if line.strip()]
     _show_variant(quantize(args.bundle, args.out, to=args.to, preset=args.preset, block_size=args.block_size,
-                           keep=args.keep, method=args.method, calibration=calibration,
-                           calibration_size=args.calibration_size, force=args.force, allow_drop=args.allow_drop,
-                           log=log), args.json)
+                           keep=args.keep, method=args.method, calibration=args.calibration,
+                           calibration_size=args.calibration_size, **_derive_options(args)), args.json)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -149,9 +152,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(json.dumps(m.to_dict(), indent=2))
         return
     c = m.config
-    size = sum((Path(args.bundle) / f).stat().st_size for f in m.files)
-    print(f"bundle {args.bundle}: variant {m.variant}, format v{m.format_version}, opset {m.opset}, "
-          f"{size / 1e6:.2f} MB")
+    print(f"bundle {args.bundle}: {m.family}, variant {m.variant}, format v{m.format_version}, opset {m.opset}, "
+          f"{m.bytes(Path(args.bundle)) / 1e6:.2f} MB" + (f", trained on the built-in task {m.task}" if m.task else ""))
     print(f"model: d_model {c['d_model']}, {c['n_heads']} heads, {c['n_encoder_layers']}+{c['n_decoder_layers']} "
           f"layers, d_ff {c['d_ff']}, vocab {c['src_vocab_size']}/{c['tgt_vocab_size']}, {c['activation']}, "
           f"{c['position']} positions" + (f" (at most {m.max_positions})" if m.max_positions else " (unbounded)")
@@ -180,10 +182,10 @@ def cmd_info(args: argparse.Namespace) -> None:
                 print(f"  {graph}: fused " + (", ".join(f"{k} x{v}" for k, v in fused.items()) or "nothing"))
     v = m.variant_parity
     if v:
-        print(f"\n{m.variant} against the {v['against']} ({v['inputs']} inputs): max |log-prob diff| "
+        judged = v.get("judged_on", {}).get("inputs", "inputs")
+        print(f"\n{m.variant} against the {v['against']} on {v['inputs']} {judged}: max |log-prob diff| "
               f"{v['max_abs_logprob_diff']:.2e}, greedy token agreement {v['greedy_token_agreement']:.2%}"
-              + (f", exact match {v['exact_match_source']:.2%} -> {v['exact_match']:.2%}" if "exact_match" in v
-                 else ""))
+              + (f", {v['metric']} {v['metric_source']:.2f} -> {v['metric_variant']:.2f}" if "metric" in v else ""))
         if v.get("misses"):
             print("WARNING: written with --allow-drop; misses its target: " + "; ".join(v["misses"]))
     print("\nproduced by " + ", ".join(f"{k} {v}" for k, v in m.producer.items()))
@@ -244,18 +246,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_parity(args: argparse.Namespace) -> None:
     _need_export_extra()
-    from edgeformer.export.compare import compare_runtime, report_rows
+    from edgeformer.export.families import family_export
+    from edgeformer.runtime.bundle import Manifest
 
-    report = compare_runtime(Path(args.bundle), args.checkpoint, n=args.n)
+    family = Manifest.load(Path(args.bundle), verify=False).family
+    report = family_export(family).runtime_parity(Path(args.bundle), args.checkpoint, n=args.n, eval=args.eval)
     if args.json:
         print(json.dumps(report))
         return
-    print(table(["check", "result"], report_rows(report)))
+    print(table(["check", "result"], [[k, figure_text(k, v)] for k, v in report.items()]))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     _need_export_extra()
-    from edgeformer.export.demo import demo
+    from edgeformer.cli.demo import demo
 
     demo(threads=args.threads)
 
@@ -266,7 +270,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     _need_export_extra()
-    from edgeformer.export.benchmark import Point, bench, summary
+    from edgeformer.benchmarks.sweep import Point, bench, summary
 
     sweeps = {} if args.quick else {"batch": _ints(args.batches), "src_len": _ints(args.src_lens),
                                     "new_tokens": _ints(args.new_tokens), "threads": _ints(args.threads)}
@@ -286,7 +290,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"results (JSON, Markdown, PNG) in {args.out}")
 
 
+def _choices() -> dict[str, Any]:
+    """The allowed values of the verbs' options, from the modules that own them (none needs torch or onnx)."""
+    from edgeformer.model.metrics import METRICS
+    from edgeformer.transforms.options import INT8_METHODS, INT8_PRESETS, OFFLINE_LEVELS
+    from edgeformer.transforms.registry import QUANTIZED
+
+    return {"metrics": METRICS, "int8_methods": INT8_METHODS, "int8_presets": list(INT8_PRESETS),
+            "levels": OFFLINE_LEVELS, "quantized": QUANTIZED}
+
+
+EVAL_HELP = ("inputs to judge on, one a line: text (or text<TAB>reference) for a bundle with a tokenizer, or JSON "
+             '([ids] or {"source": ..., "reference": ...}); default: the built-in task the bundle records, else '
+             "random ids from its vocabulary")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    choices = _choices()
     parser = argparse.ArgumentParser(prog="edgeformer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -309,34 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("import", help="weights you already have -> checkpoint, checked against the original")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
-    q = kinds.add_parser("marian", help="a Hugging Face MarianMT (OPUS-MT) folder")
-    q.add_argument("source", metavar="HF_FOLDER")
-    q.add_argument("--no-check", action="store_true", help="skip the comparison with transformers' MarianMTModel")
-    q.add_argument("--no-generation-settings", action="store_true",
-                   help="do not carry generation_config.json (beams, max length, forced EOS...) into the bundle")
-    r = kinds.add_parser("torch-transformer", help="a state dict of a model built on torch.nn.Transformer")
-    r.add_argument("source", metavar="STATE_DICT", help=".pt/.pth (read with weights_only=True) or .safetensors")
-    r.add_argument("--heads", type=int, required=True, help="nhead: the state dict cannot tell it")
-    r.add_argument("--norm", choices=["post", "pre"], default="post", help="pre for norm_first=True")
-    r.add_argument("--activation", choices=["relu", "gelu"], default="relu")
-    r.add_argument("--positions", choices=["sinusoidal", "learned"], default="sinusoidal",
-                   help="learned: import --position-table as a table")
-    r.add_argument("--no-scale-embeddings", action="store_true", help="embeddings are not multiplied by sqrt(d)")
-    r.add_argument("--layer-norm-eps", type=float, default=1e-5)
-    r.add_argument("--prefix", default="transformer.", help="where nn.Transformer sits in the state dict")
-    r.add_argument("--src-embedding", default="src_tok_emb.embedding.weight")
-    r.add_argument("--tgt-embedding", default="tgt_tok_emb.embedding.weight", help="= --src-embedding if shared")
-    r.add_argument("--generator", default="generator", help="the output Linear (weight, and bias if any)")
-    r.add_argument("--position-table", default="positional_encoding.pos_embedding")
-    r.add_argument("--pad-id", type=int, default=1)
-    r.add_argument("--bos-id", type=int, default=2)
-    r.add_argument("--eos-id", type=int, default=3)
-    for kind in (q, r):
-        kind.add_argument("out", metavar="OUT", help="the checkpoint folder to write")
-        kind.add_argument("--force", action="store_true", help="replace an existing checkpoint at OUT")
-        kind.add_argument("--json", action="store_true")
-        kind.set_defaults(func=cmd_import)
+    from edgeformer.model.importers import IMPORTERS
+
+    p.add_argument("kind", choices=IMPORTERS, metavar="KIND",
+                   help="; ".join(f"{name}: {help}" for name, (_, help) in IMPORTERS.items()))
+    p.add_argument("arguments", nargs=argparse.REMAINDER, help="the importer's: edgeformer import KIND --help")
+    p.set_defaults(func=cmd_import)
 
     p = verbs.add_parser("info", help="show a bundle's manifest (runtime only)")
     p.add_argument("bundle")
@@ -368,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("parity", help="compare a bundle run by the runtime with the PyTorch checkpoint")
     p.add_argument("bundle")
     p.add_argument("--checkpoint", default=None, help="default: the shipped model")
-    p.add_argument("-n", type=int, default=200, help="held-out task inputs to compare")
+    p.add_argument("-n", type=int, default=200, help="how many inputs to compare")
+    p.add_argument("--eval", metavar="FILE", help=EVAL_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_parity)
 
@@ -383,13 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("out")
         p.add_argument("--force", action="store_true")
         p.add_argument("--allow-drop", action="store_true", help="write it even if it misses its parity target")
+        p.add_argument("--eval", metavar="FILE", help=EVAL_HELP)
+        p.add_argument("--metric", choices=choices["metrics"], help="where the inputs have references; default: "
+                       "the task's, exact_match for token ids, chrf for texts")
+        p.add_argument("--eval-size", type=int, default=200, help="how many inputs to judge on")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
         return p
 
     p = bundle_to_bundle("optimize", "transformer fusions + onnxruntime offline optimization -> new bundle",
                          cmd_optimize)
-    p.add_argument("--level", default="extended", choices=["basic", "extended", "all"],
+    p.add_argument("--level", default="extended", choices=choices["levels"],
                    help="onnxruntime level saved offline; 'all' adds layout changes tied to this machine")
     p.add_argument("--provider", default="cpu", help="the execution provider the graphs are optimized for")
     p.add_argument("--fuse-attention", default="auto", choices=["auto", "yes", "no"],
@@ -397,12 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernel (CPU, CUDA, TensorRT, ROCm)")
 
     p = bundle_to_bundle("quantize", "int8 (dynamic), int4 (weight-only) or fp16 -> new bundle", cmd_quantize)
-    p.add_argument("--to", required=True, choices=["int8", "int4", "fp16"])
-    p.add_argument("--preset", default="avx2", choices=["avx2", "avx512-vnni", "arm64"], help="int8 only")
-    p.add_argument("--method", default="dynamic", choices=["dynamic", "static"],
+    p.add_argument("--to", required=True, choices=choices["quantized"])
+    p.add_argument("--preset", default="avx2", choices=choices["int8_presets"], help="int8 only")
+    p.add_argument("--method", default="dynamic", choices=choices["int8_methods"],
                    help="int8: activations quantized at run time, or static QDQ with calibrated ranges")
-    p.add_argument("--calibration", metavar="FILE", help="int8 static: calibration inputs, one text a line "
-                   "(default: samples of the built-in task's training split)")
+    p.add_argument("--calibration", metavar="FILE", help="int8 static: calibration inputs, in --eval's format "
+                   "(default: the built-in task's training split where the bundle records one, else random ids)")
     p.add_argument("--calibration-size", type=int, default=64, help="int8 static: how many inputs to use")
     p.add_argument("--block-size", type=int, default=32, help="int4 only")
     p.add_argument("--keep", action="append", default=[], metavar="NODE|OP|output_projection",

@@ -6,11 +6,6 @@ No pickle anywhere. Loading reports every missing, unexpected or misshapen tenso
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,13 +15,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from edgeformer.model.config import ConfigError, TransformerConfig
+from edgeformer.model.tasks import get_task
 from edgeformer.model.transformer import Transformer
+from edgeformer.runtime.bundle import atomic_folder
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.tokenizer import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_FILE = "generation.json"  # default generation settings (an importer's), carried into the bundle
+TASK_FILE = "task.json"  # the built-in task a model was trained on: its variants are judged on that task
 DEFAULT_MODEL = "dates"
 
 
@@ -39,41 +37,13 @@ def default_checkpoint() -> Path:
     return Path(str(resources.files("edgeformer.model") / "weights" / DEFAULT_MODEL))
 
 
-@contextmanager
-def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; rename it into place only if the block succeeds."""
-    target = Path(target)
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} already exists; pass force=True (--force) to replace it")
-    parent = target.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
-    except OSError as e:
-        raise OSError(f"cannot write {target}: {e.strerror or e}") from None
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def state_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """Each parameter once: a shared embedding is stored under its first name only."""
     return {name: p.detach().contiguous() for name, p in model.named_parameters()}
 
 
 def save_checkpoint(model: Transformer, folder: Path, tokenizer: Tokenizer | None = None,
-                    force: bool = False, generation: GenerationConfig | None = None) -> Path:
+                    force: bool = False, generation: GenerationConfig | None = None, task: str | None = None) -> Path:
     with atomic_folder(Path(folder), force=force) as tmp:
         model.config.save(tmp / CONFIG_FILE)
         save_file(state_tensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -81,6 +51,8 @@ def save_checkpoint(model: Transformer, folder: Path, tokenizer: Tokenizer | Non
             tokenizer.save(tmp)
         if generation is not None:
             (tmp / GENERATION_FILE).write_text(json.dumps(generation.to_dict(), indent=2) + "\n")
+        if task is not None:
+            (tmp / TASK_FILE).write_text(json.dumps({"task": task}) + "\n")
     return Path(folder)
 
 
@@ -114,6 +86,19 @@ def load_checkpoint(folder: Path | str | None = None) -> tuple[Transformer, Toke
         for name, p in model.named_parameters():
             p.copy_(tensors[name])
     return model.eval(), load_tokenizer(folder)
+
+
+def load_task(folder: Path | str | None) -> str | None:
+    """The built-in task the checkpoint's model was trained on, or None (an imported model, say)."""
+    path = (Path(folder) if folder is not None else default_checkpoint()) / TASK_FILE
+    if not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text())["task"]
+        get_task(name)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a known built-in task ({e})") from None
+    return str(name)
 
 
 def load_generation(folder: Path | str | None) -> dict[str, Any]:

@@ -16,20 +16,13 @@ from torch import Tensor
 
 from edgeformer.model.transformer import KV, Transformer
 from edgeformer.runtime.options import GenerationConfig, Hypothesis
-from edgeformer.runtime.search import StepModel, search
+from edgeformer.runtime.search import StepModel, pad, search
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-pad token lists: (ids (B, S), mask (B, S)) with mask 1 on tokens."""
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise ValueError("every input needs at least one token")
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
+    ids, mask = pad(seqs, pad_id)
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 class TorchSteps(StepModel):

@@ -77,6 +77,7 @@ def is_held_out(d: dt.date) -> bool:
 @dataclass(frozen=True)
 class DatesTask:
     name: str = "dates"
+    metric: str = "exact_match"  # one right answer per input (model/metrics.py)
 
     def sample(self, rng: random.Random, split: str) -> tuple[str, str]:
         if split not in ("train", "test"):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from edgeformer.model import metrics
 from edgeformer.model.checkpoint import save_checkpoint
 from edgeformer.model.config import TransformerConfig
 from edgeformer.model.generate import generate, pad_batch
@@ -40,13 +41,13 @@ class TrainConfig:
 def exact_match(model: Transformer, tokenizer: CharTokenizer, pairs: list[tuple[str, str]],
                 batch_size: int = 250) -> float:
     """Fraction of held-out pairs whose greedy output equals the target exactly."""
-    right = 0
     gen = GenerationConfig(max_new_tokens=16)
+    outputs = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i: i + batch_size]
         hyps = generate(model, tokenizer.encode_batch([s for s, _ in chunk]), gen)
-        right += sum(tokenizer.target.decode(h[0].tokens) == t for h, (_, t) in zip(hyps, chunk, strict=True))
-    return right / len(pairs)
+        outputs += [tokenizer.target.decode(h[0].tokens) for h in hyps]
+    return metrics.exact_match(outputs, [t for _, t in pairs]) / 100
 
 
 def _batch(tokenizer: CharTokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, ...]:
@@ -96,6 +97,6 @@ def train(out: Path, train_config: TrainConfig | None = None, model_overrides: d
     train_seconds = time.perf_counter() - start
     model.eval()
     accuracy = exact_match(model, tokenizer, task.pairs(tc.eval_size, "test"))
-    save_checkpoint(model, out, tokenizer, force=force)
+    save_checkpoint(model, out, tokenizer, force=force, task=tc.task)
     return {"exact_match": accuracy, "train_seconds": train_seconds, "parameters": model.num_parameters(),
             "checkpoint_bytes": sum(f.stat().st_size for f in Path(out).iterdir())}

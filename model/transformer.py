@@ -238,6 +238,8 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
+    family = "encoder-decoder"  # how it is exported and run (runtime/families.py)
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config

@@ -6,22 +6,65 @@ file, and that each graph's inputs and outputs are those the manifest declares.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.metadata
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeformer.runtime.spec import DECODER, ENCODER, GraphSpec
+from edgeformer.runtime.families import DEFAULT_FAMILY, get_family
+from edgeformer.runtime.spec import GraphSpec
 
 MANIFEST_FILE = "edgeformer.json"
 FORMAT_NAME = "edgeformer-bundle"
 FORMAT_VERSION = 1
-VARIANTS = ("fp32", "fp32-optimized", "int8", "int4", "fp16")
 
 
 class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file and the problem."""
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; rename it into place only if the block succeeds."""
+    target = Path(target)
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} already exists; pass force=True (--force) to replace it")
+    parent = target.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
+    except OSError as e:
+        raise OSError(f"cannot write {target}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def producer_versions() -> dict[str, str]:
+    """The versions of the packages that make bundles, as the manifest records them (those installed)."""
+    versions = {}
+    for package in ("edgeformer", "torch", "onnx", "onnxruntime", "onnxscript", "numpy"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    return versions
 
 
 def sha256_file(path: Path) -> str:
@@ -34,7 +77,7 @@ def sha256_file(path: Path) -> str:
 
 @dataclass
 class Manifest:
-    config: dict[str, Any]  # the model's TransformerConfig, as config.json holds it
+    config: dict[str, Any]  # the model's config, as config.json holds it
     graphs: dict[str, GraphSpec]
     graph_files: dict[str, str]  # graph name -> file in the bundle
     variant: str = "fp32"
@@ -47,6 +90,8 @@ class Manifest:
     transforms: list[dict[str, Any]] = field(default_factory=list)  # optimize/quantize steps, in order
     variant_parity: dict[str, Any] = field(default_factory=dict)  # a derived variant against its fp32 source
     generation: dict[str, Any] = field(default_factory=dict)  # default GenerationConfig settings (an importer's)
+    family: str = DEFAULT_FAMILY  # the model family (runtime/families.py), which declares the graphs
+    task: str | None = None  # the built-in task the model was trained on, if it was: variants are judged on it
     format_version: int = FORMAT_VERSION
 
     @property
@@ -69,7 +114,9 @@ class Manifest:
         return {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
+            "family": self.family,
             "variant": self.variant,
+            "task": self.task,
             "config": self.config,
             "max_positions": self.max_positions,
             "opset": self.opset,
@@ -93,15 +140,20 @@ class Manifest:
             raise BundleError(f"{where}: bundle format version {version} is not supported by this runtime, which "
                               f"reads version {FORMAT_VERSION}; upgrade edgeformer (or re-export with this one)")
         try:
+            try:
+                family = get_family(d.get("family", DEFAULT_FAMILY))
+            except ValueError as e:
+                raise BundleError(f"{where}: {e}") from None
             graphs = {name: GraphSpec.from_dict(name, g) for name, g in d["graphs"].items()}
-            missing = {ENCODER, DECODER} - set(graphs)
+            missing = [g for g in family.graph_files if g not in graphs]
             if missing:
-                raise BundleError(f"{where}: the manifest declares no {', '.join(sorted(missing))} graph")
+                raise BundleError(f"{where}: the manifest declares no {', '.join(missing)} graph, which every "
+                                  f"{family.name} bundle has")
             return cls(config=d["config"], graphs=graphs, graph_files={n: g["file"] for n, g in d["graphs"].items()},
                        variant=d["variant"], opset=d["opset"], tokenizer=d.get("tokenizer"), files=d["files"],
                        producer=d.get("producer", {}), parity=d.get("parity", {}), exporter=d.get("exporter", ""),
                        transforms=d.get("transforms", []), variant_parity=d.get("variant_parity", {}),
-                       generation=d.get("generation", {}),
+                       generation=d.get("generation", {}), family=family.name, task=d.get("task"),
                        format_version=version)
         except (KeyError, TypeError) as e:
             raise BundleError(f"{where}: malformed manifest, missing or wrong field {e}") from None

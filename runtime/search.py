@@ -6,7 +6,7 @@ for token: the same EOS and length handling, the same beam bookkeeping and lengt
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +22,19 @@ class StepModel(Protocol):
     def reorder(self, rows: np.ndarray) -> None:
         """Keep the cache rows `rows`, in that order."""
         ...
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad a batch of token lists: (ids (B, S) int64, mask (B, S) int64 with 1 on tokens)."""
+    if len(seqs) == 0 or any(len(s) == 0 for s in seqs):
+        raise ValueError("every input needs at least one token")
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask
 
 
 def search(make_steps: Callable[[int], StepModel], batch: int, gen: GenerationConfig, bos_id: int, eos_id: int,

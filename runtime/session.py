@@ -18,48 +18,11 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeformer.runtime.bundle import MANIFEST_FILE, BundleError, Manifest
+from edgeformer.runtime.encoder_decoder import DECODER, ENCODER, ENCODER_DECODER, is_self_cache, past_for
+from edgeformer.runtime.engine import StepBinding, graph_io, open_session, provider, resolve_providers, session_options
 from edgeformer.runtime.options import GenerationConfig, Hypothesis
-from edgeformer.runtime.search import StepModel, search
-from edgeformer.runtime.spec import DECODER, ENCODER, past_for
+from edgeformer.runtime.search import StepModel, pad, search
 from edgeformer.runtime.tokenizer import load_tokenizer
-
-# Short names a user types -> onnxruntime's execution providers, and the device their caches live on.
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "directml": "DmlExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "xnnpack": "XnnpackExecutionProvider",
-    "qnn": "QNNExecutionProvider",
-}
-OPTIMIZATION_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
-
-def session_options(optimization: str, threads: int | None, spin: bool, stop_spinning: bool) -> ort.SessionOptions:
-    """Intra-op threads spin for work while a run lasts. The encoder's stop when its run returns: left spinning
-    (onnxruntime's default), they took the cores the decoder's steps needed. The decoder's keep spinning between
-    the steps of a generate call: stopped after each step, a thread that went to sleep had to be woken for the
-    next one, and on a 2-vCPU VM the wake-up of an idle vCPU cost a 4 ms scheduler tick in 53-82% of 16-token
-    runs (median 0.23-0.38 ms a token against 0.136 spinning). They stop on their own a while after the last
-    step (README: Benchmarks). spin=False: threads block whenever idle."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    options.add_session_config_entry("session.force_spinning_stop", "1" if stop_spinning else "0")
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return options
-
 
 # A decoder step that reads fewer weights than this, over all its rows, runs on one intra-op thread: handing its
 # small operators to a second thread costs more than it saves. Measured side by side on this project's 2-vCPU
@@ -76,21 +39,6 @@ def step_weights(config: dict[str, Any]) -> int:
     return layers * (6 * d * d + 2 * d * d_ff) + d * int(config["tgt_vocab_size"])
 
 
-def resolve_providers(requested: Sequence[str]) -> list[str]:
-    """Map names (short or onnxruntime's) to the available providers, in the order asked, CPU last as fallback."""
-    full_names = set(PROVIDERS.values())
-    chosen = []
-    for name in requested:
-        full = PROVIDERS.get(name.lower(), name)
-        if full not in full_names:
-            raise ValueError(f"unknown execution provider {name!r}; known: {', '.join(PROVIDERS)}")
-        if full in ort.get_available_providers() and full not in chosen:
-            chosen.append(full)
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen
-
-
 class Runtime:
     """A loaded bundle. Thread-safe: `generate` keeps all of its state in local variables."""
 
@@ -105,30 +53,29 @@ class Runtime:
         # start time is the same (0.17 s).
         self.path = Path(bundle)
         self.manifest = Manifest.load(self.path, verify=verify)
+        if self.manifest.family != ENCODER_DECODER.name:
+            raise BundleError(f"{self.path}: a {self.manifest.family} bundle; Runtime generates with "
+                              f"{ENCODER_DECODER.name} bundles")
         self.config = self.manifest.config
-        if optimization not in OPTIMIZATION_LEVELS:
-            raise ValueError(f"unknown optimization level {optimization!r}; choose one of "
-                             f"{', '.join(OPTIMIZATION_LEVELS)}")
         for name, value in (("threads", threads), ("decoder_threads", decoder_threads)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}: give a positive number of threads, or None for the default")
         self.requested_providers = resolve_providers(providers)
         self.decoder_threads = decoder_threads or threads
 
-        def open_session(graph: str, threads: int | None) -> ort.InferenceSession:
-            return ort.InferenceSession(str(self.path / self.manifest.graph_files[graph]),
-                                        session_options(optimization, threads, spin, stop_spinning=graph == ENCODER),
-                                        providers=self.requested_providers)
+        def open_graph(graph: str, threads: int | None) -> ort.InferenceSession:
+            options = session_options(optimization, threads, spin, stop_spinning=graph == ENCODER)
+            return open_session(self.path / self.manifest.graph_files[graph], options, self.requested_providers)
 
-        self.sessions = {ENCODER: open_session(ENCODER, threads), DECODER: open_session(DECODER, self.decoder_threads)}
+        self.sessions = {ENCODER: open_graph(ENCODER, threads), DECODER: open_graph(DECODER, self.decoder_threads)}
         self.provider = self.sessions[DECODER].get_providers()[0]  # the one that actually runs
-        self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.device = provider(self.provider).device
         # A second decoder session on one thread, for the small steps of a small model (see SMALL_STEP_WEIGHTS):
         # which one a call uses depends on its rows, and a session's threads are fixed when it opens. It costs
         # little: only a model whose step reads fewer than SMALL_STEP_WEIGHTS weights gets one.
         self.step_weights = step_weights(self.config)
         self.one_thread_decoder = (
-            open_session(DECODER, 1) if decoder_threads is None and threads != 1 and self.device == "cpu"
+            open_graph(DECODER, 1) if decoder_threads is None and threads != 1 and self.device == "cpu"
             and self.step_weights < SMALL_STEP_WEIGHTS else None)
         self._check_graphs()
         self.tokenizer = (load_tokenizer(self.path) if self.manifest.tokenizer else None)
@@ -138,19 +85,12 @@ class Runtime:
             raise BundleError(f"{self.path / MANIFEST_FILE}: bad generation defaults ({e})") from None
         self.encoder_outputs = self.manifest.graphs[ENCODER].output_names
         self.decoder_outputs = self.manifest.graphs[DECODER].output_names
-        self.self_cache_inputs = [t for t in self.manifest.graphs[DECODER].inputs
-                                  if t.name.startswith("past_key_values.") and ".decoder." in t.name]
+        self.self_cache_inputs = [t for t in self.manifest.graphs[DECODER].inputs if is_self_cache(t.name)]
         self.cache_dtype = np.dtype(self.self_cache_inputs[0].dtype) if self.self_cache_inputs else np.float32
 
     def _check_graphs(self) -> None:
         for name, session in self.sessions.items():
-            spec = self.manifest.graphs[name]
-            got_in = [i.name for i in session.get_inputs()]
-            got_out = [o.name for o in session.get_outputs()]
-            if got_in != spec.input_names or got_out != spec.output_names:
-                raise ValueError(f"{self.path / self.manifest.graph_files[name]}: the graph's inputs/outputs "
-                                 f"{got_in} -> {got_out} differ from the manifest's {spec.input_names} -> "
-                                 f"{spec.output_names}")
+            self.manifest.graphs[name].check_names(*graph_io(session), self.path / self.manifest.graph_files[name])
 
     # -- checks ------------------------------------------------------------------------------------------------
 
@@ -269,56 +209,50 @@ class Runtime:
 class _Steps(StepModel):
     """The decoder of one generate call. One IO binding lives as long as the call: the mask and the cross cache
     are bound once; each step rebinds only the new tokens and, as the next step's past, the present values the
-    step just returned.
-
-    A step of a small model costs little more than the Python around `run`, so the step talks to onnxruntime's
-    pybind objects themselves (`IOBinding._iobinding`, `InferenceSession._sess`: private names, but unchanged since
-    onnxruntime's early releases; tested with 1.32). The public wrapper checks and re-wraps every value on every
-    call, which measured 0.028 ms of a 0.148 ms step of the shipped model."""
+    step just returned."""
 
     def __init__(self, runtime: Runtime, input_ids: np.ndarray, attention_mask: np.ndarray, rows: int) -> None:
         if rows > 1:
             input_ids, attention_mask = input_ids.repeat(rows, axis=0), attention_mask.repeat(rows, axis=0)
         self.fixed: dict[str, Any] = {
             "encoder_attention_mask": np.ascontiguousarray(attention_mask),
-            **{n: v._ortvalue for n, v in runtime.encode(input_ids, attention_mask).items()}}
+            **{n: StepBinding.raw(v) for n, v in runtime.encode(input_ids, attention_mask).items()}}
         self.past: dict[str, Any] = dict(runtime.empty_past(len(input_ids)))
-        decoder, _ = runtime.decoder(len(input_ids))
-        self.session = decoder._sess
-        self.binding = decoder.io_binding()._iobinding
-        # the C binding does not keep numpy arrays alive: these references do, as long as they are bound
+        self.session, _ = runtime.decoder(len(input_ids))
+        self.binding = StepBinding(self.session)
+        # the binding does not keep numpy arrays alive: these references do, as long as they are bound
         self.held: dict[str, Any] = {}
         for name, value in {**self.fixed, **self.past}.items():
             self._bind(name, value)
         logits, *self.presents = runtime.decoder_outputs
         self.present_to_past = [past_for(n) for n in self.presents]
-        self.cache_device = ort.OrtDevice.make(runtime.device, 0)._get_c_device()
+        self.cache_device = StepBinding.device(runtime.device)
         # The tokens of each step are written into this bound array: onnxruntime reads it in place. The logits
         # keep one binding too (their shape is the same every step); the caches are bound anew each step, since
         # the ones a step returns are the next step's past.
         self.tokens = np.zeros((len(input_ids), 1), np.int64)
         self._bind("input_ids", self.tokens)
-        self.binding.bind_output(logits, ort.OrtDevice.make("cpu", 0)._get_c_device())
+        self.binding.bind_output(logits, StepBinding.device("cpu"))
 
     def _bind(self, name: str, value: Any) -> None:
         if isinstance(value, np.ndarray):
             self.held[name] = value
             self.binding.bind_input(name, value)
         else:
-            self.binding.bind_ortvalue_input(name, value)
+            self.binding.bind_value(name, value)
 
     def log_probs(self, tokens: np.ndarray) -> np.ndarray:
         self.tokens[:, 0] = tokens
+        binding = self.binding
         for name in self.presents:
-            self.binding.bind_output(name, self.cache_device)
-        self.session.run_with_iobinding(self.binding, None)
-        outputs = self.binding.get_outputs()
+            binding.bind_output(name, self.cache_device)
+        binding.run()
+        outputs = binding.outputs()
         logits = np.asarray(outputs[0].numpy()[:, -1], dtype=np.float32)  # (rows, V)
-        # by index: iterating the pybind vector costs 0.05 ms (it ends on a C++ exception turned into IndexError)
         self.past = {}
         for i, name in enumerate(self.present_to_past, start=1):
             self.past[name] = value = outputs[i]
-            self.binding.bind_ortvalue_input(name, value)
+            binding.bind_value(name, value)
         return log_softmax(logits)
 
     def reorder(self, rows: np.ndarray) -> None:
@@ -339,14 +273,3 @@ def host(value: Any) -> np.ndarray:
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad: (ids (B, S) int64, mask (B, S) int64 with 1 on tokens)."""
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return ids, mask

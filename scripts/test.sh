@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check model export runtime cli tests benchmarks
-.venv/bin/mypy model export runtime cli benchmarks
+.venv/bin/ruff check model export transforms runtime benchmarks report cli tests
+.venv/bin/mypy model export transforms runtime benchmarks report cli
 exec .venv/bin/python -m pytest "$@"

@@ -1,58 +1,30 @@
-"""Shared fixtures: tiny random models built in milliseconds, and bundles exported once per session."""
+"""Shared fixtures: bundles exported once per session from the tiny models of tests/helpers.py. Nothing here
+imports torch until a test asks for a bundle: the runtime's own tests run without it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import torch
 
-from edgeformer.model.checkpoint import save_checkpoint
-from edgeformer.model.config import TransformerConfig
-from edgeformer.model.transformer import Transformer
+from tests.helpers import VARIANTS, tiny_model
 
-torch.set_num_threads(2)
-
-TINY = {"src_vocab_size": 37, "tgt_vocab_size": 29, "d_model": 32, "n_heads": 4, "n_encoder_layers": 2,
-        "n_decoder_layers": 2, "d_ff": 64, "dropout": 0.0}
-# One random model of each position kind and norm placement (and the other options) for parity tests.
-VARIANTS = {
-    "post-sinusoidal": {},
-    "pre-learned-gelu": {"norm": "pre", "position": "learned", "max_positions": 64, "activation": "gelu"},
-    "shared-untied": {"share_embeddings": True, "tgt_vocab_size": 37, "tie_output": False, "n_decoder_layers": 3},
-    # What imported models need: Marian's layout of sines, SiLU, a logits bias, the decoder starting from pad, and
-    # nn.Transformer's final norm after post-norm layers.
-    "marian-like": {"sinusoid": "halves", "activation": "silu", "output_bias": True, "final_norm": True,
-                    "pad_id": 0, "bos_id": 0},
-}
-
-
-def tiny_model(seed: int = 0, **overrides: object) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(TransformerConfig(**{**TINY, **overrides}))  # type: ignore[arg-type]
-    # Random but decisive: a larger output projection spreads the logits, so that near-ties of the argmax (where
-    # 1e-6 of float noise could flip a greedy token) are rare.
-    with torch.no_grad():
-        projection = model.decoder.output_projection or model.decoder.embed.tokens
-        projection.weight.mul_(4.0)
-        for name, p in model.named_parameters():  # zero biases would hide a bias that is never applied
-            if name.endswith("bias"):
-                p.normal_(std=0.1)
-    return model.eval()
-
-
-@pytest.fixture(scope="session")
-def make_model() -> Callable[..., Transformer]:
-    return tiny_model
-
+if TYPE_CHECKING:
+    from edgeformer.model.transformer import Transformer
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Transformer, Path]]:
     """variant name -> (PyTorch model, bundle folder), exported once per session."""
-    from edgeformer.export.onnx_export import export
+    import torch
 
-    cache: dict[str, tuple[Transformer, Path]] = {}
+    from edgeformer.export.onnx_export import export
+    from edgeformer.model.checkpoint import save_checkpoint
+
+    torch.set_num_threads(2)
+
+    cache: dict[str, tuple[Any, Path]] = {}
 
     def get(name: str) -> tuple[Transformer, Path]:
         if name not in cache:

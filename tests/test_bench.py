@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from edgeformer.export.bench import compare_latency, known_within, median_ci
-from edgeformer.export.benchmark import TORCH_FULL, TORCH_KV, Point, bench, configurations, sweep_points
-from edgeformer.export.memory import measure
+from edgeformer.benchmarks.latency import compare_latency, known_within, median_ci
+from edgeformer.benchmarks.memory import measure
+from edgeformer.benchmarks.sweep import TORCH_FULL, TORCH_KV, Point, bench, configurations, sweep_points
 from edgeformer.model.generate import TorchFullSteps, TorchSteps, pad_batch
 from edgeformer.model.transformer import Transformer
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_sweeps_vary_one_axis_around_the_base_point() -> None:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgeformer.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:

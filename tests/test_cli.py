@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def edgeformer(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgeformer.cli", *args], capture_output=True, text=True,
-                          input=stdin, check=False)
+from tests.helpers import edgeformer
 
 
 def test_info_shows_the_bundle_as_a_person_reads_it(exported) -> None:

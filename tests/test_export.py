@@ -12,11 +12,12 @@ import torch
 from onnx import numpy_helper
 
 from edgeformer.export import parity
+from edgeformer.export.encoder_decoder import compare_case
 from edgeformer.export.onnx_export import export
-from edgeformer.export.parity import TOLERANCES, ParityError, compare_case, cpu_session
+from edgeformer.export.parity import TOLERANCES, ParityError
 from edgeformer.model.checkpoint import CheckpointError, save_checkpoint
 from edgeformer.runtime.bundle import MANIFEST_FILE, Manifest
-from tests.conftest import tiny_model
+from tests.helpers import graph_sessions, tiny_model
 
 # (batch, source length): batch 1 and 64, sources of 1 and 500 tokens; every case starts from an empty past.
 SHAPE_GRID = [(1, 1), (1, 500), (64, 1), (64, 500), (3, 17)]
@@ -30,25 +31,25 @@ def test_one_bundle_serves_every_shape_like_pytorch(exported, batch: int, src_le
     lengths = rng.integers(1, src_len + 1, batch)
     lengths[0] = src_len  # at least one at full length; the others padded
     src = [rng.integers(4, 37, n).tolist() for n in lengths]
-    enc, dec = cpu_session(bundle / "encoder.onnx"), cpu_session(bundle / "decoder.onnx")
-    r = compare_case(model, enc, dec, m.graphs, src, steps=3, tolerance=TOLERANCES["fp32"])
+    sessions = graph_sessions(bundle)
+    r = compare_case(model, sessions, m.graphs, src, steps=3, tolerance=TOLERANCES["fp32"])
     assert r["agree"] == r["tokens"]
 
 
 def test_decoder_takes_a_whole_prefix_in_one_step(exported) -> None:
     model, bundle = exported("pre-learned-gelu")
     m = Manifest.load(bundle)
-    enc, dec = cpu_session(bundle / "encoder.onnx"), cpu_session(bundle / "decoder.onnx")
+    sessions = graph_sessions(bundle)
     src = torch.randint(4, 37, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)
     tgt = torch.randint(4, 29, (2, 5))
-    cross = dict(zip(m.graphs["encoder"].output_names, enc.run(None, {"input_ids": src.numpy(),
+    cross = dict(zip(m.graphs["encoder"].output_names, sessions["encoder"].run(None, {"input_ids": src.numpy(),
                                                                      "attention_mask": mask.numpy()}), strict=True))
     feed = {"input_ids": tgt.numpy(), "encoder_attention_mask": mask.numpy()}
     for t in m.graphs["decoder"].inputs[2:]:
         feed[t.name] = (cross[t.name.replace("past_key_values", "present")] if ".encoder." in t.name
                         else np.zeros((2, 4, 0, 8), np.float32))
-    logits = dec.run(["logits"], feed)[0]
+    logits = sessions["decoder"].run(["logits"], feed)[0]
     with torch.no_grad():
         want = model(src, tgt, mask).numpy()
     assert np.abs(logits - want).max() < 1e-4

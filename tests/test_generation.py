@@ -10,7 +10,7 @@ import pytest
 from edgeformer.model.generate import generate
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.search import search
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 SRC = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
 

@@ -16,11 +16,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edgeformer.export.onnx_export import export
-from edgeformer.export.variants import quantize
 from edgeformer.model.checkpoint import load_checkpoint
-from edgeformer.model.importers import ImporterError, TorchFacts, import_marian, import_torch_transformer
+from edgeformer.model.importers.common import ImporterError
+from edgeformer.model.importers.marian import import_marian
+from edgeformer.model.importers.torch_transformer import TorchFacts, import_torch_transformer
 from edgeformer.model.tasks import get_task
 from edgeformer.runtime.session import Runtime
+from edgeformer.transforms.derive import quantize
 
 transformers = pytest.importorskip("transformers", reason="the Marian reference needs edgeformer[hf]")
 spm = pytest.importorskip("sentencepiece", reason="the Marian tokenizer needs edgeformer[hf]")
@@ -324,7 +326,7 @@ def test_unplaceable_tensors_and_impossible_facts_are_refused(tmp_path: Path) ->
 
 
 def test_command_line_imports_exports_and_translates_an_opus_mt_folder(marian, tmp_path: Path) -> None:
-    from tests.test_cli import edgeformer
+    from tests.helpers import edgeformer
 
     hf_dir, _, _ = marian
     out = edgeformer("import", "marian", str(hf_dir), str(tmp_path / "ck"))

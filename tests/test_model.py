@@ -10,7 +10,7 @@ import torch
 from edgeformer.model.config import ConfigError, TransformerConfig
 from edgeformer.model.generate import pad_batch
 from edgeformer.model.transformer import PositionalEncoding, Transformer
-from tests.conftest import TINY, tiny_model
+from tests.helpers import TINY, tiny_model
 
 
 def test_sinusoidal_encoding_equals_the_papers_formula() -> None:

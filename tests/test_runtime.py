@@ -19,17 +19,13 @@ from edgeformer.model.config import BASE_SIZE, TransformerConfig
 from edgeformer.model.generate import generate
 from edgeformer.model.tasks import get_task
 from edgeformer.runtime.bundle import MANIFEST_FILE, BundleError
+from edgeformer.runtime.encoder_decoder import DECODER, ENCODER
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.session import SMALL_STEP_WEIGHTS, Runtime, step_weights
-from edgeformer.runtime.spec import DECODER, ENCODER
+from tests.helpers import random_sources
 
 GREEDY = GenerationConfig(max_new_tokens=12)
 BEAM = GenerationConfig(strategy="beam", num_beams=4, num_return_sequences=2, max_new_tokens=12)
-
-
-def random_sources(n: int, vocab: int, seed: int, longest: int = 20) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(4, vocab, rng.integers(1, longest + 1)).tolist() for _ in range(n)]
 
 
 def test_importing_the_runtime_never_imports_torch() -> None:
@@ -141,7 +137,7 @@ def test_small_steps_run_on_a_one_thread_decoder_and_large_ones_on_the_threads_a
         session, used = rt.decoder(rows)
         assert used == threads == session.get_session_options().intra_op_num_threads
         ids = np.full((rows, 3), 5, dtype=np.int64)
-        assert rt.step_model(ids, np.ones_like(ids), 1).session is session._sess
+        assert rt.step_model(ids, np.ones_like(ids), 1).session is session
 
 
 @pytest.mark.parametrize(("options", "threads"), [({"threads": 2, "decoder_threads": 2}, 2), ({"threads": 1}, 1),

@@ -5,7 +5,7 @@ its peak says nothing about one configuration. A fresh process per configuration
 would (the runtime alone, numpy and onnxruntime; or torch and the checkpoint), decodes once at the point's
 sizes and reports its own peak. Host memory only: a GPU provider's device memory is not in it.
 
-    python -m edgeformer.export.memory '{"system": "onnx", "bundle": ..., ...}'
+    python -m edgeformer.benchmarks.memory '{"system": "onnx", "bundle": ..., ...}'
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def measure(spec: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
 def _decode_once(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    from edgeformer.export.bench import time_decode
+    from edgeformer.benchmarks.latency import time_decode
 
     rng = np.random.default_rng(0)
     ids = rng.integers(4, spec["src_vocab_size"], (spec["batch"], spec["src_len"]))

@@ -12,6 +12,11 @@ where K and V are the layer's projections (encoder self-attention), the past cac
 past_key/past_value inputs and present_key/present_value outputs; padding masks become its key_padding_mask, the
 causal mask its `unidirectional` attribute, and the projections' biases its `bias` input. Node count is what a
 decoding step of a small model costs, so every node the kernel can absorb goes.
+
+A block is fused only where the kernel computes what the nodes did: softmax over the last axis, a constant scalar
+scale (passed on as the kernel's `scale`), heads split by Reshape to (num_heads, head_dim) with the transposes
+the kernel assumes, and an additive bias that is the source mask's padding (or, with a past, the causal mask
+alone). Anything else is left as it is. Layer-norm fusions (epsilon included) are onnxruntime's own.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from edgeformer.transforms.graph_edits import drop_unused_initializers
 
 MS_DOMAIN = "com.microsoft"
 
@@ -48,11 +55,44 @@ class _Graph:
         return name, None
 
 
-def _split_heads_source(g: _Graph, name: str) -> str | None:
-    """The (B, T, D) tensor that a Transpose(Reshape(x)) split into heads, or None."""
+def _perm(node: onnx.NodeProto) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+
+
+def _constant(g: _Graph, name: str) -> np.ndarray | None:
+    if name in g.initializers:
+        return numpy_helper.to_array(g.initializers[name])
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def _head_split(g: _Graph, reshape: onnx.NodeProto, num_heads: int) -> bool:
+    """Whether a Reshape splits its last axis into (num_heads, head_dim), its target's last two sizes constant."""
+    shape = _constant(g, reshape.input[1])
+    if shape is None:
+        concat = g.op(reshape.input[1], "Concat")
+        if concat is None or len(concat.input) != 4:
+            return False
+        parts = [_constant(g, i) for i in concat.input[2:]]
+        if any(p is None or p.size != 1 for p in parts):
+            return False
+        shape = np.array([0, 0, *(int(p.reshape(-1)[0]) for p in parts if p is not None)])
+    return len(shape) == 4 and int(shape[2]) == num_heads and int(shape[3]) > 0
+
+
+def _split_heads_source(g: _Graph, name: str, num_heads: int, perm: tuple[int, ...] = (0, 2, 1, 3)) -> str | None:
+    """The (B, T, D) tensor that Transpose(Reshape(x), perm) split into num_heads heads, or None."""
     t = g.op(name, "Transpose")
-    r = g.op(t.input[0], "Reshape") if t is not None else None
-    return r.input[0] if r is not None else None
+    r = g.op(t.input[0], "Reshape") if t is not None and _perm(t) == list(perm) else None
+    return r.input[0] if r is not None and _head_split(g, r, num_heads) else None
+
+
+def _scale(g: _Graph, mul: onnx.NodeProto) -> float | None:
+    """The constant scalar a Mul scales the scores by, or None when it is not one."""
+    value = _constant(g, mul.input[1])
+    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
 def _mask_int32(model: onnx.ModelProto, mask_input: str, cache: dict[str, str]) -> str:
@@ -102,12 +142,15 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
         scores = g.op(mul.input[0], "MatMul") if mul is not None else None
         after = consumers.get(softmax.output[0], [])
         context = after[0] if len(after) == 1 and after[0].op_type == "MatMul" else None
-        if add is None or mul is None or scores is None or context is None:
+        axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+        scale = _scale(g, mul) if mul is not None else None
+        if add is None or mul is None or scores is None or context is None or axis not in (-1, 3) or scale is None:
             continue
         t_out = consumers.get(context.output[0], [None])[0]
         reshape_out = consumers.get(t_out.output[0], [None])[0] if t_out is not None else None
-        query = _split_heads_source(g, scores.input[0])
-        if query is None or reshape_out is None or reshape_out.op_type != "Reshape":
+        query = _split_heads_source(g, scores.input[0], num_heads)
+        if (query is None or t_out is None or _perm(t_out) != [0, 2, 1, 3] or reshape_out is None
+                or reshape_out.op_type != "Reshape"):
             continue
         k_node = g.producer.get(scores.input[1])  # K transposed for Q @ K^T
         if k_node is None or k_node.op_type != "Transpose":
@@ -120,9 +163,10 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
         query, q_bias = g.unbiased(query)
         concat_k, concat_v = g.op(k_src, "Concat"), g.op(v_src, "Concat")
         if concat_k is not None and concat_v is not None:  # decoder self-attention with its cache
-            new_k = _split_heads_source(g, concat_k.input[1])
-            new_v = _split_heads_source(g, concat_v.input[1])
-            if new_k is None or new_v is None or _padding_mask_input(g, bias) is not None:
+            new_k = _split_heads_source(g, concat_k.input[1], num_heads)
+            new_v = _split_heads_source(g, concat_v.input[1], num_heads)
+            if (new_k is None or new_v is None or _perm(k_node) != [0, 1, 3, 2]
+                    or _padding_mask_input(g, bias) is not None):
                 continue
             (new_k, k_bias), (new_v, v_bias) = g.unbiased(new_k), g.unbiased(new_v)
             # the graph's additive bias here is the causal mask alone: the kernel applies it itself, past included
@@ -131,15 +175,16 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
             outputs += [concat_k.output[0], concat_v.output[0]]
         elif k_src in g.inputs and v_src in g.inputs:  # cross-attention on the cached encoder keys and values
             mask = _padding_mask_input(g, bias)
-            if mask is None:
+            if mask is None or _perm(k_node) != [0, 1, 3, 2]:
                 continue
             k_bias = v_bias = None  # already in the cache
             inputs = [query, k_src, v_src, "", _mask_int32(model, mask, masks)]
         else:  # encoder self-attention: K^T came from one Transpose of the split heads
             reshape_k = g.op(k_src, "Reshape")
-            new_v = _split_heads_source(g, v_src)
+            new_v = _split_heads_source(g, v_src, num_heads)
             mask = _padding_mask_input(g, bias)
-            if reshape_k is None or new_v is None or mask is None:
+            if (reshape_k is None or not _head_split(g, reshape_k, num_heads) or _perm(k_node) != [0, 2, 3, 1]
+                    or new_v is None or mask is None):
                 continue
             (new_k, k_bias), (new_v, v_bias) = g.unbiased(reshape_k.input[0]), g.unbiased(new_v)
             inputs = [query, new_k, new_v, "", _mask_int32(model, mask, masks)]
@@ -148,7 +193,7 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
             inputs[3] = _qkv_bias(model, f"/attention_{fused}/qkv_bias", biases)
         model.graph.node.append(helper.make_node(
             "MultiHeadAttention", inputs, outputs, name=f"/attention_{fused}/MultiHeadAttention",
-            domain=MS_DOMAIN, num_heads=num_heads, unidirectional=unidirectional))
+            domain=MS_DOMAIN, num_heads=num_heads, unidirectional=unidirectional, scale=scale))
         for node in (reshape_out, t_out, context, softmax, add, mul, scores, k_node):
             model.graph.node.remove(node)
         if len(outputs) == 3 and concat_k is not None and concat_v is not None:
@@ -167,15 +212,13 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
 
 
 def remove_dead_nodes(model: onnx.ModelProto) -> None:
-    """Drop nodes whose outputs nothing reads, until none is left."""
+    """Drop nodes whose outputs nothing reads, until none is left, then the initializers nothing reads."""
     graph_outputs = {o.name for o in model.graph.output}
     while True:
         used = {i for n in model.graph.node for i in n.input} | graph_outputs
         dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
         if not dead:
-            keep = [i for i in model.graph.initializer if i.name in used]
-            del model.graph.initializer[:]
-            model.graph.initializer.extend(keep)
+            drop_unused_initializers(model)
             return
         for n in dead:
             model.graph.node.remove(n)

@@ -34,11 +34,6 @@ class Latency:
     per_run_ms: tuple[float, ...]  # per-token time of each run, in round order
 
 
-def speedup_text(speedup: float, low: float, high: float) -> str:
-    """A ratio as every table prints it: '6.43x (6.14-7.22)', its 95% interval in brackets."""
-    return f"{speedup:.2f}x ({low:.2f}-{high:.2f})"
-
-
 def median_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
     """95% confidence interval of the median, from order statistics: no assumption about the distribution,
     which matters here, as run times have a floor and a long tail (preemption, the host's other tenants)."""

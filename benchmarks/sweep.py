@@ -24,19 +24,19 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from edgeformer.cli.table import table
-from edgeformer.export.bench import compare_latency, speedup_text
-from edgeformer.export.memory import measure
-from edgeformer.export.onnx_export import export, producer_versions
-from edgeformer.export.variants import build_variants
+from edgeformer.benchmarks.latency import compare_latency
+from edgeformer.benchmarks.memory import measure
+from edgeformer.export.onnx_export import export
 from edgeformer.model.checkpoint import load_checkpoint
 from edgeformer.model.generate import TorchFullSteps, TorchSteps
-from edgeformer.runtime.bundle import Manifest
+from edgeformer.report.format import ratio_text, table
+from edgeformer.runtime import engine
+from edgeformer.runtime.bundle import Manifest, producer_versions
 from edgeformer.runtime.search import StepModel
-from edgeformer.runtime.session import PROVIDERS, Runtime
+from edgeformer.runtime.session import Runtime
+from edgeformer.transforms.derive import build_variants
 
-VARIANTS = ("fp32", "fp32-optimized", "int8", "int4")
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider")
+CPU_VARIANTS = ("fp32", "fp32-optimized", "int8", "int4")  # fp16 is measured on GPU providers only
 TORCH_KV, TORCH_FULL = "pytorch-eager-kv", "pytorch-eager-no-cache"
 
 
@@ -77,9 +77,9 @@ def machine() -> dict[str, Any]:
 
 def configurations(variants: Sequence[str] | None, providers: Sequence[str]) -> list[tuple[str, str]]:
     """(variant, provider) pairs to measure: each variant on each provider, but fp16, a GPU variant, on GPU
-    providers only; by default VARIANTS, and fp16 too where a GPU provider is measured."""
-    gpu = [p for p in providers if p in GPU_PROVIDERS]
-    variants = variants or (*VARIANTS, *(["fp16"] if gpu else []))
+    providers only; by default CPU_VARIANTS, and fp16 too where a GPU provider is measured."""
+    gpu = [p for p in providers if engine.provider(p).gpu]
+    variants = variants or (*CPU_VARIANTS, *(["fp16"] if gpu else []))
     return [(v, p) for v in variants for p in (gpu if v == "fp16" else providers)]
 
 
@@ -92,13 +92,13 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None =
     every point; with `memory`, each configuration's peak resident memory too, in a process of its own
     (export/memory.py). Writes results.json, results.md and per_token_latency.png to `out` when given.
 
-    Variants by default: VARIANTS, and fp16 where a GPU provider is measured; fp16 runs on GPU providers only.
+    Variants by default: CPU_VARIANTS, and fp16 where a GPU provider is measured; fp16 runs on GPU providers only.
     The runtime's decoder runs on `decoder_threads` at every point; None: the runtime's default (one thread
     for the small steps of a small model, the point's threads otherwise; see Runtime)."""
     model, _ = load_checkpoint(checkpoint)
     c = model.config
     # every compute provider onnxruntime has here (AzureExecutionProvider, a remote-call provider, is not one)
-    providers = list(providers or [p for p in ort.get_available_providers() if p in PROVIDERS.values()])
+    providers = list(providers or engine.available())
     pairs = configurations(variants, providers)
     variants = list(dict.fromkeys(v for v, _ in pairs))
     points = sweep_points(SWEEPS if sweeps is None else sweeps, base, repeat_base)
@@ -171,7 +171,7 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None =
 
 
 def _ratio(r: dict) -> str:
-    return speedup_text(r["speedup_vs_pytorch_kv"], *r["speedup_ci95"])
+    return ratio_text(r["speedup_vs_pytorch_kv"], *r["speedup_ci95"])
 
 
 def _threads(r: dict) -> str:

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
-from edgeformer.cli.table import table
-from edgeformer.export.bench import compare_latency, speedup_text
-from edgeformer.export.compare import compare_runtime, report_rows
+from edgeformer.benchmarks.latency import compare_latency
+from edgeformer.export.encoder_decoder import runtime_parity
 from edgeformer.export.onnx_export import export
-from edgeformer.export.variants import build_variants
 from edgeformer.model.checkpoint import default_checkpoint, load_checkpoint
 from edgeformer.model.generate import TorchSteps, generate, pad_batch
 from edgeformer.model.tasks import get_task
+from edgeformer.report.format import figure_text, ratio_text, table
 from edgeformer.runtime.session import Runtime
+from edgeformer.transforms.derive import build_variants
 
 
 def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
@@ -36,8 +36,8 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
         print(f"   bundle written in {result.seconds:.1f} s, {result.bundle_bytes / 1e6:.2f} MB\n")
 
         print("3. parity of the runtime (numpy + onnxruntime) with PyTorch on 200 held-out inputs")
-        report = compare_runtime(bundle, threads=threads)
-        print(table(["check", "result"], report_rows(report)))
+        report = runtime_parity(bundle, threads=threads)
+        print(table(["check", "result"], [[k, figure_text(k, v)] for k, v in report.items()]))
         print()
 
         print("4. faster variants: optimized (fused), then quantized from it; each checked against its source first")
@@ -48,7 +48,7 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
                      "exact match"],
                     [[r.variant, f"{r.bundle_bytes / 1e6:.2f}", f"{r.bundle_bytes / result.bundle_bytes:.0%}",
                       f"{r.figures['max_abs_logprob_diff']:.1e}", f"{r.figures['greedy_token_agreement']:.1%}",
-                      f"{r.figures['exact_match']:.1%}"] for r in reports]))
+                      f"{r.figures['metric_variant']:.1f}%"] for r in reports]))
         print()
 
         runtimes = {name: Runtime(path, threads=threads) for name, path in paths.items()}
@@ -75,5 +75,5 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
         lat = compare_latency(systems, new_tokens, c.bos_id, reference="PyTorch eager + KV cache", max_seconds=8)
         print(table(["system", "encoder ms", "ms/token", "step p90", "speed-up per token (95% CI)"],
                     [[name, f"{v.encoder_ms:.2f}", f"{v.per_token_ms:.3f}", f"{v.per_token_p90_ms:.3f}",
-                      speedup_text(v.speedup, v.speedup_low, v.speedup_high)] for name, v in lat.items()]))
+                      ratio_text(v.speedup, v.speedup_low, v.speedup_high)] for name, v in lat.items()]))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")

@@ -1,0 +1,160 @@
+"""The encoder-decoder family on the PyTorch side: its graphs as modules, example inputs to trace them with, and
+the parity check that runs before a bundle of it is written. The graphs' names, inputs, outputs and axes are the
+family's declaration (runtime/encoder_decoder.py); this module only computes them.
+
+Parity: each case encodes a batch of random sources of mixed lengths in both systems, compares the cross-attention
+caches, then decodes step by step with the KV cache, comparing the logits at every step; both systems are fed
+PyTorch's greedy tokens, so a step's argmax agreeing in both means greedy decoding gives the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from edgeformer.export.evaluation import eval_set
+from edgeformer.export.parity import TOLERANCES, ParityError, Tolerance, check_close
+from edgeformer.model.checkpoint import load_checkpoint
+from edgeformer.model.generate import generate, pad_batch
+from edgeformer.model.transformer import Transformer
+from edgeformer.runtime.encoder_decoder import DECODER, ENCODER, is_self_cache, past_for
+from edgeformer.runtime.options import GenerationConfig
+from edgeformer.runtime.session import Runtime
+from edgeformer.runtime.spec import GraphSpec
+
+# Trace with sizes of at least 2 and a non-empty past: torch.export specializes sizes 0 and 1 into constants.
+EXAMPLE_BATCH, EXAMPLE_SRC, EXAMPLE_TGT, EXAMPLE_PAST = 2, 5, 3, 4
+# (source lengths of one batch, decoding steps): batch 1 with a one-token source, then a padded mixed batch.
+PARITY_CASES: tuple[tuple[tuple[int, ...], int], ...] = (((1,), 6), ((7, 2, 5), 8), ((16, 16), 6))
+
+
+class EncoderGraph(nn.Module):
+    """input_ids, attention_mask -> the cross-attention (key, value) of every decoder layer."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.encoder, self.decoder = model.encoder, model.decoder
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        memory = self.encoder(input_ids, attention_mask)  # (B, S, D)
+        return tuple(t for kv in self.decoder.cross_kv(memory) for t in kv)  # each (B, H, S, Dh)
+
+
+class DecoderGraph(nn.Module):
+    """One decoding step (or a whole prefix): logits and the grown self-attention cache. Its inputs are the
+    declared ones, in order: tokens, source mask, the self-attention cache, then the cross-attention cache."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.decoder = model.decoder
+        self.layers = model.config.n_decoder_layers
+
+    def forward(self, input_ids: Tensor, encoder_attention_mask: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+        past_self, past_cross = caches[: 2 * self.layers], caches[2 * self.layers:]
+        past = list(zip(past_self[0::2], past_self[1::2], strict=True))  # [(key, value)] per layer
+        cross = list(zip(past_cross[0::2], past_cross[1::2], strict=True))
+        logits, present = self.decoder(input_ids, encoder_attention_mask, cross, past)
+        return (logits, *[t for kv in present for t in kv])
+
+
+def graph_modules(model: Transformer) -> dict[str, nn.Module]:
+    return {ENCODER: EncoderGraph(model), DECODER: DecoderGraph(model)}
+
+
+def example_inputs(model: Transformer) -> dict[str, tuple[Tensor, ...]]:
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    b, s, t, p = EXAMPLE_BATCH, EXAMPLE_SRC, EXAMPLE_TGT, EXAMPLE_PAST
+    src = torch.randint(3, c.src_vocab_size, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    past = [torch.randn(b, c.n_heads, p, c.head_dim, generator=g) for _ in range(2 * c.n_decoder_layers)]
+    cross = [torch.randn(b, c.n_heads, s, c.head_dim, generator=g) for _ in range(2 * c.n_decoder_layers)]
+    tgt = torch.randint(3, c.tgt_vocab_size, (b, t), generator=g)
+    return {ENCODER: (src, mask), DECODER: (tgt, mask, *past, *cross)}
+
+
+@torch.no_grad()
+def compare_case(model: Transformer, sessions: dict[str, ort.InferenceSession], specs: dict[str, GraphSpec],
+                 src: Sequence[Sequence[int]], steps: int, tolerance: Tolerance) -> dict[str, float]:
+    """One batch through both systems; raises ParityError on the first output out of tolerance."""
+    cfg = model.config
+    where = f"batch of {len(src)} with source lengths {[len(s) for s in src]}"
+    ids, mask = pad_batch([list(s) for s in src], cfg.pad_id)
+    cross = model.decoder.cross_kv(model.encoder(ids, mask))
+    enc_out = dict(zip(specs[ENCODER].output_names, sessions[ENCODER].run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}), strict=True))
+    torch_cross = [t.numpy() for kv in cross for t in kv]
+    enc_diff = 0.0
+    for (name, got), want in zip(enc_out.items(), torch_cross, strict=True):
+        enc_diff = max(enc_diff, check_close(got, want, tolerance, f"encoder graph, output {name}, {where}"))
+
+    feed: dict[str, np.ndarray] = {"encoder_attention_mask": mask.numpy()}
+    feed.update({past_for(name): value for name, value in enc_out.items()})
+    past = model.decoder.empty_past(len(src))
+    for t in specs[DECODER].inputs:
+        if is_self_cache(t.name):
+            feed[t.name] = np.zeros((len(src), cfg.n_heads, 0, cfg.head_dim), np.float32)
+    tokens = torch.full((len(src), 1), cfg.bos_id, dtype=torch.long)
+    dec_diff, agree = 0.0, 0
+    for step in range(steps):
+        logits, past = model.decoder(tokens, mask, cross, past)
+        feed["input_ids"] = tokens.numpy()
+        outputs = dict(zip(specs[DECODER].output_names, sessions[DECODER].run(None, feed), strict=True))
+        want = logits.numpy()
+        dec_diff = max(dec_diff, check_close(outputs["logits"], want, tolerance,
+                                             f"decoder graph, output logits, step {step}, {where}"))
+        agree += int((outputs["logits"][:, -1].argmax(-1) == want[:, -1].argmax(-1)).sum())
+        for name, value in outputs.items():
+            if name != "logits":
+                feed[past_for(name)] = value
+        tokens = logits[:, -1:].argmax(-1)
+    return {ENCODER: enc_diff, DECODER: dec_diff, "agree": agree, "tokens": steps * len(src)}
+
+
+def check_parity(model: Transformer, sessions: dict[str, ort.InferenceSession], specs: dict[str, GraphSpec],
+                 tolerance: Tolerance) -> dict:
+    """Every parity case; the figures that go into the manifest."""
+    rng = np.random.default_rng(0)
+    worst = {ENCODER: 0.0, DECODER: 0.0}
+    agree = tokens = 0
+    for lengths, steps in PARITY_CASES:
+        src = [rng.integers(4, model.config.src_vocab_size, n).tolist() for n in lengths]
+        r = compare_case(model, sessions, specs, src, steps, tolerance)
+        worst = {g: max(worst[g], r[g]) for g in worst}
+        agree += int(r["agree"])
+        tokens += int(r["tokens"])
+    if agree != tokens:
+        raise ParityError(f"decoder graph: greedy tokens differ from PyTorch's at {tokens - agree} of {tokens} steps")
+    return {"max_abs_diff": worst, "greedy_token_agreement": agree / tokens, "tokens_compared": tokens,
+            "cases": [{"source_lengths": list(lengths), "steps": steps} for lengths, steps in PARITY_CASES]}
+
+
+def runtime_parity(bundle: Path, checkpoint: Path | str | None = None, n: int = 200, eval: Path | str | None = None,
+                   threads: int | None = None) -> dict[str, float | str | int]:
+    """The bundle run by the runtime against the PyTorch checkpoint: greedy and beam outputs, the task metric
+    and per-step logits, on n inputs (export/evaluation.py: `eval`, else the bundle's task, else random ones)."""
+    model, tokenizer = load_checkpoint(checkpoint)
+    rt = Runtime(bundle, threads=threads)
+    inputs = eval_set(rt.config, rt.tokenizer, rt.manifest.task, eval, n)
+    src = inputs.sources
+    report: dict[str, float | str | int] = {"inputs": len(src), "judged on": inputs.judged_on["inputs"],
+                                            "provider": rt.provider}
+    for name, gen in (("greedy", GenerationConfig(max_new_tokens=16)),
+                      ("beam-4", GenerationConfig(strategy="beam", num_beams=4, max_new_tokens=16))):
+        ours, ref = rt.generate(src, gen), generate(model, src, gen)
+        report[f"{name} identical to PyTorch"] = sum(
+            a[0].tokens == b[0].tokens for a, b in zip(ours, ref, strict=True)) / len(src)
+        if name == "greedy" and inputs.metric is not None:
+            report[f"{inputs.metric} (runtime)"] = inputs.score(ours, tokenizer)
+            report[f"{inputs.metric} (PyTorch)"] = inputs.score(ref, tokenizer)
+    worst = 0.0
+    for i in range(0, min(len(src), 64), 16):  # per-step logits on padded batches of 16
+        r = compare_case(model, rt.sessions, rt.manifest.graphs, src[i: i + 16], 12, TOLERANCES["fp32"])
+        worst = max(worst, r[DECODER])
+    report["max |logit diff| per step"] = worst
+    return report

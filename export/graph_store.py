@@ -1,0 +1,89 @@
+"""Storing ONNX graphs in a bundle: each weight once (within a graph and across graphs), external data only past
+protobuf's limit, every graph checked by onnx.checker as it is saved. onnx and numpy only: the exporter and the
+transforms both write through here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import set_external_data
+
+SHARED_WEIGHTS = "shared.weights"  # weights that both graphs use, stored once
+EXTERNAL_DATA_BYTES = 2 << 30  # protobuf's limit; larger graphs keep their weights beside them
+
+
+def dedupe_initializers(model: onnx.ModelProto) -> int:
+    """Store each weight once: an initializer equal to another, or to another's transpose, is replaced by a
+    reference to it (or a Transpose node). The exporter's constant folding turns the output projection tied to
+    the embedding into a second, transposed copy; this undoes that. Returns the number of bytes saved."""
+    graph = model.graph
+    seen: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    transposed: dict[str, str] = {}
+    keep = []
+    saved = 0
+    for init in graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.size < 64:  # shape constants and the like are not worth the bookkeeping
+            keep.append(init)
+            continue
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key in seen:
+            rename[init.name] = seen[key]
+            saved += array.nbytes
+            continue
+        if array.ndim == 2:
+            t_key = (array.dtype.str, array.T.shape, np.ascontiguousarray(array.T).tobytes())
+            if t_key in seen:
+                transposed[init.name] = seen[t_key]
+                saved += array.nbytes
+                continue
+        seen[key] = init.name
+        keep.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for name, source in transposed.items():
+        graph.node.insert(0, onnx.helper.make_node("Transpose", [source], [name], name=f"/{name}/Transpose",
+                                                   perm=[1, 0]))
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    return saved
+
+
+def share_across_graphs(protos: list[onnx.ModelProto], folder: Path) -> list[str]:
+    """A weight that two graphs both hold (a source/target embedding shared by encoder and decoder) is written
+    once, to SHARED_WEIGHTS, and both graphs refer to it as external data. Returns the names moved."""
+    owners: dict[tuple, list[tuple[int, onnx.TensorProto]]] = {}
+    for g, proto in enumerate(protos):
+        for init in proto.graph.initializer:
+            # raw_data as stored: packed 4-bit tensors must stay packed. Typed fields hold small constants only.
+            if init.HasField("raw_data") and len(init.raw_data) >= 256:
+                owners.setdefault((init.data_type, tuple(init.dims), init.raw_data), []).append((g, init))
+    shared = [inits for inits in owners.values() if len({g for g, _ in inits}) > 1]
+    if not shared:
+        return []
+    moved = []
+    with open(folder / SHARED_WEIGHTS, "wb") as f:
+        for inits in shared:
+            data = inits[0][1].raw_data
+            offset = f.tell()
+            f.write(data)
+            f.write(b"\0" * (-len(data) % 64))  # keep every tensor 64-byte aligned for memory mapping
+            for _, init in inits:
+                set_external_data(init, SHARED_WEIGHTS, offset, len(data))
+                init.data_location = onnx.TensorProto.EXTERNAL
+                init.ClearField("raw_data")
+                moved.append(init.name)
+    return moved
+
+
+def save_graph(proto: onnx.ModelProto, path: Path) -> None:
+    large = sum(i.ByteSize() for i in proto.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save_model(proto, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    onnx.checker.check_model(str(path), full_check=True)

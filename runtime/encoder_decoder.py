@@ -1,0 +1,72 @@
+"""The encoder-decoder family (the Transformer of "Attention Is All You Need"), declared as data.
+
+Names follow Hugging Face Optimum's seq2seq convention so that tools that know it also know ours. The encoder
+graph emits the cross-attention keys and values of every decoder layer (computed once per source), and one
+decoder graph serves every step, the first with an empty past (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from edgeformer.runtime.spec import Family, GraphSpec, TensorSpec
+
+ENCODER, DECODER = "encoder", "decoder"
+BATCH, SRC_LEN, TGT_LEN, PAST_LEN = "batch", "src_len", "tgt_len", "past_len"
+
+
+def past_name(layer: int, attention: str, kind: str) -> str:
+    """attention: 'decoder' (self-attention cache) or 'encoder' (cross-attention cache); kind: 'key' | 'value'."""
+    return f"past_key_values.{layer}.{attention}.{kind}"
+
+
+def present_name(layer: int, attention: str, kind: str) -> str:
+    return f"present.{layer}.{attention}.{kind}"
+
+
+def past_for(present: str) -> str:
+    """The input that a present output feeds on the next step (or, for the encoder's, on every step)."""
+    if not present.startswith("present."):
+        raise ValueError(f"{present!r} is not a cache output")
+    return "past_key_values." + present[len("present."):]
+
+
+def is_self_cache(name: str) -> bool:
+    """A decoder input that holds the self-attention cache (empty on the first step)."""
+    return name.startswith("past_key_values.") and name.endswith((".decoder.key", ".decoder.value"))
+
+
+def _cache(names: Callable[[int, str, str], str], layers: int, attention: str, heads: int, head_dim: int,
+           length: str, dtype: str) -> list[TensorSpec]:
+    return [TensorSpec(names(i, attention, kind), dtype, (BATCH, heads, length, head_dim))
+            for i in range(layers) for kind in ("key", "value")]
+
+
+def encoder_spec(layers: int, heads: int, head_dim: int, dtype: str = "float32") -> GraphSpec:
+    inputs = (TensorSpec("input_ids", "int64", (BATCH, SRC_LEN)),
+              TensorSpec("attention_mask", "int64", (BATCH, SRC_LEN)))
+    outputs = tuple(_cache(present_name, layers, "encoder", heads, head_dim, SRC_LEN, dtype))
+    return GraphSpec(ENCODER, inputs, outputs)
+
+
+def decoder_spec(layers: int, heads: int, head_dim: int, vocab: int, dtype: str = "float32") -> GraphSpec:
+    inputs = (TensorSpec("input_ids", "int64", (BATCH, TGT_LEN)),
+              TensorSpec("encoder_attention_mask", "int64", (BATCH, SRC_LEN)),
+              *_cache(past_name, layers, "decoder", heads, head_dim, PAST_LEN, dtype),
+              *_cache(past_name, layers, "encoder", heads, head_dim, SRC_LEN, dtype))
+    outputs = (TensorSpec("logits", "float32", (BATCH, TGT_LEN, vocab)),
+               *_cache(present_name, layers, "decoder", heads, head_dim, f"{PAST_LEN}+{TGT_LEN}", dtype))
+    return GraphSpec(DECODER, inputs, outputs)
+
+
+def graphs(config: Mapping[str, Any]) -> dict[str, GraphSpec]:
+    """The graphs of a model with this config (config.json's fields)."""
+    layers, heads = int(config["n_decoder_layers"]), int(config["n_heads"])
+    head_dim = int(config["d_model"]) // heads
+    return {ENCODER: encoder_spec(layers, heads, head_dim),
+            DECODER: decoder_spec(layers, heads, head_dim, int(config["tgt_vocab_size"]))}
+
+
+ENCODER_DECODER = Family(name="encoder-decoder", graph_files={ENCODER: "encoder.onnx", DECODER: "decoder.onnx"},
+                         axes=(BATCH, SRC_LEN, TGT_LEN, PAST_LEN), graphs=graphs)

@@ -1,0 +1,75 @@
+"""What the tests build on: tiny random models built in milliseconds, random sources, a bundle's graphs opened
+as onnxruntime sessions. Tests import from here, never from each other or from conftest."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeformer.runtime.bundle import Manifest
+from edgeformer.runtime.engine import open_session
+
+if TYPE_CHECKING:  # torch and onnx only where a test builds a model or a graph: the runtime's tests need neither
+    import onnx
+
+    from edgeformer.model.transformer import Transformer
+
+TINY = {"src_vocab_size": 37, "tgt_vocab_size": 29, "d_model": 32, "n_heads": 4, "n_encoder_layers": 2,
+        "n_decoder_layers": 2, "d_ff": 64, "dropout": 0.0}
+# One random model of each position kind and norm placement (and the other options) for parity tests.
+VARIANTS = {
+    "post-sinusoidal": {},
+    "pre-learned-gelu": {"norm": "pre", "position": "learned", "max_positions": 64, "activation": "gelu"},
+    "shared-untied": {"share_embeddings": True, "tgt_vocab_size": 37, "tie_output": False, "n_decoder_layers": 3},
+    # What imported models need: Marian's layout of sines, SiLU, a logits bias, the decoder starting from pad, and
+    # nn.Transformer's final norm after post-norm layers.
+    "marian-like": {"sinusoid": "halves", "activation": "silu", "output_bias": True, "final_norm": True,
+                    "pad_id": 0, "bos_id": 0},
+}
+
+
+def tiny_model(seed: int = 0, **overrides: object) -> Transformer:
+    import torch
+
+    from edgeformer.model.config import TransformerConfig
+    from edgeformer.model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(TransformerConfig(**{**TINY, **overrides}))  # type: ignore[arg-type]
+    # Random but decisive: a larger output projection spreads the logits, so that near-ties of the argmax (where
+    # 1e-6 of float noise could flip a greedy token) are rare.
+    with torch.no_grad():
+        projection = model.decoder.output_projection or model.decoder.embed.tokens
+        projection.weight.mul_(4.0)
+        for name, p in model.named_parameters():  # zero biases would hide a bias that is never applied
+            if name.endswith("bias"):
+                p.normal_(std=0.1)
+    return model.eval()
+
+
+
+
+def random_sources(n: int, vocab: int, seed: int, longest: int = 20) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(4, vocab, rng.integers(1, longest + 1)).tolist() for _ in range(n)]
+
+
+def session_of(model: onnx.ModelProto) -> ort.InferenceSession:
+    """An onnxruntime CPU session of an in-memory graph."""
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def graph_sessions(bundle: Path) -> dict[str, ort.InferenceSession]:
+    """Every graph of a bundle, opened on the CPU as its manifest names them."""
+    m = Manifest.load(bundle)
+    return {name: open_session(Path(bundle) / file) for name, file in m.graph_files.items()}
+
+
+def edgeformer(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeformer.cli", *args], capture_output=True, text=True,
+                          input=stdin, check=False)

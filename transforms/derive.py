@@ -1,0 +1,143 @@
+"""Bundle -> new bundle: `edgeformer optimize` and `edgeformer quantize --to int8|int4|fp16`.
+
+Every transform (transforms/registry.py) is applied to every graph of a bundle the same way: the new graphs are
+written to a temporary folder, judged against the source bundle on the user's inputs (transforms/judge.py), and
+only a variant that passes its gate is moved into place; the manifest records the figures and what they were
+measured on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeformer.export.evaluation import eval_set
+from edgeformer.export.graph_store import dedupe_initializers, save_graph, share_across_graphs
+from edgeformer.export.parity import ParityError
+from edgeformer.runtime.bundle import Manifest, atomic_folder, producer_versions
+from edgeformer.runtime.tokenizer import load_tokenizer, tokenizer_files
+from edgeformer.transforms.graph_edits import quiet
+from edgeformer.transforms.judge import judge, misses
+from edgeformer.transforms.options import OptimizeOptions, QuantizeOptions
+from edgeformer.transforms.registry import QUANTIZED, SOURCE, TRANSFORMS, VARIANTS, transform
+
+
+@dataclass
+class VariantReport:
+    variant: str
+    seconds: float
+    bundle_bytes: int
+    source_bytes: int
+    figures: dict = field(default_factory=dict)
+    misses: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Judging:
+    """What a variant is judged on: `eval` a file of inputs (export/evaluation.py), else the bundle's built-in task,
+    else random inputs; `metric` where the inputs have references; `inputs`, how many."""
+
+    eval: Path | str | None = None
+    metric: str | None = None
+    inputs: int = 200
+
+
+def derive(bundle: Path | str, out: Path | str, variant: str, options: Any, force: bool = False,
+           allow_drop: bool = False, judging: Judging = Judging(),
+           log: Callable[[str], None] | None = None) -> VariantReport:
+    """Apply the transform that makes `variant` to every graph of a bundle, judge the result against the source,
+    write it atomically."""
+    say = log or (lambda _msg: None)
+    start = time.perf_counter()
+    bundle = Path(bundle)
+    source = Manifest.load(bundle)
+    step = transform(variant)
+    made = variant
+    if step.step == "optimize" and source.variant not in (SOURCE, variant):
+        made = source.variant  # optimizing a quantized bundle: it stays what it is, held to its own gate
+    elif step.step == "quantize" and source.variant in QUANTIZED:
+        raise ValueError(f"{bundle} is already {source.variant}; quantize an fp32 (or optimized) bundle")
+    tokenizer = load_tokenizer(bundle) if source.tokenizer else None
+    inputs = eval_set(source.config, tokenizer, source.task, judging.eval, judging.inputs, metric=judging.metric)
+    provider = getattr(options, "provider", "cpu")
+    with quiet():
+        per_graph, settings = step.make(options, bundle)
+        with atomic_folder(Path(out), force=force) as tmp:
+            protos, details = {}, {}
+            for name, file in source.graph_files.items():
+                say(f"{made}: {name} graph")
+                protos[name], details[name] = per_graph(bundle / file, name, source)
+                dedupe_initializers(protos[name])  # onnxruntime's constant folding may have copied a tied table
+            share_across_graphs(list(protos.values()), tmp)
+            for name, proto in protos.items():
+                save_graph(proto, tmp / source.graph_files[name])
+            for name in tokenizer_files(bundle):
+                shutil.copy(bundle / name, tmp / name)
+            say(f"{made}: checking against the {source.variant} bundle on {inputs.judged_on['inputs']}")
+            # The check needs a loadable bundle: write a provisional manifest first, the final one after.
+            manifest = Manifest(config=source.config, graphs=source.graphs, graph_files=source.graph_files,
+                                variant=made, opset=source.opset, tokenizer=source.tokenizer,
+                                producer={**source.producer, **producer_versions()},
+                                exporter=source.exporter, parity=source.parity, generation=source.generation,
+                                family=source.family, task=source.task)
+            manifest.transforms = [*source.transforms, {"step": step.step, "variant": made, **settings,
+                                                        "keep": list(getattr(options, "keep", [])), "graphs": details}]
+            manifest.save(tmp)
+            figures = judge(bundle, tmp, inputs, provider=provider)
+            gate = TRANSFORMS[made].gate
+            missed = misses(gate, figures)
+            if missed and not allow_drop:
+                raise ParityError(f"{made} bundle misses its target against its source bundle: {'; '.join(missed)}. "
+                                  "Nothing was written; pass --allow-drop (allow_drop=True) to write it anyway")
+            manifest.variant_parity = {**figures, "target": asdict(gate), "misses": missed}
+            manifest.save(tmp)
+            size = manifest.bytes(tmp)
+    return VariantReport(made, time.perf_counter() - start, size, source.bytes(bundle), figures, missed)
+
+
+def optimize(bundle: Path | str, out: Path | str, level: str = "extended", provider: str = "cpu",
+             fuse_attention: bool | None = None, **kwargs: Any) -> VariantReport:
+    """Transformer fusions, then onnxruntime's offline graph optimization for a provider, saved.
+
+    fuse_attention: None fuses attention into MultiHeadAttention for the providers that run it."""
+    return derive(bundle, out, "fp32-optimized", OptimizeOptions(level, provider, fuse_attention), **kwargs)
+
+
+def quantize(bundle: Path | str, out: Path | str, to: str, preset: str = "avx2", block_size: int = 32,
+             keep: list[str] | None = None, method: str = "dynamic", calibration: Path | str | None = None,
+             calibration_size: int = 64, **kwargs: Any) -> VariantReport:
+    """int8 (method 'dynamic', or 'static': QDQ calibrated on the inputs in the file `calibration`, else on the
+    bundle's task's training split, else on random inputs), int4 or fp16."""
+    if to not in QUANTIZED:
+        raise ValueError(f"unknown quantization {to!r}; choose one of {', '.join(QUANTIZED)}")
+    calibrate = None
+    if to == "int8" and method == "static":
+        source = Manifest.load(Path(bundle))
+        tokenizer = load_tokenizer(Path(bundle)) if source.tokenizer else None
+        calibrate = eval_set(source.config, tokenizer, source.task, calibration, calibration_size, split="train",
+                             seed=17)
+    options = QuantizeOptions(preset, method, block_size, list(keep or []), calibrate)
+    return derive(bundle, out, to, options, **kwargs)
+
+
+def build_variants(fp32: Path | str, folder: Path | str, variants: Sequence[str],
+                   log: Callable[[str], None] | None = None) -> dict[str, tuple[Path, VariantReport | None]]:
+    """The bundles of `variants` from an exported fp32 bundle, chained as a CPU deployment would chain them:
+    fusions first, then int8 or int4 quantization of the optimized bundle, so that they keep the fused attention
+    (fp16, a GPU variant, is made from fp32). Returns {variant: (path, report)}; fp32 has no report."""
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    built: dict[str, tuple[Path, VariantReport | None]] = {SOURCE: (Path(fp32), None)}
+    if {"fp32-optimized", "int8", "int4"} & set(variants):
+        path = Path(folder) / "fp32-optimized"
+        built["fp32-optimized"] = (path, optimize(fp32, path, log=log))
+    for v in (v for v in variants if v in QUANTIZED):
+        source = built[SOURCE if v == "fp16" else "fp32-optimized"][0]
+        path = Path(folder) / v
+        built[v] = (path, quantize(source, path, to=v, log=log))
+    return {v: built[v] for v in (SOURCE, *variants) if v in built}

@@ -1,0 +1,152 @@
+"""Edits of ONNX graphs that the transforms share: finding the output projection, keeping nodes in full
+precision, typing every tensor, untying or quantizing a tied projection, dropping what nothing reads."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeformer.runtime.bundle import Manifest
+
+OUTPUT_PROJECTION = "output_projection"  # alias for the MatMul that produces the logits
+# One graph's transform: (source graph file, graph name, source manifest) -> (new graph, details for the manifest)
+GraphTransform = Callable[[Path, str, Manifest], tuple[onnx.ModelProto, dict]]
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """onnxruntime's tools log progress and advice on the root logger; keep only their errors, for this call."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in ("onnxruntime.quantization",
+                                                                      "onnxruntime.transformers"))]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def logits_matmul(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The output projection: the MatMul that makes the logits, directly or through Add(bias) (Marian's
+    final_logits_bias)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    node = producers.get("logits")
+    if node is not None and node.op_type == "Add":
+        node = next((producers.get(i) for i in node.input if i not in inits and i in producers), None)
+    return node if node is not None and node.op_type == "MatMul" else None
+
+
+def resolve_keep(model: onnx.ModelProto, keep: list[str]) -> list[str]:
+    """Node names to keep in full precision, from names, operator types, or the alias 'output_projection'."""
+    nodes = list(model.graph.node)
+    names = set()
+    for item in keep:
+        if item == OUTPUT_PROJECTION:
+            projection = logits_matmul(model)
+            names |= {projection.name} if projection is not None else set()
+        else:
+            matched = {n.name for n in nodes if n.name == item or n.op_type == item}
+            names |= matched
+    return sorted(names)
+
+
+def with_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every intermediate tensor typed, com.microsoft operators included, where symbolic inference can."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    # When it cannot type everything, onnxruntime dumps sym_shape_infer_temp.onnx and its weights into the
+    # working directory before raising: let that land in a folder that is thrown away.
+    cwd = Path.cwd()
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)
+        try:
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        except Exception:  # an operator it does not know: fall back on the quantizer's DefaultTensorType
+            return model
+        finally:
+            os.chdir(cwd)
+
+
+def _tied_projection(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeProto, str] | None:
+    """(MatMul, Transpose, table) when the logits come from MatMul(x, Transpose(table)): a tied projection."""
+    inits = {i.name for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = logits_matmul(model)
+    t = producers.get(node.input[1]) if node is not None else None
+    if node is not None and t is not None and t.op_type == "Transpose" and t.input[0] in inits:
+        return node, t, t.input[0]
+    return None
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def untie_projection(model: onnx.ModelProto) -> None:
+    """Give a tied output projection its own (transposed) weight, so that a weight-only quantizer packs it like
+    any other MatMul weight. Two quantized copies of the table are still far smaller than one in fp32."""
+    tied = _tied_projection(model)
+    if tied is None:
+        return
+    matmul, transpose, table = tied
+    array = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == table))
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.T), "output_projection.weight"))
+    matmul.input[1] = "output_projection.weight"
+    model.graph.node.remove(transpose)
+
+
+def quantize_tied_projection_int8(model: onnx.ModelProto) -> bool:
+    """After dynamic quantization quantized the embedding's Gather, let the tied output projection read the same
+    int8 table: MatMulInteger(quantize(x), Transpose(table_int8)), one table on disk for both uses."""
+    inits = {i.name for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    matmul = logits_matmul(model)
+    transpose = producers.get(matmul.input[1]) if matmul is not None else None
+    if matmul is None or transpose is None or transpose.op_type != "Transpose":
+        return False
+    # The table is either still the float initializer, or (when the quantizer saw it used outside a Gather)
+    # a DequantizeLinear of the quantized one, which would dequantize all of it on every step.
+    dequantize = producers.get(transpose.input[0])
+    if dequantize is not None and dequantize.op_type == "DequantizeLinear" and dequantize.input[0] in inits:
+        q, scale, zero = dequantize.input[:3]
+    elif f"{transpose.input[0]}_quantized" in inits:
+        table = transpose.input[0]
+        q, scale, zero = f"{table}_quantized", f"{table}_scale", f"{table}_zero_point"
+    else:
+        return False
+    x, out = matmul.input[0], matmul.output[0]
+    make = onnx.helper.make_node
+    nodes = [
+        make("Transpose", [q], ["output_projection.weight_quantized"], name="/output_projection/Transpose",
+             perm=[1, 0]),
+        make("DynamicQuantizeLinear", [x], ["op_x_q", "op_x_scale", "op_x_zero"], name="/output_projection/Quantize"),
+        make("MatMulInteger", ["op_x_q", "output_projection.weight_quantized", "op_x_zero", zero], ["op_y_int"],
+             name="/output_projection/MatMulInteger"),
+        make("Cast", ["op_y_int"], ["op_y"], name="/output_projection/Cast", to=onnx.TensorProto.FLOAT),
+        make("Mul", ["op_x_scale", scale], ["op_scale"], name="/output_projection/Scale"),
+        make("Mul", ["op_y", "op_scale"], [out], name="/output_projection/Mul"),
+    ]
+    position = list(model.graph.node).index(matmul)
+    model.graph.node.remove(matmul)
+    model.graph.node.remove(transpose)
+    for offset, node in enumerate(nodes):
+        model.graph.node.insert(position - 1 + offset, node)
+    used = {i for n in model.graph.node for i in n.input}
+    if dequantize is not None and dequantize.output[0] not in used:
+        model.graph.node.remove(dequantize)
+    drop_unused_initializers(model)
+    return True

@@ -1,0 +1,51 @@
+"""`edgeformer optimize`: onnxruntime's transformer fusions (LayerNormalization, SkipLayerNormalization, ...), our
+attention fusion (transforms/fusion.py), then onnxruntime's own graph optimizations for one provider, saved."""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from edgeformer.runtime.bundle import Manifest
+from edgeformer.runtime.engine import open_session, provider, session_options
+from edgeformer.transforms.fusion import fuse_attention
+from edgeformer.transforms.graph_edits import GraphTransform
+from edgeformer.transforms.options import OptimizeOptions
+
+
+def optimize_transform(options: OptimizeOptions, bundle: Path) -> tuple[GraphTransform, dict]:
+    """The per-graph transform and the settings recorded in the manifest."""
+    chosen = provider(options.provider)
+    if chosen.name not in ort.get_available_providers():
+        raise ValueError(f"cannot optimize for {chosen.name}: onnxruntime here has only "
+                         f"{ort.get_available_providers()}; optimize on a machine with that provider (for CUDA: "
+                         "onnxruntime-gpu and a GPU)")
+    attention = chosen.fused_attention if options.fuse_attention is None else options.fuse_attention
+    return fuse(options.level, chosen.name, attention), {"level": options.level, "provider": chosen.name,
+                                                         "fuse_attention": attention}
+
+
+def fuse(level: str, provider_name: str, attention: bool) -> GraphTransform:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    def transform(path: Path, graph: str, manifest: Manifest) -> tuple[onnx.ModelProto, dict]:
+        c = manifest.config
+        # opt_level=0: only the transformer fusions here; onnxruntime's own passes run next, for the provider.
+        fused = optimize_model(str(path), model_type="bart", num_heads=c["n_heads"], hidden_size=c["d_model"],
+                               opt_level=0)
+        stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+        if attention:  # the BART rules never match our attention; our own pass does
+            stats["MultiHeadAttention"] = fuse_attention(fused.model, c["n_heads"])
+        with tempfile.TemporaryDirectory() as tmp:
+            fused.save_model_to_file(str(Path(tmp) / "fused.onnx"))
+            open_session(Path(tmp) / "fused.onnx", session_options(level, optimized_path=Path(tmp) / "optimized.onnx"),
+                         [provider_name])
+            proto = onnx.load(str(Path(tmp) / "optimized.onnx"))
+        ops = Counter(n.op_type for n in proto.graph.node)
+        return proto, {"fused_operators": stats, "operators": dict(ops.most_common())}
+
+    return transform

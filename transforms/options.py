@@ -1,0 +1,49 @@
+"""The transforms' options, as dataclasses with their allowed values in constants the command line's choices
+reuse. Light on purpose (no onnx, no torch): the command line builds its parser from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgeformer.export.evaluation import EvalSet
+from edgeformer.runtime.engine import OPTIMIZATION_LEVELS
+
+OFFLINE_LEVELS = tuple(level for level in OPTIMIZATION_LEVELS if level != "disable")
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    level: str = "extended"  # onnxruntime's level saved offline; "all" adds layout changes tied to the machine
+    provider: str = "cpu"  # the execution provider the graphs are optimized for
+    fuse_attention: bool | None = None  # None: where the provider runs the fused kernel
+
+    def __post_init__(self) -> None:
+        if self.level not in OFFLINE_LEVELS:
+            raise ValueError(f"unknown optimization level {self.level!r}; choose one of {', '.join(OFFLINE_LEVELS)}")
+
+
+# int8 presets: what suits each instruction set (onnxruntime's quantization guide). On AVX2 and AVX-512 without
+# VNNI, u8s8 products can saturate, so weights use 7 bits (reduce_range); VNNI and ARM64 dot products do not.
+INT8_PRESETS = {
+    "avx2": {"reduce_range": True, "per_channel": True},
+    "avx512-vnni": {"reduce_range": False, "per_channel": True},
+    "arm64": {"reduce_range": False, "per_channel": True},
+}
+INT8_METHODS = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    preset: str = "avx2"  # int8: one of INT8_PRESETS
+    method: str = "dynamic"  # int8: one of INT8_METHODS
+    block_size: int = 32  # int4
+    keep: list[str] = field(default_factory=list)  # node names, operator types or OUTPUT_PROJECTION, kept in fp32
+    calibration: EvalSet | None = None  # int8 static: the inputs to calibrate activation ranges on
+
+    def __post_init__(self) -> None:
+        if self.preset not in INT8_PRESETS:
+            raise ValueError(f"unknown int8 preset {self.preset!r}; choose one of {', '.join(INT8_PRESETS)}")
+        if self.method not in INT8_METHODS:
+            raise ValueError(f"unknown int8 method {self.method!r}; choose one of {', '.join(INT8_METHODS)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"int4 block size must be a power of two >= 16, got {self.block_size}")

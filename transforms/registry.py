@@ -1,0 +1,51 @@
+"""The transforms, by the variant each makes: the one registry of them. A transform is a function in a module,
+`(options, source bundle) -> (per-graph transform, settings for the manifest)`, and a line here: the verb that
+applies it (and so its options, transforms/options.py) and the gate its result must pass against its source
+before it is written. Functions are named, not imported: the command line reads this table without onnx."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeformer.transforms.judge import Gate
+
+
+@dataclass(frozen=True)
+class Transform:
+    variant: str  # what it makes
+    step: str  # the verb that applies it: "optimize" or "quantize"
+    function: str  # "module:function", (options, source bundle) -> (per-graph transform, settings)
+    gate: Gate
+
+    def make(self, options: Any, bundle: Path) -> tuple[Callable, dict]:
+        module, name = self.function.split(":")
+        made: tuple[Callable, dict] = getattr(importlib.import_module(module), name)(options, bundle)
+        return made
+
+
+TRANSFORMS = {t.variant: t for t in (
+    # fusions reorder float arithmetic and no more: PyTorch's tolerance, every greedy token the same
+    Transform("fp32-optimized", "optimize", "edgeformer.transforms.optimize:optimize_transform",
+              Gate(max_logprob_diff=1e-4, min_token_agreement=1.0)),
+    # Quantized: within a point of the source's metric where there are references, and without them bounds that a
+    # faithful variant passes on random inputs and a broken one fails (README: "Variants and their gates").
+    Transform("int8", "quantize", "edgeformer.transforms.quantize:int8",
+              Gate(max_logprob_diff=2.0, min_token_agreement=0.9, max_metric_drop=1.0)),
+    Transform("int4", "quantize", "edgeformer.transforms.quantize:int4",
+              Gate(max_logprob_diff=4.0, min_token_agreement=0.8, max_metric_drop=1.0)),
+    Transform("fp16", "quantize", "edgeformer.transforms.quantize:fp16",
+              Gate(max_logprob_diff=2e-2, min_token_agreement=0.99, max_metric_drop=1.0)),
+)}
+SOURCE = "fp32"  # what export writes, and every transform starts from
+VARIANTS = (SOURCE, *TRANSFORMS)
+QUANTIZED = tuple(v for v, t in TRANSFORMS.items() if t.step == "quantize")
+
+
+def transform(variant: str) -> Transform:
+    if variant not in TRANSFORMS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(TRANSFORMS)}")
+    return TRANSFORMS[variant]
