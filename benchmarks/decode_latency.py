@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeformer.benchmarks.latency import compare_latency
+from edgeformer.benchmarks.latency import compare_latency, timing_record
 from edgeformer.benchmarks.sweep import machine, replace_file
 from edgeformer.export.onnx_export import export
 from edgeformer.model.checkpoint import load_checkpoint, save_checkpoint
@@ -29,6 +29,7 @@ from edgeformer.model.config import BASE_SIZE, TransformerConfig
 from edgeformer.model.generate import TorchSteps, pad_batch
 from edgeformer.model.transformer import Transformer
 from edgeformer.report.format import ratio_text, table
+from edgeformer.runtime.engine import CPU
 from edgeformer.runtime.session import Runtime
 from edgeformer.transforms.derive import build_variants
 
@@ -81,17 +82,12 @@ def main() -> None:
         lat = compare_latency(systems, args.new_tokens, model.config.bos_id, reference="pytorch-eager-kv",
                               max_seconds=300)
     described = machine()
-    records = [{"model": args.size, "system": name, "provider": "CPUExecutionProvider" if name != "pytorch-eager-kv"
-                else "torch-cpu", "batch": 1, "src_len": args.src_len, "new_tokens": args.new_tokens,
-                "threads": args.threads, "decoder_threads": decoder_threads[name], "session_start_s": starts[name],
-                "encoder_ms": v.encoder_ms,
-                "per_token_ms": v.per_token_ms, "per_token_ms_p50": v.per_token_p50_ms,
-                "per_token_ms_p90": v.per_token_p90_ms, "tokens_per_second": 1e3 / v.per_token_ms, "runs": v.runs,
-                "speedup_vs_pytorch_kv": v.speedup,
-                "speedup_ci95": [v.speedup_low, v.speedup_high], "bundle_bytes": sizes[name],
-                "machine": described} for name, v in lat.items()]
+    records = [{"model": args.size, "system": name, "provider": CPU if name != "pytorch-eager-kv" else "torch-cpu",
+                "batch": 1, "src_len": args.src_len, "new_tokens": args.new_tokens, "threads": args.threads,
+                "decoder_threads": decoder_threads[name], "session_start_s": starts[name], **timing_record(v, 1),
+                "bundle_bytes": sizes[name], "machine": described} for name, v in lat.items()]
     print(table(["system", "encoder ms", "ms/token", "step p90", "runs", "speed-up per token (95% CI)", "size MB"],
-                [[r["system"], f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_ms_p90']:.3f}",
+                [[r["system"], f"{r['encoder_ms']:.2f}", f"{r['per_token_ms']:.3f}", f"{r['per_token_p90_ms']:.3f}",
                   r["runs"], ratio_text(r["speedup_vs_pytorch_kv"], *r["speedup_ci95"]),
                   f"{r['bundle_bytes'] / 1e6:.1f}"]
                  for r in records]))

@@ -12,7 +12,8 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,13 @@ class Latency:
     speedup_low: float  # 95% confidence interval of that median
     speedup_high: float
     per_run_ms: tuple[float, ...]  # per-token time of each run, in round order
+
+
+def timing_record(v: Latency, batch: int) -> dict[str, Any]:
+    """One system's figures at one point, under the keys every results file writes and every reader reads."""
+    return {**{k: x for k, x in asdict(v).items() if not k.startswith("speedup")},
+            "tokens_per_second": batch * 1e3 / v.per_token_ms, "speedup_vs_pytorch_kv": v.speedup,
+            "speedup_ci95": [v.speedup_low, v.speedup_high]}
 
 
 def median_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
@@ -69,16 +77,10 @@ def compare_latency(systems: dict[str, Callable[[], StepModel]], new_tokens: int
     """Rounds of one run per system until, after min_runs, the 95% interval of every median (per-token time,
     and ratio to `reference`) lies within +-tolerance of it, or max_runs or max_seconds is reached.
 
-    Ratios are made within rounds because the machine drifts, and partly for all systems at once: on the 2-core
-    VM this was built on, over blocks of 10 rounds of one 60-round run, the runtime's median per-token time moved
-    by up to 28% and its median ratio to PyTorch by up to 15%; 60 rounds pinned the ratio to +-4.5%, the time to
-    +-6%. Hence the interval as the stopping rule: a fixed count of runs is either wasteful or short.
-    Warm-up rounds (`warmup`, and more until `warmup_s` has passed) are discarded: after a single one, the first
-    point of a benchmark ran 10-50% slower than its repeat at the end. A pause of `pause_s` before each run, so
-    that no system starts while the threads of the one before still spin: the runtime's decoder threads spin on
-    for a while after a generate call (between steps they must), as PyTorch's OpenMP threads do after its last
-    parallel region. Measured on the shipped model, PyTorch's step right after the runtime's took 1.44 ms with no
-    pause, 0.76 after 20 ms, and 0.71-0.72 after 50 to 500 ms."""
+    Ratios are made within rounds because the machine drifts, partly for all systems at once; an interval, not a
+    count of runs, stops the rounds. Warm-up rounds (`warmup`, and more until `warmup_s` has passed) are discarded.
+    A pause of `pause_s` before each run lets the threads of the system before stop spinning. The measurements
+    behind each choice are in the README (Benchmarks)."""
     if reference not in systems:
         raise ValueError(f"reference {reference!r} is not one of the systems {list(systems)}")
     start = time.perf_counter()

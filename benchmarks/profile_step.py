@@ -17,7 +17,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from edgeformer.export.onnx_export import export
@@ -25,6 +24,7 @@ from edgeformer.model.checkpoint import save_checkpoint
 from edgeformer.model.config import BASE_SIZE, TransformerConfig
 from edgeformer.model.transformer import Transformer
 from edgeformer.report.format import table
+from edgeformer.runtime.engine import open_session, session_options
 from edgeformer.runtime.session import Runtime
 from edgeformer.transforms.derive import optimize
 
@@ -73,12 +73,10 @@ def main() -> None:
         print(table(["function (own time)", "ms a step"],
                     [[f"{Path(k[0]).name}:{k[2]}", f"{v[2] * 1e3 / 64:.3f}"] for k, v in top]))
 
-        options = ort.SessionOptions()
+        options = session_options(threads=decoder_threads, spin=True, stop_spinning=False)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
-        options.intra_op_num_threads = decoder_threads or 0
-        rt.sessions["decoder"] = ort.InferenceSession(str(bundle / "decoder.onnx"), options,
-                                                      providers=["CPUExecutionProvider"])
+        rt.sessions["decoder"] = open_session(bundle / "decoder.onnx", options)
         decode(rt, 64, 32)
         trace = json.loads(Path(rt.sessions["decoder"].end_profiling()).read_text())
     by_op: dict[str, float] = defaultdict(float)

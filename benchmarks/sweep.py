@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from edgeformer.benchmarks.latency import compare_latency
+from edgeformer.benchmarks.latency import compare_latency, timing_record
 from edgeformer.benchmarks.memory import measure
 from edgeformer.export.onnx_export import export
 from edgeformer.model.checkpoint import load_checkpoint
@@ -157,11 +157,7 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None =
             lat = compare_latency(systems, p.new_tokens, c.bos_id, reference=TORCH_KV, batch=p.batch,
                                   max_seconds=max_seconds)
             for name, v in lat.items():
-                timing = {k: x for k, x in asdict(v).items() if not k.startswith("speedup")}
-                records.append({"system": name, "sweep": axis, **info[name], **asdict(p), **timing,
-                                "tokens_per_second": p.batch * 1e3 / v.per_token_ms,
-                                "speedup_vs_pytorch_kv": v.speedup,
-                                "speedup_ci95": [v.speedup_low, v.speedup_high],
+                records.append({"system": name, "sweep": axis, **info[name], **asdict(p), **timing_record(v, p.batch),
                                 "peak_rss_mb": peak_mb(memory_specs[name], p),
                                 "model": {"d_model": c.d_model, "layers": [c.n_encoder_layers, c.n_decoder_layers],
                                           "vocab": c.tgt_vocab_size}})

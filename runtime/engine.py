@@ -105,9 +105,8 @@ def graph_io(session: ort.InferenceSession) -> tuple[list[str], list[str]]:
 class StepBinding:
     """One IO binding of a session, driven without onnxruntime's Python wrapper.
 
-    A step of a small model costs little more than the Python around `run`: the public wrapper checks and
-    re-wraps every value on every call (0.028 ms of a 0.148 ms step of the shipped model), so the loop talks to
-    the pybind objects themselves. Their names (`InferenceSession._sess`, `IOBinding._iobinding`,
+    A step of a small model costs little more than the Python around `run`, and the public wrapper checks and
+    re-wraps every value on every call, so the loop talks to the pybind objects themselves (README: Runtime). Their names (`InferenceSession._sess`, `IOBinding._iobinding`,
     `OrtValue._ortvalue`, `OrtDevice._get_c_device`) are private, unchanged since onnxruntime's early releases,
     and used nowhere else. The methods are the pybind ones, bound once, so a call costs what it did inline."""
 

@@ -25,9 +25,7 @@ from edgeformer.runtime.search import StepModel, pad, search
 from edgeformer.runtime.tokenizer import load_tokenizer
 
 # A decoder step that reads fewer weights than this, over all its rows, runs on one intra-op thread: handing its
-# small operators to a second thread costs more than it saves. Measured side by side on this project's 2-vCPU
-# machine (benchmarks/decoder_threads.py): below 2M weights a step one thread won every case, by 12-17%; from 4.8M
-# to 6.3M it went either way; above, two threads won by 1.3-1.6x (README: Benchmarks, "Threads").
+# small operators to a second thread costs more than it saves (README: Benchmarks, "Threads").
 SMALL_STEP_WEIGHTS = 2_000_000
 
 
@@ -48,9 +46,7 @@ class Runtime:
         """threads: intra-op threads (None: onnxruntime's default, one per physical core). decoder_threads: the
         decoder's, if they should differ; by default a generate call whose steps are small (SMALL_STEP_WEIGHTS)
         runs its decoder on one thread, and on `threads` otherwise."""
-        # "all" even for graphs optimized offline: measured on Transformer-base, loading them with less leaves the
-        # tied projection's Transpose unfolded (3x slower steps) and the encoder 1.6x slower, while the session
-        # start time is the same (0.17 s).
+        # "all" even for graphs optimized offline: less leaves a tied projection's Transpose unfolded (README: Runtime)
         self.path = Path(bundle)
         self.manifest = Manifest.load(self.path, verify=verify)
         if self.manifest.family != ENCODER_DECODER.name:

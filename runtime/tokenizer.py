@@ -53,10 +53,6 @@ class CharVocab:
                 out.append("\N{REPLACEMENT CHARACTER}")
         return "".join(out)
 
-    @classmethod
-    def from_texts(cls, texts: Iterable[str]) -> CharVocab:
-        return cls("".join(sorted(set("".join(texts)))))
-
 
 @dataclass(frozen=True)
 class CharTokenizer:

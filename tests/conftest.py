@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.helpers import VARIANTS, tiny_model
+from tests.helpers import DATA, SHIPPED_BUNDLES, VARIANTS, tiny_model
 
 if TYPE_CHECKING:
     from edgeformer.model.transformer import Transformer
@@ -40,5 +40,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[
                 export(root / "checkpoint", root / "bundle")
             cache[name] = (model, root / "bundle")
         return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def shipped_bundle() -> Callable[[str], Path]:
+    """name -> a bundle that ships in tests/data (tests/data/make_bundles.py): no torch needed to load it."""
+    def get(name: str) -> Path:
+        assert name in SHIPPED_BUNDLES, f"{name} does not ship in tests/data"
+        return DATA / name
 
     return get

@@ -31,6 +31,9 @@ VARIANTS = {
     "marian-like": {"sinusoid": "halves", "activation": "silu", "output_bias": True, "final_norm": True,
                     "pad_id": 0, "bos_id": 0},
 }
+# Bundles of two of them ship in tests/data (tests/data/make_bundles.py), for the runtime's tests without torch.
+SHIPPED_BUNDLES = ("post-sinusoidal", "pre-learned-gelu")
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def tiny_model(seed: int = 0, **overrides: object) -> Transformer:

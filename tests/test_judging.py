@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,11 @@ def test_token_id_references_are_scored_by_exact_match(exported, tmp_path: Path)
     outputs = rt.generate(sources, GenerationConfig(max_new_tokens=64))
     lines = [json.dumps({"source": s, "reference": h[0].tokens}) for s, h in zip(sources, outputs, strict=True)]
     (tmp_path / "eval.jsonl").write_text("\n".join(lines) + "\n")
-    report = quantize(bundle, tmp_path / "int8", to="int8", judging=Judging(tmp_path / "eval.jsonl"))
+    # whole 64-token outputs of a random model: a few flip under int8, so the gate may fail; the figures stand
+    report = quantize(bundle, tmp_path / "int8", to="int8", judging=Judging(tmp_path / "eval.jsonl"), allow_drop=True)
     f = report.figures
     assert f["metric"] == "exact_match" and f["metric_source"] == 100.0 and f["inputs"] == 40
+    assert f["metric_variant"] < 100.0 or not report.misses
     assert f["judged_on"]["inputs"].startswith("file eval.jsonl (sha256 ")
 
 
@@ -100,7 +103,7 @@ def test_metrics_score_in_points() -> None:
     ("", "no inputs in it"),
     ("[4, 5, 6]\n[4, 5, 999]\n", "line 2: token ids must be a non-empty list of integers in \\[0, 37\\)"),
     ("hello world\n", "line 1: text, but the bundle has no tokenizer"),
-    ('{"source": [4, 5], "reference": [6]}\n{"source": [4, 5], "reference": "6"}\n', "texts on some lines"),
+    ('{"source": [4, 5], "reference": [6]}\n{"source": [4, 5], "reference": "6"}\n', "line 2: text, but"),
     ('{"source": [4, 5], "reference": [6]}\n[7, 8]\n', "1 of 2 inputs have a reference"),
     ("[4, 5\n", "line 1: not valid JSON"),
 ])
@@ -117,6 +120,7 @@ def test_the_command_line_judges_on_the_file_it_is_given(exported, tmp_path: Pat
     out = edgeformer("quantize", str(bundle), str(tmp_path / "int8"), "--to", "int8", "--eval",
                      str(tmp_path / "eval.txt"), "--metric", "exact_match")
     assert out.returncode == 0, out.stderr
-    assert "file eval.txt" in out.stdout and "exact_match (source -> this)  100.00 -> 100.00" in out.stdout
+    assert "judged on" in out.stdout and "file eval.txt" in out.stdout
+    assert re.search(r"exact_match \(source -> this\) +100.00 -> 100.00", out.stdout)
     bad = edgeformer("quantize", str(bundle), str(tmp_path / "x"), "--to", "int8", "--eval", str(tmp_path / "no"))
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "cannot read it" in bad.stderr

@@ -1,0 +1,96 @@
+"""The runtime against PyTorch: token for token on padded batches, greedy, beam and seeded sampling, on every kind of
+tiny model and on the shipped one."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import onnxruntime as ort
+import pytest
+
+from edgeformer.model.checkpoint import default_checkpoint
+from edgeformer.model.config import BASE_SIZE, TransformerConfig
+from edgeformer.model.generate import generate
+from edgeformer.model.tasks import get_task
+from edgeformer.runtime.options import GenerationConfig
+from edgeformer.runtime.session import SMALL_STEP_WEIGHTS, Runtime, step_weights
+from tests.helpers import random_sources
+
+GREEDY = GenerationConfig(max_new_tokens=12)
+BEAM = GenerationConfig(strategy="beam", num_beams=4, num_return_sequences=2, max_new_tokens=12)
+
+
+@pytest.mark.parametrize("variant", ["post-sinusoidal", "pre-learned-gelu", "shared-untied", "marian-like"])
+@pytest.mark.parametrize("gen", [GREEDY, BEAM], ids=["greedy", "beam"])
+def test_runtime_equals_pytorch_token_for_token_on_padded_batches(exported, variant: str,
+                                                                  gen: GenerationConfig) -> None:
+    model, bundle = exported(variant)
+    rt = Runtime(bundle)
+    src = random_sources(120, model.config.src_vocab_size, seed=1)
+    for i in range(0, len(src), 24):  # padded batches of 24 mixed lengths
+        ours, ref = rt.generate(src[i: i + 24], gen), generate(model, src[i: i + 24], gen)
+        assert [[h.tokens for h in hs] for hs in ours] == [[h.tokens for h in hs] for hs in ref]
+        for hs_ours, hs_ref in zip(ours, ref, strict=True):
+            assert [h.score for h in hs_ours] == pytest.approx([h.score for h in hs_ref], abs=1e-3)
+
+
+def test_shipped_model_accuracy_through_the_runtime_equals_pytorch(exported) -> None:
+    model, bundle = exported("demo")
+    rt = Runtime(bundle)
+    assert rt.tokenizer is not None
+    pairs = get_task("dates").pairs(300, "test", seed=5)
+    src = rt.tokenizer.encode_batch([s for s, _ in pairs])
+    ours = [rt.tokenizer.target.decode(h[0].tokens) for h in rt.generate(src)]
+    ref = [rt.tokenizer.target.decode(h[0].tokens) for h in generate(model, src)]
+    assert ours == ref
+    assert sum(o == t for o, (_, t) in zip(ours, pairs, strict=True)) / len(pairs) >= 0.99
+
+
+def test_text_in_text_out(exported) -> None:
+    _, bundle = exported("demo")
+    assert Runtime(bundle).translate(["5 mars 1998", "Thursday, July 4, 2024"]) == ["1998-03-05", "2024-07-04"]
+
+
+def test_seeded_sampling_matches_pytorch(exported) -> None:
+    model, bundle = exported("post-sinusoidal")
+    gen = GenerationConfig(strategy="sample", seed=9, temperature=1.3, top_p=0.9, max_new_tokens=10)
+    src = random_sources(10, 37, seed=2)
+    assert ([h[0].tokens for h in Runtime(bundle).generate(src, gen)]
+            == [h[0].tokens for h in generate(model, src, gen)])
+
+
+def test_the_shipped_models_steps_count_as_small_and_transformer_bases_do_not() -> None:
+    shipped = json.loads((default_checkpoint() / "config.json").read_text())
+    base = TransformerConfig(**BASE_SIZE).to_dict()
+    assert step_weights(base) == 6 * (6 * 512 * 512 + 2 * 512 * 2048) + 512 * 32000
+    assert step_weights(shipped) < SMALL_STEP_WEIGHTS < step_weights(base)
+    assert 6 * step_weights(shipped) < SMALL_STEP_WEIGHTS < 7 * step_weights(shipped)  # up to batch 6 (README)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="no CUDA: onnxruntime-gpu with a CUDA GPU is needed for the CUDA parity test")
+def test_cuda_runtime_equals_pytorch(exported) -> None:
+    model, bundle = exported("post-sinusoidal")
+    rt = Runtime(bundle, providers=["cuda"])
+    assert rt.provider == "CUDAExecutionProvider"
+    src = random_sources(48, 37, seed=3)
+    for gen in (GREEDY, BEAM):
+        assert ([[h.tokens for h in hs] for hs in rt.generate(src, gen)]
+                == [[h.tokens for h in hs] for hs in generate(model, src, gen)])
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_suppressed_tokens_never_appear_and_forced_eos_ends_on_the_last_step(exported, strategy: str) -> None:
+    model, bundle = exported("post-sinusoidal")
+    rt = Runtime(bundle)
+    src = random_sources(12, model.config.src_vocab_size, seed=3)
+    free = rt.generate(src, GenerationConfig(strategy=strategy, max_new_tokens=8, ignore_eos=True))
+    common = Counter(t for hs in free for t in hs[0].tokens).most_common(1)[0][0]
+    gen = GenerationConfig(strategy=strategy, max_new_tokens=8, suppress_tokens=(common,))
+    suppressed = rt.generate(src, gen)
+    assert all(common not in hs[0].tokens for hs in suppressed)
+    assert [[h.tokens for h in hs] for hs in suppressed] == [[h.tokens for h in hs] for hs in generate(model, src, gen)]
+    forced = rt.generate(src, GenerationConfig(strategy=strategy, max_new_tokens=4, forced_eos=True))
+    assert all(len(h.tokens) <= 3 for hs in forced for h in hs)  # the 4th token can only be EOS
