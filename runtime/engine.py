@@ -106,9 +106,10 @@ class StepBinding:
     """One IO binding of a session, driven without onnxruntime's Python wrapper.
 
     A step of a small model costs little more than the Python around `run`, and the public wrapper checks and
-    re-wraps every value on every call, so the loop talks to the pybind objects themselves (README: Runtime). Their names (`InferenceSession._sess`, `IOBinding._iobinding`,
-    `OrtValue._ortvalue`, `OrtDevice._get_c_device`) are private, unchanged since onnxruntime's early releases,
-    and used nowhere else. The methods are the pybind ones, bound once, so a call costs what it did inline."""
+    re-wraps every value on every call, so the loop talks to the pybind objects themselves (README: Runtime).
+    Their names (`InferenceSession._sess`, `IOBinding._iobinding`, `OrtValue._ortvalue`,
+    `OrtDevice._get_c_device`) are private, unchanged since onnxruntime's early releases, and used nowhere else.
+    The methods are the pybind ones, bound once, so a call costs what it did inline."""
 
     def __init__(self, session: ort.InferenceSession) -> None:
         binding = session.io_binding()._iobinding
