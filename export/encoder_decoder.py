@@ -150,8 +150,9 @@ def runtime_parity(bundle: Path, checkpoint: Path | str | None = None, n: int = 
         report[f"{name} identical to PyTorch"] = sum(
             a[0].tokens == b[0].tokens for a, b in zip(ours, ref, strict=True)) / len(src)
         if name == "greedy" and inputs.metric is not None:
-            report[f"{inputs.metric} (runtime)"] = inputs.score(ours, tokenizer)
-            report[f"{inputs.metric} (PyTorch)"] = inputs.score(ref, tokenizer)
+            metric = inputs.metric.replace("_", " ")
+            report[f"{metric} (runtime, points)"] = inputs.score(ours, tokenizer)
+            report[f"{metric} (PyTorch, points)"] = inputs.score(ref, tokenizer)
     worst = 0.0
     for i in range(0, min(len(src), 64), 16):  # per-step logits on padded batches of 16
         r = compare_case(model, rt.sessions, rt.manifest.graphs, src[i: i + 16], 12, TOLERANCES["fp32"])

@@ -26,11 +26,11 @@ def ratio_text(ratio: float, low: float, high: float) -> str:
 
 
 def figure_text(key: str, value: float | int | str) -> str:
-    """A figure of a check as a person reads it: shares (agreement, identical, exact match, chrF...) as
-    percentages, differences in scientific notation, counts and words as they are."""
+    """A figure of a check as a person reads it: shares (agreement, identical) as percentages, differences in
+    scientific notation, metrics in points (0-100) with two decimals, counts and words as they are."""
     if isinstance(value, str | int):  # words, counts (and booleans)
         return str(value)
-    if any(word in key for word in ("agreement", "identical", "exact match", "exact_match", "share")):
+    if any(word in key for word in ("agreement", "identical")):
         return f"{value:.2%}"
     if any(word in key for word in ("diff", "error")):
         return f"{value:.2e}"

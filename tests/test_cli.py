@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from edgeformer.report.format import figure_text
 from tests.helpers import edgeformer
 
 
@@ -58,3 +60,19 @@ def test_errors_are_one_clear_line(exported, tmp_path: Path, args: list[str], me
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_parity_compares_the_runtime_with_pytorch_on_the_task_the_bundle_records(exported) -> None:
+    _, bundle = exported("demo")
+    out = edgeformer("parity", str(bundle), "-n", "24")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"judged on +built-in task dates, test split", out.stdout)
+    assert re.search(r"greedy identical to PyTorch +100.00%", out.stdout)
+    assert re.search(r"exact match \(runtime, points\) +(9\d|100)\.\d\d\n", out.stdout)
+
+
+def test_figures_read_as_percentages_points_and_differences() -> None:
+    assert figure_text("greedy token agreement", 0.995) == "99.50%"
+    assert figure_text("chrf (runtime, points)", 97.123) == "97.12"
+    assert figure_text("max |logit diff| per step", 1.9e-6) == "1.90e-06"
+    assert figure_text("inputs", 200) == "200"
