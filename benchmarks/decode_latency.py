@@ -15,6 +15,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from edgeformer.model.generate import TorchSteps, pad_batch
 from edgeformer.model.transformer import Transformer
 from edgeformer.report.format import ratio_text, table
 from edgeformer.runtime.engine import CPU
+from edgeformer.runtime.search import StepModel
 from edgeformer.runtime.session import Runtime
 from edgeformer.transforms.derive import build_variants
 
@@ -67,7 +69,7 @@ def main() -> None:
                       f"{report.figures['greedy_token_agreement']:.2%}")
         src = np.random.default_rng(0).integers(4, model.config.src_vocab_size, args.src_len).tolist()
         ids, mask = pad_batch([src], model.config.pad_id)
-        systems = {"pytorch-eager-kv": lambda: TorchSteps(model, ids, mask, 1)}
+        systems: dict[str, Callable[[], StepModel]] = {"pytorch-eager-kv": lambda: TorchSteps(model, ids, mask, 1)}
         sizes = {"pytorch-eager-kv": result.bundle_bytes}
         starts = {"pytorch-eager-kv": 0.0}
         decoder_threads = {"pytorch-eager-kv": args.threads}

@@ -18,6 +18,7 @@ import json
 import tempfile
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from edgeformer.report.format import ratio_text, table
 from edgeformer.runtime.session import SMALL_STEP_WEIGHTS, Runtime, step_weights
 
 # name -> the config overrides of a random model (None: the shipped one)
-MODELS: dict[str, dict[str, int] | None] = {
+MODELS: dict[str, dict[str, Any] | None] = {
     "shipped": None,
     "d256-2L": {"d_model": 256, "n_encoder_layers": 2, "n_decoder_layers": 2, "d_ff": 512,
                 "src_vocab_size": 1000, "tgt_vocab_size": 1000},

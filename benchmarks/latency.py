@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -70,7 +70,7 @@ def time_decode(make_steps: Callable[[], StepModel], new_tokens: int, bos_id: in
     return encoder, step_times
 
 
-def compare_latency(systems: dict[str, Callable[[], StepModel]], new_tokens: int, bos_id: int, reference: str,
+def compare_latency(systems: Mapping[str, Callable[[], StepModel]], new_tokens: int, bos_id: int, reference: str,
                     batch: int = 1, warmup: int = 1, min_runs: int = 10, max_runs: int = 200,
                     max_seconds: float = 60.0, tolerance: float = 0.04, warmup_s: float = 1.0,
                     pause_s: float = 0.06) -> dict[str, Latency]:

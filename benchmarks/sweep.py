@@ -2,7 +2,7 @@
 against PyTorch eager (with and without its KV cache) on the same weights, in one run on one machine.
 
 Each sweep varies one axis around a base point (batch 1, 32 source tokens, 64 new tokens, 2 threads). At every
-point all systems run interleaved, warm-up discarded, until their medians are stable (export/bench.py), and every
+point all systems run interleaved, warm-up discarded, until their medians are stable (benchmarks/latency.py), and every
 ONNX figure gets its ratio to PyTorch with its cache, measured in those same interleaved runs.
 """
 
@@ -13,7 +13,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -35,8 +35,8 @@ from edgeformer.runtime.bundle import Manifest, producer_versions
 from edgeformer.runtime.search import StepModel
 from edgeformer.runtime.session import Runtime
 from edgeformer.transforms.derive import build_variants
+from edgeformer.transforms.registry import CPU_VARIANTS, TRANSFORMS
 
-CPU_VARIANTS = ("fp32", "fp32-optimized", "int8", "int4")  # fp16 is measured on GPU providers only
 TORCH_KV, TORCH_FULL = "pytorch-eager-kv", "pytorch-eager-no-cache"
 
 
@@ -52,7 +52,7 @@ SWEEPS: dict[str, Sequence[int]] = {"batch": (1, 4, 16, 64), "src_len": (8, 32, 
                                       "new_tokens": (16, 64, 256), "threads": (1, 2)}
 
 
-def sweep_points(sweeps: dict[str, Sequence[int]], base: Point = Point(),
+def sweep_points(sweeps: Mapping[str, Sequence[int]], base: Point = Point(),
                  repeat_base: bool = False) -> list[tuple[str, Point]]:
     """(axis, point) for the base point and every value of every axis, each point once; with repeat_base, the
     base point again at the end, to see how far two measurements of one configuration differ."""
@@ -79,18 +79,18 @@ def configurations(variants: Sequence[str] | None, providers: Sequence[str]) -> 
     """(variant, provider) pairs to measure: each variant on each provider, but fp16, a GPU variant, on GPU
     providers only; by default CPU_VARIANTS, and fp16 too where a GPU provider is measured."""
     gpu = [p for p in providers if engine.provider(p).gpu]
-    variants = variants or (*CPU_VARIANTS, *(["fp16"] if gpu else []))
-    return [(v, p) for v in variants for p in (gpu if v == "fp16" else providers)]
+    variants = variants or (*CPU_VARIANTS, *([v for v in TRANSFORMS if TRANSFORMS[v].gpu] if gpu else []))
+    return [(v, p) for v in variants for p in (gpu if v in TRANSFORMS and TRANSFORMS[v].gpu else providers)]
 
 
 def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None = None,
-          providers: Sequence[str] | None = None, sweeps: dict[str, Sequence[int]] | None = None,
+          providers: Sequence[str] | None = None, sweeps: Mapping[str, Sequence[int]] | None = None,
           base: Point = Point(), no_cache_reference: bool = True, max_seconds: float = 20.0,
           repeat_base: bool = True, spin: bool = True, memory: bool = True, decoder_threads: int | None = None,
           out: Path | None = None, progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
     """Export a checkpoint (the shipped model by default), build its variants, and measure every system at
     every point; with `memory`, each configuration's peak resident memory too, in a process of its own
-    (export/memory.py). Writes results.json, results.md and per_token_latency.png to `out` when given.
+    (benchmarks/memory.py). Writes results.json, results.md and per_token_latency.png to `out` when given.
 
     Variants by default: CPU_VARIANTS, and fp16 where a GPU provider is measured; fp16 runs on GPU providers only.
     The runtime's decoder runs on `decoder_threads` at every point; None: the runtime's default (one thread
@@ -156,8 +156,9 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None =
                                       "decoder_threads": decoder_threads}
             lat = compare_latency(systems, p.new_tokens, c.bos_id, reference=TORCH_KV, batch=p.batch,
                                   max_seconds=max_seconds)
-            for name, v in lat.items():
-                records.append({"system": name, "sweep": axis, **info[name], **asdict(p), **timing_record(v, p.batch),
+            for name, latency in lat.items():
+                records.append({"system": name, "sweep": axis, **info[name], **asdict(p),
+                                **timing_record(latency, p.batch),
                                 "peak_rss_mb": peak_mb(memory_specs[name], p),
                                 "model": {"d_model": c.d_model, "layers": [c.n_encoder_layers, c.n_decoder_layers],
                                           "vocab": c.tgt_vocab_size}})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import time
@@ -18,11 +19,19 @@ from typing import Any
 from edgeformer.report.format import figure_text, table
 
 
-def _need_export_extra() -> None:
+def _need_export_extra(module: str = "torch") -> None:
+    """Verbs past the runtime need the export extra: torch (export, import, train...) or onnx (the transforms)."""
     try:
-        import torch  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
-        sys.exit("this verb needs the export extra (torch, onnx): pip install torch==2.13.0 'edgeformer[export]'")
+        sys.exit(f"this verb needs {module}, in the export extra: pip install torch==2.13.0 'edgeformer[export]'")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"give a number of at least 1, not {value}")
+    return value
 
 
 GEN_FLAGS = {"strategy": "strategy", "max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens",
@@ -127,7 +136,7 @@ def _derive_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_optimize(args: argparse.Namespace) -> None:
-    _need_export_extra()
+    _need_export_extra("onnx")
     from edgeformer.transforms.derive import optimize
 
     attention = {"auto": None, "yes": True, "no": False}[args.fuse_attention]
@@ -136,7 +145,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    _need_export_extra()
+    _need_export_extra("onnx")
     from edgeformer.transforms.derive import quantize
 
     _show_variant(quantize(args.bundle, args.out, to=args.to, preset=args.preset, block_size=args.block_size,
@@ -185,7 +194,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         judged = v.get("judged_on", {}).get("inputs", "inputs")
         print(f"\n{m.variant} against the {v['against']} on {v['inputs']} {judged}: max |log-prob diff| "
               f"{v['max_abs_logprob_diff']:.2e}, greedy token agreement {v['greedy_token_agreement']:.2%}"
-              + (f", {v['metric']} {v['metric_source']:.2f} -> {v['metric_variant']:.2f}" if "metric" in v else ""))
+              + (f", {v['metric']} {v['metric_source']:.2f} -> {v['metric_variant']:.2f}" if "metric" in v else "")
+              + (f", exact match {v['exact_match_source']:.2%} -> {v['exact_match']:.2%}" if "exact_match" in v
+                 else ""))  # bundles written before metrics were named
         if v.get("misses"):
             print("WARNING: written with --allow-drop; misses its target: " + "; ".join(v["misses"]))
     print("\nproduced by " + ", ".join(f"{k} {v}" for k, v in m.producer.items()))
@@ -366,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("parity", help="compare a bundle run by the runtime with the PyTorch checkpoint")
     p.add_argument("bundle")
     p.add_argument("--checkpoint", default=None, help="default: the shipped model")
-    p.add_argument("-n", type=int, default=200, help="how many inputs to compare")
+    p.add_argument("-n", type=_positive, default=200, help="how many inputs to compare")
     p.add_argument("--eval", metavar="FILE", help=EVAL_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_parity)
@@ -385,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--eval", metavar="FILE", help=EVAL_HELP)
         p.add_argument("--metric", choices=choices["metrics"], help="where the inputs have references; default: "
                        "the task's, exact_match for token ids, chrf for texts")
-        p.add_argument("--eval-size", type=int, default=200, help="how many inputs to judge on")
+        p.add_argument("--eval-size", type=_positive, default=200, help="how many inputs to judge on (random ones: "
+                       "at most 64)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
         return p
@@ -406,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: activations quantized at run time, or static QDQ with calibrated ranges")
     p.add_argument("--calibration", metavar="FILE", help="int8 static: calibration inputs, in --eval's format "
                    "(default: the built-in task's training split where the bundle records one, else random ids)")
-    p.add_argument("--calibration-size", type=int, default=64, help="int8 static: how many inputs to use")
+    p.add_argument("--calibration-size", type=_positive, default=64, help="int8 static: how many inputs to use")
     p.add_argument("--block-size", type=int, default=32, help="int4 only")
     p.add_argument("--keep", action="append", default=[], metavar="NODE|OP|output_projection",
                    help="keep in full precision, by node name, operator type, or output_projection; repeatable")
@@ -442,10 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from edgeformer.export.parity import ParityError  # numpy and onnxruntime: safe for a runtime-only install
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, OSError, ParityError, ImportError) as e:
         sys.exit(f"edgeformer {args.verb}: error: {e}")
 
 

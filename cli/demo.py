@@ -18,6 +18,7 @@ from edgeformer.model.tasks import get_task
 from edgeformer.report.format import figure_text, ratio_text, table
 from edgeformer.runtime.session import Runtime
 from edgeformer.transforms.derive import build_variants
+from edgeformer.transforms.registry import CPU_VARIANTS
 
 
 def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
@@ -41,7 +42,7 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
         print()
 
         print("4. faster variants: optimized (fused), then quantized from it; each checked against its source first")
-        built = build_variants(bundle, tmp, ["fp32-optimized", "int8", "int4"])
+        built = build_variants(bundle, tmp, CPU_VARIANTS[1:])  # each CPU variant past fp32
         paths = {name: path for name, (path, _) in built.items()}
         reports = [r for _, r in built.values() if r is not None]
         print(table(["variant", "size MB", "of fp32", "max |log-prob diff| to source", "greedy agreement",

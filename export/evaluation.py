@@ -23,6 +23,7 @@ from edgeformer.runtime.options import Hypothesis
 from edgeformer.runtime.tokenizer import Tokenizer
 
 RANDOM_LENGTHS = (2, 32)  # source lengths drawn for a model judged on random inputs
+RANDOM_INPUTS = 64  # at most: with no references, agreement over 64 x 16 steps settles; more only costs time
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,10 @@ class EvalSet:
         return [tokenizer.decode(h[0].tokens) if texts and tokenizer is not None else ids_text(h[0].tokens)
                 for h in hypotheses]
 
-    def score(self, hypotheses: list[list[Hypothesis]], tokenizer: Tokenizer | None) -> float | None:
+    def score(self, hypotheses: list[list[Hypothesis]], tokenizer: Tokenizer | None) -> float:
+        """The metric of these outputs against the references, in points."""
         if self.references is None or self.metric is None:
-            return None
+            raise ValueError("these inputs have no references to score against")
         return score(self.metric, self.outputs(hypotheses, tokenizer), self.references)
 
 
@@ -54,6 +56,8 @@ def eval_set(config: dict[str, Any], tokenizer: Tokenizer | None, task: str | No
     recorded built-in task's `split`, else n random inputs."""
     if metric is not None and metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if n < 1:
+        raise ValueError(f"judge on at least one input, not {n}")
     if path is not None:
         return read_eval_file(Path(path), config, tokenizer, n, metric)
     if task is not None and tokenizer is not None:
@@ -62,7 +66,7 @@ def eval_set(config: dict[str, Any], tokenizer: Tokenizer | None, task: str | No
         return EvalSet(tokenizer.encode_batch([s for s, _ in pairs]), [r for _, r in pairs], metric or t.metric,
                        {"inputs": f"built-in task {task}, {split} split", "count": n, "references": "texts",
                         "metric": metric or t.metric})
-    sources = random_sources(config, n, seed)
+    sources = random_sources(config, min(n, RANDOM_INPUTS), seed)
     return EvalSet(sources, judged_on={"inputs": "random ids from the model's source vocabulary, lengths "
                                                  f"{RANDOM_LENGTHS[0]}-{RANDOM_LENGTHS[1]}", "count": len(sources),
                                        "references": None, "metric": None})
@@ -98,11 +102,11 @@ def read_eval_file(path: Path, config: dict[str, Any], tokenizer: Tokenizer | No
             raise ValueError(f"{where}: text, but the bundle has no tokenizer; give token ids as JSON lines "
                              '([12, 7, 30] or {"source": [12, 7, 30], "reference": [5, 9]})')
         ids = tokenizer.encode_batch([source])[0] if isinstance(source, str) and tokenizer else source
+        for what, value, bound in (("source", ids, vocab), ("reference", reference, None)):
+            if value is not None and not isinstance(value, str) and not _token_ids(value, bound):
+                raise ValueError(f"{where}: a {what} is text or a non-empty list of token ids"
+                                 + (f" in [0, {bound})" if bound else "") + f", not {json.dumps(value)[:60]}")
         assert isinstance(ids, list)
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad or not ids:
-            raise ValueError(f"{where}: token ids must be a non-empty list of integers in [0, {vocab}), "
-                             f"got {bad[:5] or ids}")
         sources.append(ids)
         if reference is not None:
             kinds.add("texts" if isinstance(reference, str) else "ids")
@@ -118,6 +122,11 @@ def read_eval_file(path: Path, config: dict[str, Any], tokenizer: Tokenizer | No
     return EvalSet(sources, references or None, chosen,
                    {"inputs": f"file {path.name} (sha256 {digest[:16]})", "count": len(sources), "references": kind,
                     "metric": chosen})
+
+
+def _token_ids(value: object, bound: int | None) -> bool:
+    return (isinstance(value, list) and len(value) > 0 and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 and (bound is None or t < bound) for t in value))
 
 
 def _parse_line(line: str, where: str) -> tuple[str | list[int], str | list[int] | None]:

@@ -5,6 +5,7 @@ here. Modules are imported when asked for, so that no family's code loads unless
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any, Protocol
 
 import onnxruntime as ort
@@ -29,6 +30,11 @@ class FamilyExport(Protocol):
     def check_parity(self, model: Any, sessions: dict[str, ort.InferenceSession], specs: dict[str, GraphSpec],
                      tolerance: Tolerance) -> dict:
         """Raise ParityError where the graphs' outputs and PyTorch's differ; else the figures for the manifest."""
+        ...
+
+    def runtime_parity(self, bundle: Path, checkpoint: Path | str | None = None, n: int = 200,
+                       eval: Path | str | None = None, threads: int | None = None) -> dict[str, float | str | int]:
+        """A bundle run by the runtime against its checkpoint, as `edgeformer parity` reports it."""
         ...
 
 

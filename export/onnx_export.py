@@ -9,6 +9,7 @@ family's PyTorch side (export/families.py) gives the modules that compute them a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import time
@@ -16,10 +17,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.export import Dim
 
 from edgeformer.export.families import family_export
@@ -35,22 +37,21 @@ OPSET = 18
 EXPORTER = "torch.onnx.export(dynamo=True)"
 
 
-class _Inputs(nn.Module):
-    """A graph's module called with its inputs as one sequence, so that one form of dynamic shapes fits every
-    module, whatever its signature."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        return self.module(*inputs)
-
-
-def dynamic_shapes(spec: GraphSpec) -> tuple:
-    """torch.export's dynamic shapes of _Inputs: every symbolic axis the declaration gives an input is dynamic
-    (a Dim of that name, so that the graphs share their axes' names)."""
-    return (tuple({i: Dim(a) for i, a in enumerate(t.shape) if isinstance(a, str)} for t in spec.inputs),)
+def dynamic_shapes(module: nn.Module, spec: GraphSpec, axes: tuple[str, ...]) -> tuple:
+    """torch.export's dynamic shapes for `module`, whose forward takes the graph's declared inputs in order (the
+    rest of them as *args, if it has that): every symbolic axis the declaration gives an input is dynamic, a Dim
+    named after it, so that the graphs share their axes' names."""
+    unknown = {a for t in spec.inputs for a in t.shape if isinstance(a, str) and a not in axes}
+    if unknown:
+        raise ValueError(f"{spec.name} graph: axes {sorted(unknown)} are not among the family's {list(axes)}")
+    dims = [{i: Dim(a) for i, a in enumerate(t.shape) if isinstance(a, str)} for t in spec.inputs]
+    shapes: list[Any] = []
+    for parameter in inspect.signature(module.forward).parameters.values():
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            shapes.append(tuple(dims[len(shapes):]))
+            break
+        shapes.append(dims[len(shapes)])
+    return tuple(shapes)
 
 
 def strip_debug_info(model: onnx.ModelProto) -> None:
@@ -61,13 +62,14 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
     del model.graph.value_info[:]
 
 
-def export_graph(module: nn.Module, args: tuple, spec: GraphSpec, opset: int = OPSET) -> onnx.ModelProto:
+def export_graph(module: nn.Module, args: tuple, spec: GraphSpec, axes: tuple[str, ...],
+                 opset: int = OPSET) -> onnx.ModelProto:
     # torch.onnx warns about every torchvision operator it cannot register; we use none of them.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(_Inputs(module), args, input_names=spec.input_names, output_names=spec.output_names,
-                                    dynamic_shapes=dynamic_shapes(spec), dynamo=True, opset_version=opset,
+        program = torch.onnx.export(module, args, input_names=spec.input_names, output_names=spec.output_names,
+                                    dynamic_shapes=dynamic_shapes(module, spec, axes), dynamo=True, opset_version=opset,
                                     verbose=False, report=False)
     assert program is not None
     proto = program.model_proto
@@ -104,7 +106,7 @@ def export(checkpoint: Path | str | None, out: Path | str, force: bool = False, 
         protos = {}
         for name, spec in specs.items():
             say(f"exporting the {name} graph")
-            protos[name] = export_graph(modules[name], examples[name], spec, opset)
+            protos[name] = export_graph(modules[name], examples[name], spec, family.axes, opset)
         share_across_graphs(list(protos.values()), tmp)
         for name, proto in protos.items():
             save_graph(proto, tmp / family.graph_files[name])

@@ -15,8 +15,9 @@ NORMS = ("post", "pre")
 
 
 # The reference size of our benchmarks: Transformer-base of the paper, with a shared 32k vocabulary.
-BASE_SIZE = {"src_vocab_size": 32000, "tgt_vocab_size": 32000, "d_model": 512, "n_heads": 8, "n_encoder_layers": 6,
-             "n_decoder_layers": 6, "d_ff": 2048, "dropout": 0.0, "share_embeddings": True}
+BASE_SIZE: dict[str, Any] = {"src_vocab_size": 32000, "tgt_vocab_size": 32000, "d_model": 512, "n_heads": 8,
+                             "n_encoder_layers": 6, "n_decoder_layers": 6, "d_ff": 2048, "dropout": 0.0,
+                             "share_embeddings": True}
 
 
 class ConfigError(ValueError):

@@ -2,7 +2,7 @@
 
 Names follow Hugging Face Optimum's seq2seq convention so that tools that know it also know ours. The encoder
 graph emits the cross-attention keys and values of every decoder layer (computed once per source), and one
-decoder graph serves every step, the first with an empty past (see DESIGN.md).
+decoder graph serves every step, the first with an empty past.
 """
 
 from __future__ import annotations

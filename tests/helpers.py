@@ -55,8 +55,6 @@ def tiny_model(seed: int = 0, **overrides: object) -> Transformer:
     return model.eval()
 
 
-
-
 def random_sources(n: int, vocab: int, seed: int, longest: int = 20) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(4, vocab, rng.integers(1, longest + 1)).tolist() for _ in range(n)]

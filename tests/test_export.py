@@ -94,6 +94,13 @@ def test_no_weight_is_stored_twice(exported, variant: str) -> None:
     assert len(contents) == len(set(contents))  # no copy, not even a transposed one
 
 
+def test_graph_weights_keep_the_pytorch_names(exported) -> None:
+    _, bundle = exported("post-sinusoidal")
+    names = {i.name for g in ("encoder.onnx", "decoder.onnx") for i in onnx.load(str(bundle / g)).graph.initializer}
+    assert {"decoder.embed.tokens.weight", "encoder.layers.0.self_attn.q_proj.bias"} <= names
+    assert not any(n.startswith("module.") for n in names)
+
+
 def test_learned_position_bound_is_recorded(exported) -> None:
     _, bundle = exported("pre-learned-gelu")
     assert Manifest.load(bundle).max_positions == 64

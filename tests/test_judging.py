@@ -101,7 +101,10 @@ def test_metrics_score_in_points() -> None:
 
 @pytest.mark.parametrize(("content", "message"), [
     ("", "no inputs in it"),
-    ("[4, 5, 6]\n[4, 5, 999]\n", "line 2: token ids must be a non-empty list of integers in \\[0, 37\\)"),
+    ("[4, 5, 6]\n[4, 5, 999]\n", "line 2: a source is text or a non-empty list of token ids in \\[0, 37\\)"),
+    ('{"source": 5}\n', "line 1: a source is text or a non-empty list"),
+    ("[4, true]\n", "line 1: a source is text"),
+    ('{"source": [4, 5], "reference": 5}\n', "line 1: a reference is text or a non-empty list of token ids, not 5"),
     ("hello world\n", "line 1: text, but the bundle has no tokenizer"),
     ('{"source": [4, 5], "reference": [6]}\n{"source": [4, 5], "reference": "6"}\n', "line 2: text, but"),
     ('{"source": [4, 5], "reference": [6]}\n[7, 8]\n', "1 of 2 inputs have a reference"),
@@ -112,6 +115,13 @@ def test_a_bad_eval_file_is_one_clear_error(exported, tmp_path: Path, content: s
     (tmp_path / "eval.txt").write_text(content)
     with pytest.raises(ValueError, match=message):
         eval_set(Manifest.load(bundle).config, None, None, tmp_path / "eval.txt")
+
+
+def test_a_source_longer_than_learned_positions_is_refused_before_judging(exported, tmp_path: Path) -> None:
+    _, bundle = exported("pre-learned-gelu")  # 64 learned positions
+    (tmp_path / "eval.jsonl").write_text(json.dumps(list(range(4, 34)) * 3) + "\n")
+    with pytest.raises(ValueError, match="exceeds this model's 64 learned positions"):
+        quantize(bundle, tmp_path / "int8", to="int8", judging=Judging(tmp_path / "eval.jsonl"))
 
 
 def test_the_command_line_judges_on_the_file_it_is_given(exported, tmp_path: Path) -> None:

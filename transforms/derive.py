@@ -46,7 +46,8 @@ class Judging:
     inputs: int = 200
 
 
-def derive(bundle: Path | str, out: Path | str, variant: str, options: Any, force: bool = False,
+def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeOptions | QuantizeOptions,
+           force: bool = False,
            allow_drop: bool = False, judging: Judging = Judging(),
            log: Callable[[str], None] | None = None) -> VariantReport:
     """Apply the transform that makes `variant` to every graph of a bundle, judge the result against the source,
@@ -63,7 +64,7 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: Any, forc
         raise ValueError(f"{bundle} is already {source.variant}; quantize an fp32 (or optimized) bundle")
     tokenizer = load_tokenizer(bundle) if source.tokenizer else None
     inputs = eval_set(source.config, tokenizer, source.task, judging.eval, judging.inputs, metric=judging.metric)
-    provider = getattr(options, "provider", "cpu")
+    provider = options.provider if isinstance(options, OptimizeOptions) else "cpu"
     with quiet():
         per_graph, settings = step.make(options, bundle)
         with atomic_folder(Path(out), force=force) as tmp:
@@ -81,11 +82,12 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: Any, forc
             # The check needs a loadable bundle: write a provisional manifest first, the final one after.
             manifest = Manifest(config=source.config, graphs=source.graphs, graph_files=source.graph_files,
                                 variant=made, opset=source.opset, tokenizer=source.tokenizer,
-                                producer={**source.producer, **producer_versions()},
+                                producer=source.producer,
                                 exporter=source.exporter, parity=source.parity, generation=source.generation,
                                 family=source.family, task=source.task)
             manifest.transforms = [*source.transforms, {"step": step.step, "variant": made, **settings,
-                                                        "keep": list(getattr(options, "keep", [])), "graphs": details}]
+                                                        "keep": list(getattr(options, "keep", [])), "graphs": details,
+                                                        "producer": producer_versions()}]
             manifest.save(tmp)
             figures = judge(bundle, tmp, inputs, provider=provider)
             gate = TRANSFORMS[made].gate
@@ -126,18 +128,22 @@ def quantize(bundle: Path | str, out: Path | str, to: str, preset: str = "avx2",
 
 def build_variants(fp32: Path | str, folder: Path | str, variants: Sequence[str],
                    log: Callable[[str], None] | None = None) -> dict[str, tuple[Path, VariantReport | None]]:
-    """The bundles of `variants` from an exported fp32 bundle, chained as a CPU deployment would chain them:
-    fusions first, then int8 or int4 quantization of the optimized bundle, so that they keep the fused attention
-    (fp16, a GPU variant, is made from fp32). Returns {variant: (path, report)}; fp32 has no report."""
+    """The bundles of `variants` from an exported fp32 bundle, each made from the variant the registry says a
+    deployment makes it from (int8 and int4 from the optimized bundle, so that they keep its fused attention), with
+    default options. Returns {variant: (path, report)} in the order asked; fp32 has no report."""
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     built: dict[str, tuple[Path, VariantReport | None]] = {SOURCE: (Path(fp32), None)}
-    if {"fp32-optimized", "int8", "int4"} & set(variants):
-        path = Path(folder) / "fp32-optimized"
-        built["fp32-optimized"] = (path, optimize(fp32, path, log=log))
-    for v in (v for v in variants if v in QUANTIZED):
-        source = built[SOURCE if v == "fp16" else "fp32-optimized"][0]
-        path = Path(folder) / v
-        built[v] = (path, quantize(source, path, to=v, log=log))
-    return {v: built[v] for v in (SOURCE, *variants) if v in built}
+
+    def build(variant: str) -> Path:
+        if variant not in built:
+            t = transform(variant)
+            source, path = build(t.source), Path(folder) / variant
+            options = OptimizeOptions() if t.step == "optimize" else QuantizeOptions()
+            built[variant] = (path, derive(source, path, variant, options, log=log))
+        return built[variant][0]
+
+    for v in variants:
+        build(v)
+    return {v: built[v] for v in (SOURCE, *variants)}

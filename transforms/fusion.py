@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeformer.transforms.graph_edits import drop_unused_initializers
+from edgeformer.transforms.graph_edits import drop_unused_initializers, producers
 
 MS_DOMAIN = "com.microsoft"
 
@@ -37,7 +37,7 @@ class _Graph:
     model: onnx.ModelProto
 
     def __post_init__(self) -> None:
-        self.producer = {o: n for n in self.model.graph.node for o in n.output}
+        self.producer = producers(self.model)
         self.inputs = {i.name for i in self.model.graph.input}
         self.initializers = {i.name: i for i in self.model.graph.initializer}
 

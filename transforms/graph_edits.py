@@ -36,14 +36,19 @@ def quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Each tensor's producing node, by the tensor's name."""
+    return {o: n for n in model.graph.node for o in n.output}
+
+
 def logits_matmul(model: onnx.ModelProto) -> onnx.NodeProto | None:
     """The output projection: the MatMul that makes the logits, directly or through Add(bias) (Marian's
     final_logits_bias)."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    made_by = producers(model)
     inits = {i.name for i in model.graph.initializer}
-    node = producers.get("logits")
+    node = made_by.get("logits")
     if node is not None and node.op_type == "Add":
-        node = next((producers.get(i) for i in node.input if i not in inits and i in producers), None)
+        node = next((made_by.get(i) for i in node.input if i not in inits and i in made_by), None)
     return node if node is not None and node.op_type == "MatMul" else None
 
 
@@ -81,9 +86,8 @@ def with_types(model: onnx.ModelProto) -> onnx.ModelProto:
 def _tied_projection(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeProto, str] | None:
     """(MatMul, Transpose, table) when the logits come from MatMul(x, Transpose(table)): a tied projection."""
     inits = {i.name for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
     node = logits_matmul(model)
-    t = producers.get(node.input[1]) if node is not None else None
+    t = producers(model).get(node.input[1]) if node is not None else None
     if node is not None and t is not None and t.op_type == "Transpose" and t.input[0] in inits:
         return node, t, t.input[0]
     return None
@@ -113,14 +117,14 @@ def quantize_tied_projection_int8(model: onnx.ModelProto) -> bool:
     """After dynamic quantization quantized the embedding's Gather, let the tied output projection read the same
     int8 table: MatMulInteger(quantize(x), Transpose(table_int8)), one table on disk for both uses."""
     inits = {i.name for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
+    made_by = producers(model)
     matmul = logits_matmul(model)
-    transpose = producers.get(matmul.input[1]) if matmul is not None else None
+    transpose = made_by.get(matmul.input[1]) if matmul is not None else None
     if matmul is None or transpose is None or transpose.op_type != "Transpose":
         return False
     # The table is either still the float initializer, or (when the quantizer saw it used outside a Gather)
     # a DequantizeLinear of the quantized one, which would dequantize all of it on every step.
-    dequantize = producers.get(transpose.input[0])
+    dequantize = made_by.get(transpose.input[0])
     if dequantize is not None and dequantize.op_type == "DequantizeLinear" and dequantize.input[0] in inits:
         q, scale, zero = dequantize.input[:3]
     elif f"{transpose.input[0]}_quantized" in inits:

@@ -26,6 +26,10 @@ class Gate:
 def judge(source: Path, candidate: Path, inputs: EvalSet, provider: str = "cpu", steps: int = 16) -> dict:
     """The candidate bundle against the bundle it came from, both fed the source's greedy tokens."""
     ref, new = Runtime(source, threads=2), Runtime(candidate, providers=[provider, "cpu"], threads=2)
+    # the bundle's own settings, greedy, within what learned positions allow
+    gen = ref.generation_config(strategy="greedy", num_return_sequences=1, max_new_tokens=min(
+        ref.generation.max_new_tokens, ref.manifest.max_positions or ref.generation.max_new_tokens))
+    ref.check_inputs(inputs.sources, gen)
     worst, agree, total = 0.0, 0, 0
     for i in range(0, len(inputs.sources), 50):
         chunk = inputs.sources[i: i + 50]
@@ -42,7 +46,6 @@ def judge(source: Path, candidate: Path, inputs: EvalSet, provider: str = "cpu",
                      "inputs": len(inputs.sources), "judged_on": inputs.judged_on,
                      "max_abs_logprob_diff": worst, "greedy_token_agreement": agree / total}
     if inputs.metric is not None:
-        gen = ref.generation_config(strategy="greedy", num_return_sequences=1)
         figures["metric"] = inputs.metric
         figures["metric_source"] = inputs.score(ref.generate(inputs.sources, gen), ref.tokenizer)
         figures["metric_variant"] = inputs.score(new.generate(inputs.sources, gen), new.tokenizer)

@@ -8,10 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 
 from edgeformer.runtime.bundle import Manifest
-from edgeformer.runtime.engine import open_session, provider, session_options
+from edgeformer.runtime.engine import available, open_session, provider, session_options
 from edgeformer.transforms.fusion import fuse_attention
 from edgeformer.transforms.graph_edits import GraphTransform
 from edgeformer.transforms.options import OptimizeOptions
@@ -20,9 +19,9 @@ from edgeformer.transforms.options import OptimizeOptions
 def optimize_transform(options: OptimizeOptions, bundle: Path) -> tuple[GraphTransform, dict]:
     """The per-graph transform and the settings recorded in the manifest."""
     chosen = provider(options.provider)
-    if chosen.name not in ort.get_available_providers():
+    if chosen.name not in available():
         raise ValueError(f"cannot optimize for {chosen.name}: onnxruntime here has only "
-                         f"{ort.get_available_providers()}; optimize on a machine with that provider (for CUDA: "
+                         f"{available()}; optimize on a machine with that provider (for CUDA: "
                          "onnxruntime-gpu and a GPU)")
     attention = chosen.fused_attention if options.fuse_attention is None else options.fuse_attention
     return fuse(options.level, chosen.name, attention), {"level": options.level, "provider": chosen.name,

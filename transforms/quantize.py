@@ -29,7 +29,8 @@ from edgeformer.transforms.options import INT8_PRESETS, QuantizeOptions
 def int8(options: QuantizeOptions, bundle: Path) -> tuple[GraphTransform, dict]:
     """int8, dynamic or static; the settings recorded in the manifest."""
     if options.method == "static":
-        assert options.calibration is not None, "static int8 needs calibration inputs"
+        if options.calibration is None:
+            raise ValueError("static int8 needs calibration inputs (QuantizeOptions.calibration)")
         feeds = calibration_feeds(bundle, options.calibration)
         return int8_static(options.preset, options.keep, feeds), {
             "method": "static-qdq", "preset": options.preset, "calibration_inputs": len(options.calibration.sources),

@@ -20,6 +20,8 @@ class Transform:
     step: str  # the verb that applies it: "optimize" or "quantize"
     function: str  # "module:function", (options, source bundle) -> (per-graph transform, settings)
     gate: Gate
+    source: str = "fp32"  # what a deployment makes it from (quantized CPU variants keep the optimized fusions)
+    gpu: bool = False  # a variant for GPU providers only: benchmarks and the demo measure it there alone
 
     def make(self, options: Any, bundle: Path) -> tuple[Callable, dict]:
         module, name = self.function.split(":")
@@ -34,14 +36,15 @@ TRANSFORMS = {t.variant: t for t in (
     # Quantized: within a point of the source's metric where there are references; agreement and log-prob bounds
     # that faithful variants pass on random inputs and broken ones fail (README: "Variants and their gates").
     Transform("int8", "quantize", "edgeformer.transforms.quantize:int8",
-              Gate(max_logprob_diff=2.0, min_token_agreement=0.9, max_metric_drop=1.0)),
+              Gate(max_logprob_diff=2.0, min_token_agreement=0.9, max_metric_drop=1.0), source="fp32-optimized"),
     Transform("int4", "quantize", "edgeformer.transforms.quantize:int4",
-              Gate(max_logprob_diff=8.0, min_token_agreement=0.7, max_metric_drop=1.0)),
+              Gate(max_logprob_diff=8.0, min_token_agreement=0.7, max_metric_drop=1.0), source="fp32-optimized"),
     Transform("fp16", "quantize", "edgeformer.transforms.quantize:fp16",
-              Gate(max_logprob_diff=2e-2, min_token_agreement=0.99, max_metric_drop=1.0)),
+              Gate(max_logprob_diff=2e-2, min_token_agreement=0.99, max_metric_drop=1.0), gpu=True),
 )}
 SOURCE = "fp32"  # what export writes, and every transform starts from
 VARIANTS = (SOURCE, *TRANSFORMS)
+CPU_VARIANTS = (SOURCE, *(v for v, t in TRANSFORMS.items() if not t.gpu))
 QUANTIZED = tuple(v for v, t in TRANSFORMS.items() if t.step == "quantize")
 
 

@@ -251,8 +251,6 @@ def _check_marian(model: Transformer, folder: Path, say: Callable[[str], None]) 
     say(f"max |logit difference| to Hugging Face: {diff:.2e}")
 
 
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="HF_FOLDER")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with transformers' MarianMTModel")
