@@ -15,15 +15,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeformer.export.evaluation import eval_set
 from edgeformer.export.graph_store import dedupe_initializers, save_graph, share_across_graphs
 from edgeformer.export.parity import ParityError
 from edgeformer.runtime.bundle import Manifest, atomic_folder, producer_versions
-from edgeformer.runtime.tokenizer import load_tokenizer, tokenizer_files
+from edgeformer.runtime.tokenizer import tokenizer_files
 from edgeformer.transforms.graph_edits import quiet
-from edgeformer.transforms.judge import judge, misses
+from edgeformer.transforms.judge import misses
 from edgeformer.transforms.options import OptimizeOptions, QuantizeOptions
-from edgeformer.transforms.registry import QUANTIZED, SOURCE, TRANSFORMS, VARIANTS, transform
+from edgeformer.transforms.registry import QUANTIZED, SOURCE, TRANSFORMS, VARIANTS, family_judging, transform
 
 
 @dataclass
@@ -62,8 +61,8 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
         made = source.variant  # optimizing a quantized bundle: it stays what it is, held to its own gate
     elif step.step == "quantize" and source.variant in QUANTIZED:
         raise ValueError(f"{bundle} is already {source.variant}; quantize an fp32 (or optimized) bundle")
-    tokenizer = load_tokenizer(bundle) if source.tokenizer else None
-    inputs = eval_set(source.config, tokenizer, source.task, judging.eval, judging.inputs, metric=judging.metric)
+    family = family_judging(source.family)
+    inputs = family.inputs(source, bundle, judging.eval, judging.inputs, metric=judging.metric)
     provider = options.provider if isinstance(options, OptimizeOptions) else "cpu"
     with quiet():
         per_graph, settings = step.make(options, bundle)
@@ -89,7 +88,7 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
                                                         "keep": list(getattr(options, "keep", [])), "graphs": details,
                                                         "producer": producer_versions()}]
             manifest.save(tmp)
-            figures = judge(bundle, tmp, inputs, provider=provider)
+            figures = family.judge(bundle, tmp, inputs, provider=provider)
             gate = TRANSFORMS[made].gate
             missed = misses(gate, figures)
             if missed and not allow_drop:
@@ -119,9 +118,8 @@ def quantize(bundle: Path | str, out: Path | str, to: str, preset: str = "avx2",
     calibrate = None
     if to == "int8" and method == "static":
         source = Manifest.load(Path(bundle))
-        tokenizer = load_tokenizer(Path(bundle)) if source.tokenizer else None
-        calibrate = eval_set(source.config, tokenizer, source.task, calibration, calibration_size, split="train",
-                             seed=17)
+        calibrate = family_judging(source.family).inputs(source, Path(bundle), calibration, calibration_size,
+                                                          split="train", seed=17)
     options = QuantizeOptions(preset, method, block_size, list(keep or []), calibrate)
     return derive(bundle, out, to, options, **kwargs)
 

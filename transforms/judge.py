@@ -1,17 +1,9 @@
-"""Judging a variant against the bundle it came from, before it is written: per-step log-probabilities and greedy
-tokens on the inputs of an EvalSet (export/evaluation.py: the user's, the recorded task's, or random ones), and
-the task metric of both bundles where the inputs have references. A gate says what a variant must reach."""
+"""What a variant must reach against the bundle it came from (a gate), and what it missed. How a family's
+variants are measured is the family's (transforms/encoder_decoder.py); the figures it returns are these."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-
-from edgeformer.export.evaluation import EvalSet
-from edgeformer.runtime.search import pad
-from edgeformer.runtime.session import Runtime
 
 
 @dataclass(frozen=True)
@@ -21,35 +13,6 @@ class Gate:
     max_logprob_diff: float | None = None  # max |log-probability difference| over every step and token
     min_token_agreement: float | None = None  # share of steps whose greedy token is the source's
     max_metric_drop: float | None = None  # points of the task metric (exact match, chrF, BLEU), where it is known
-
-
-def judge(source: Path, candidate: Path, inputs: EvalSet, provider: str = "cpu", steps: int = 16) -> dict:
-    """The candidate bundle against the bundle it came from, both fed the source's greedy tokens."""
-    ref, new = Runtime(source, threads=2), Runtime(candidate, providers=[provider, "cpu"], threads=2)
-    # the bundle's own settings, greedy, within what learned positions allow
-    gen = ref.generation_config(strategy="greedy", num_return_sequences=1, max_new_tokens=min(
-        ref.generation.max_new_tokens, ref.manifest.max_positions or ref.generation.max_new_tokens))
-    ref.check_inputs(inputs.sources, gen)
-    worst, agree, total = 0.0, 0, 0
-    for i in range(0, len(inputs.sources), 50):
-        chunk = inputs.sources[i: i + 50]
-        ids, mask = pad(chunk, int(ref.config["pad_id"]))
-        a, b = ref.step_model(ids, mask, 1), new.step_model(ids, mask, 1)
-        tokens = np.full(len(chunk), int(ref.config["bos_id"]), dtype=np.int64)
-        for _ in range(steps):
-            la, lb = a.log_probs(tokens), b.log_probs(tokens)
-            worst = max(worst, float(np.abs(la - lb).max()))
-            agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
-            total += len(chunk)
-            tokens = la.argmax(-1)
-    figures: dict = {"against": f"{ref.manifest.variant} bundle", "provider": new.provider,
-                     "inputs": len(inputs.sources), "judged_on": inputs.judged_on,
-                     "max_abs_logprob_diff": worst, "greedy_token_agreement": agree / total}
-    if inputs.metric is not None:
-        figures["metric"] = inputs.metric
-        figures["metric_source"] = inputs.score(ref.generate(inputs.sources, gen), ref.tokenizer)
-        figures["metric_variant"] = inputs.score(new.generate(inputs.sources, gen), new.tokenizer)
-    return figures
 
 
 def misses(gate: Gate, figures: dict) -> list[str]:

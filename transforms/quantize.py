@@ -10,11 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeformer.export.evaluation import EvalSet
 from edgeformer.runtime.bundle import Manifest
-from edgeformer.runtime.encoder_decoder import DECODER, ENCODER
-from edgeformer.runtime.search import pad
-from edgeformer.runtime.session import Runtime
 from edgeformer.transforms.graph_edits import (
     OUTPUT_PROJECTION,
     GraphTransform,
@@ -24,6 +20,7 @@ from edgeformer.transforms.graph_edits import (
     with_types,
 )
 from edgeformer.transforms.options import INT8_PRESETS, QuantizeOptions
+from edgeformer.transforms.registry import family_judging
 
 
 def int8(options: QuantizeOptions, bundle: Path) -> tuple[GraphTransform, dict]:
@@ -31,7 +28,8 @@ def int8(options: QuantizeOptions, bundle: Path) -> tuple[GraphTransform, dict]:
     if options.method == "static":
         if options.calibration is None:
             raise ValueError("static int8 needs calibration inputs (QuantizeOptions.calibration)")
-        feeds = calibration_feeds(bundle, options.calibration)
+        family = Manifest.load(bundle, verify=False).family
+        feeds = family_judging(family).calibration_feeds(bundle, options.calibration)
         return int8_static(options.preset, options.keep, feeds), {
             "method": "static-qdq", "preset": options.preset, "calibration_inputs": len(options.calibration.sources),
             "calibrated_on": options.calibration.judged_on["inputs"]}
@@ -66,21 +64,6 @@ def int8_dynamic(preset: str, keep: list[str]) -> GraphTransform:
         return proto, {"preset": preset, **INT8_PRESETS[preset], "kept_fp32": excluded, "tied_projection_int8": tied}
 
     return transform
-
-
-def calibration_feeds(bundle: Path, inputs: EvalSet, steps: int = 12) -> dict[str, list[dict]]:
-    """Inputs to calibrate activation ranges on, per graph, captured by decoding `inputs` with the source bundle."""
-    rt = Runtime(bundle, threads=2)
-    feeds: dict[str, list[dict]] = {ENCODER: [], DECODER: []}
-    for i in range(0, len(inputs.sources), 16):
-        ids, mask = pad(inputs.sources[i: i + 16], int(rt.config["pad_id"]))
-        feeds[ENCODER].append({"input_ids": ids, "attention_mask": mask})
-        state = rt.step_model(ids, mask, 1)
-        tokens = np.full(len(ids), int(rt.config["bos_id"]), dtype=np.int64)
-        for _ in range(steps):
-            feeds[DECODER].append({"input_ids": tokens[:, None], **state.inputs()})
-            tokens = state.log_probs(tokens).argmax(-1)
-    return feeds
 
 
 def int8_static(preset: str, keep: list[str], feeds: dict[str, list[dict]]) -> GraphTransform:

@@ -48,6 +48,17 @@ CPU_VARIANTS = (SOURCE, *(v for v, t in TRANSFORMS.items() if not t.gpu))
 QUANTIZED = tuple(v for v, t in TRANSFORMS.items() if t.step == "quantize")
 
 
+# How each model family's variants are measured: a module with inputs(...), judge(...) and calibration_feeds(...)
+# (transforms/encoder_decoder.py); a new family adds its module and a line here.
+FAMILY_JUDGING = {"encoder-decoder": "edgeformer.transforms.encoder_decoder"}
+
+
+def family_judging(family: str) -> Any:
+    if family not in FAMILY_JUDGING:
+        raise ValueError(f"no transforms for the model family {family!r}; known: {', '.join(FAMILY_JUDGING)}")
+    return importlib.import_module(FAMILY_JUDGING[family])
+
+
 def transform(variant: str) -> Transform:
     if variant not in TRANSFORMS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(TRANSFORMS)}")
