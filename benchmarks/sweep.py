@@ -32,6 +32,7 @@ from edgeformer.model.generate import TorchFullSteps, TorchSteps
 from edgeformer.report.format import ratio_text, table
 from edgeformer.runtime import engine
 from edgeformer.runtime.bundle import Manifest, producer_versions
+from edgeformer.runtime.encoder_decoder import ENCODER_DECODER
 from edgeformer.runtime.search import StepModel
 from edgeformer.runtime.session import Runtime
 from edgeformer.transforms.derive import build_variants
@@ -96,6 +97,8 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None =
     The runtime's decoder runs on `decoder_threads` at every point; None: the runtime's default (one thread
     for the small steps of a small model, the point's threads otherwise; see Runtime)."""
     model, _ = load_checkpoint(checkpoint)
+    if model.family != ENCODER_DECODER.name:
+        raise ValueError(f"bench times {ENCODER_DECODER.name} decoding steps; a {model.family} model has none")
     c = model.config
     # every compute provider onnxruntime has here (AzureExecutionProvider, a remote-call provider, is not one)
     providers = list(providers or engine.available())

@@ -5,6 +5,7 @@ No pickle anywhere. Loading reports every missing, unexpected or misshapen tenso
 
 from __future__ import annotations
 
+import importlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from edgeformer.model.config import ConfigError, TransformerConfig
+from edgeformer.model.config import ConfigError
 from edgeformer.model.tasks import get_task
 from edgeformer.model.transformer import Transformer
 from edgeformer.runtime.bundle import atomic_folder
@@ -26,6 +27,9 @@ WEIGHTS_FILE = "model.safetensors"
 GENERATION_FILE = "generation.json"  # default generation settings (an importer's), carried into the bundle
 TASK_FILE = "task.json"  # the built-in task a model was trained on: its variants are judged on that task
 DEFAULT_MODEL = "dates"
+# Model families on the PyTorch side: family -> its config class and its model class, "module:name". config.json
+# names its family; one without a name is the encoder-decoder (every checkpoint written before families were).
+MODELS = {"encoder-decoder": ("edgeformer.model.config:TransformerConfig", "edgeformer.model.transformer:Transformer")}
 
 
 class CheckpointError(ValueError):
@@ -42,10 +46,19 @@ def state_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in model.named_parameters()}
 
 
+def model_classes(family: str) -> tuple[Any, Any]:
+    """The config class and the model class of a model family."""
+    if family not in MODELS:
+        raise CheckpointError(f"unknown model family {family!r}; this edgeformer knows {', '.join(MODELS)}")
+    return tuple(getattr(importlib.import_module(module), name)
+                 for module, name in (path.split(":") for path in MODELS[family]))
+
+
 def save_checkpoint(model: Transformer, folder: Path, tokenizer: Tokenizer | None = None,
                     force: bool = False, generation: GenerationConfig | None = None, task: str | None = None) -> Path:
     with atomic_folder(Path(folder), force=force) as tmp:
-        model.config.save(tmp / CONFIG_FILE)
+        config = {"family": model.family, **model.config.to_dict()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(state_tensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -62,11 +75,19 @@ def load_checkpoint(folder: Path | str | None = None) -> tuple[Transformer, Toke
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder (it should hold {CONFIG_FILE} and "
                               f"{WEIGHTS_FILE})")
+    path = folder / CONFIG_FILE
     try:
-        config = TransformerConfig.load(folder / CONFIG_FILE)
+        settings = json.loads(path.read_text())
+        if not isinstance(settings, dict):
+            raise CheckpointError(f"{path}: not a JSON object of settings")
+        config_class, model_class = model_classes(settings.pop("family", "encoder-decoder"))
+        model = model_class(config_class.from_dict(settings))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file; a checkpoint folder holds {CONFIG_FILE}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    model = Transformer(config)
+        raise CheckpointError(f"{path}: {e}") from None
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing; a checkpoint stores its weights there")

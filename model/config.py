@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 ACTIVATIONS = ("relu", "gelu", "silu")
@@ -105,15 +103,3 @@ class TransformerConfig:
             raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> TransformerConfig:
-        try:
-            d = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file; a checkpoint folder holds config.json") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d)

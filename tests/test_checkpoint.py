@@ -67,11 +67,22 @@ def test_config_that_does_not_match_the_weights_is_refused(tmp_path: Path) -> No
         load_checkpoint(tmp_path / "ck")
 
 
+def test_a_checkpoint_names_its_model_family_and_one_without_is_an_encoder_decoder(tmp_path: Path) -> None:
+    save_checkpoint(tiny_model(), tmp_path / "ck")
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert config["family"] == "encoder-decoder"
+    del config["family"]  # as checkpoints written before families were, the shipped one among them
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(config))
+    assert load_checkpoint(tmp_path / "ck")[0].family == "encoder-decoder"
+
+
 @pytest.mark.parametrize(("damage", "message"), [
     (lambda ck: (ck / "model.safetensors").write_bytes(b"\x80\x04garbage pickle"), "not a readable safetensors"),
     (lambda ck: (ck / "model.safetensors").unlink(), "model.safetensors: missing"),
     (lambda ck: (ck / "config.json").write_text("{nope"), "not valid JSON"),
     (lambda ck: (ck / "config.json").unlink(), "config.json: no such file"),
+    (lambda ck: (ck / "config.json").write_text('{"family": "vit"}'), "unknown model family 'vit'"),
+    (lambda ck: (ck / "config.json").write_text("[1, 2]"), "not a JSON object"),
 ])
 def test_corrupt_checkpoint_names_the_file(tmp_path: Path, damage, message: str) -> None:
     save_checkpoint(tiny_model(), tmp_path / "ck")
