@@ -130,8 +130,8 @@ def _derive_options(args: argparse.Namespace) -> dict[str, Any]:
     """What every bundle-to-bundle verb passes on: overwrite, gate, judging, progress."""
     from edgeformer.transforms.derive import Judging
 
-    return {"force": args.force, "allow_drop": args.allow_drop, "judging": Judging(args.eval, args.metric,
-                                                                                   args.eval_size),
+    return {"force": args.force, "allow_drop": args.allow_drop,
+            "judging": Judging(args.eval, args.metric, args.eval_size),
             "log": None if args.json else (lambda msg: print(f"  {msg}...", flush=True))}
 
 
@@ -301,23 +301,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"results (JSON, Markdown, PNG) in {args.out}")
 
 
-def _choices() -> dict[str, Any]:
-    """The allowed values of the verbs' options, from the modules that own them (none needs torch or onnx)."""
-    from edgeformer.model.metrics import METRICS
-    from edgeformer.transforms.options import INT8_METHODS, INT8_PRESETS, OFFLINE_LEVELS
-    from edgeformer.transforms.registry import QUANTIZED
-
-    return {"metrics": METRICS, "int8_methods": INT8_METHODS, "int8_presets": list(INT8_PRESETS),
-            "levels": OFFLINE_LEVELS, "quantized": QUANTIZED}
-
-
 EVAL_HELP = ("inputs to judge on, one a line: text (or text<TAB>reference) for a bundle with a tokenizer, or JSON "
              '([ids] or {"source": ..., "reference": ...}); default: the built-in task the bundle records, else '
              "random ids from its vocabulary")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    choices = _choices()
+    # the allowed values of options, from the modules that own them (none of them needs torch or onnx)
+    from edgeformer.model.importers import IMPORTERS
+    from edgeformer.model.metrics import METRICS
+    from edgeformer.transforms.options import INT8_METHODS, INT8_PRESETS, OFFLINE_LEVELS
+    from edgeformer.transforms.registry import QUANTIZED
+
     parser = argparse.ArgumentParser(prog="edgeformer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -340,8 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("import", help="weights you already have -> checkpoint, checked against the original")
-    from edgeformer.model.importers import IMPORTERS
-
     p.add_argument("kind", choices=IMPORTERS, metavar="KIND",
                    help="; ".join(f"{name}: {help}" for name, (_, help) in IMPORTERS.items()))
     p.add_argument("arguments", nargs=argparse.REMAINDER, help="the importer's: edgeformer import KIND --help")
@@ -394,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true")
         p.add_argument("--allow-drop", action="store_true", help="write it even if it misses its parity target")
         p.add_argument("--eval", metavar="FILE", help=EVAL_HELP)
-        p.add_argument("--metric", choices=choices["metrics"], help="where the inputs have references; default: "
+        p.add_argument("--metric", choices=METRICS, help="where the inputs have references; default: "
                        "the task's, exact_match for token ids, chrf for texts")
         p.add_argument("--eval-size", type=_positive, default=200, help="how many inputs to judge on (random ones: "
                        "at most 64)")
@@ -404,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bundle_to_bundle("optimize", "transformer fusions + onnxruntime offline optimization -> new bundle",
                          cmd_optimize)
-    p.add_argument("--level", default="extended", choices=choices["levels"],
+    p.add_argument("--level", default="extended", choices=OFFLINE_LEVELS,
                    help="onnxruntime level saved offline; 'all' adds layout changes tied to this machine")
     p.add_argument("--provider", default="cpu", help="the execution provider the graphs are optimized for")
     p.add_argument("--fuse-attention", default="auto", choices=["auto", "yes", "no"],
@@ -412,9 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernel (CPU, CUDA, TensorRT, ROCm)")
 
     p = bundle_to_bundle("quantize", "int8 (dynamic), int4 (weight-only) or fp16 -> new bundle", cmd_quantize)
-    p.add_argument("--to", required=True, choices=choices["quantized"])
-    p.add_argument("--preset", default="avx2", choices=choices["int8_presets"], help="int8 only")
-    p.add_argument("--method", default="dynamic", choices=choices["int8_methods"],
+    p.add_argument("--to", required=True, choices=QUANTIZED)
+    p.add_argument("--preset", default="avx2", choices=list(INT8_PRESETS), help="int8 only")
+    p.add_argument("--method", default="dynamic", choices=INT8_METHODS,
                    help="int8: activations quantized at run time, or static QDQ with calibrated ranges")
     p.add_argument("--calibration", metavar="FILE", help="int8 static: calibration inputs, in --eval's format "
                    "(default: the built-in task's training split where the bundle records one, else random ids)")

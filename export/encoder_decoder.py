@@ -138,7 +138,7 @@ def runtime_parity(bundle: Path, checkpoint: Path | str | None = None, n: int = 
                    threads: int | None = None) -> dict[str, float | str | int]:
     """The bundle run by the runtime against the PyTorch checkpoint: greedy and beam outputs, the task metric
     and per-step logits, on n inputs (export/evaluation.py: `eval`, else the bundle's task, else random ones)."""
-    model, tokenizer = load_checkpoint(checkpoint)
+    model, _ = load_checkpoint(checkpoint)
     rt = Runtime(bundle, threads=threads)
     inputs = eval_set(rt.config, rt.tokenizer, rt.manifest.task, eval, n)
     src = inputs.sources
@@ -151,8 +151,8 @@ def runtime_parity(bundle: Path, checkpoint: Path | str | None = None, n: int = 
             a[0].tokens == b[0].tokens for a, b in zip(ours, ref, strict=True)) / len(src)
         if name == "greedy" and inputs.metric is not None:
             metric = inputs.metric.replace("_", " ")
-            report[f"{metric} (runtime, points)"] = inputs.score(ours, tokenizer)
-            report[f"{metric} (PyTorch, points)"] = inputs.score(ref, tokenizer)
+            report[f"{metric} (runtime, points)"] = inputs.score(ours, rt.tokenizer)
+            report[f"{metric} (PyTorch, points)"] = inputs.score(ref, rt.tokenizer)
     worst = 0.0
     for i in range(0, min(len(src), 64), 16):  # per-step logits on padded batches of 16
         r = compare_case(model, rt.sessions, rt.manifest.graphs, src[i: i + 16], 12, TOLERANCES["fp32"])

@@ -86,7 +86,8 @@ def random_sources(config: dict[str, Any], n: int, seed: int = 0) -> list[list[i
 def read_eval_file(path: Path, config: dict[str, Any], tokenizer: Tokenizer | None, n: int,
                    metric: str | None) -> EvalSet:
     try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
+        content = path.read_bytes()
+        lines = [line for line in content.decode("utf-8").splitlines() if line.strip()][:n]
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read it ({e})") from None
     if not lines:
@@ -118,7 +119,7 @@ def read_eval_file(path: Path, config: dict[str, Any], tokenizer: Tokenizer | No
         raise ValueError(f"{path}: references are texts on some lines and token ids on others; use one kind")
     kind = kinds.pop() if kinds else None
     chosen = (metric or ("chrf" if kind == "texts" else "exact_match")) if kind else None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256(content).hexdigest()
     return EvalSet(sources, references or None, chosen,
                    {"inputs": f"file {path.name} (sha256 {digest[:16]})", "count": len(sources), "references": kind,
                     "metric": chosen})

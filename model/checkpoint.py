@@ -5,8 +5,9 @@ No pickle anywhere. Loading reports every missing, unexpected or misshapen tenso
 
 from __future__ import annotations
 
-import importlib
 import json
+import pkgutil
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from edgeformer.model.config import ConfigError
 from edgeformer.model.tasks import get_task
 from edgeformer.model.transformer import Transformer
 from edgeformer.runtime.bundle import atomic_folder
+from edgeformer.runtime.families import DEFAULT_FAMILY
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.tokenizer import Tokenizer, load_tokenizer
 
@@ -50,8 +52,8 @@ def model_classes(family: str) -> tuple[Any, Any]:
     """The config class and the model class of a model family."""
     if family not in MODELS:
         raise CheckpointError(f"unknown model family {family!r}; this edgeformer knows {', '.join(MODELS)}")
-    return tuple(getattr(importlib.import_module(module), name)
-                 for module, name in (path.split(":") for path in MODELS[family]))
+    config_class, model_class = (pkgutil.resolve_name(path) for path in MODELS[family])
+    return config_class, model_class
 
 
 def save_checkpoint(model: Transformer, folder: Path, tokenizer: Tokenizer | None = None,
@@ -80,7 +82,7 @@ def load_checkpoint(folder: Path | str | None = None) -> tuple[Transformer, Toke
         settings = json.loads(path.read_text())
         if not isinstance(settings, dict):
             raise CheckpointError(f"{path}: not a JSON object of settings")
-        config_class, model_class = model_classes(settings.pop("family", "encoder-decoder"))
+        config_class, model_class = model_classes(settings.pop("family", DEFAULT_FAMILY))
         model = model_class(config_class.from_dict(settings))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file; a checkpoint folder holds {CONFIG_FILE}") from None
@@ -109,27 +111,25 @@ def load_checkpoint(folder: Path | str | None = None) -> tuple[Transformer, Toke
     return model.eval(), load_tokenizer(folder)
 
 
-def load_task(folder: Path | str | None) -> str | None:
-    """The built-in task the checkpoint's model was trained on, or None (an imported model, say)."""
-    path = (Path(folder) if folder is not None else default_checkpoint()) / TASK_FILE
+def _optional(folder: Path | str | None, file: str, check: Callable[[Any], object], what: str) -> Any:
+    """The JSON in a checkpoint's optional `file` (None when it has none), refused unless `check` accepts it."""
+    path = (Path(folder) if folder is not None else default_checkpoint()) / file
     if not path.is_file():
         return None
     try:
-        name = json.loads(path.read_text())["task"]
-        get_task(name)
+        value = json.loads(path.read_text())
+        check(value)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a known built-in task ({e})") from None
-    return str(name)
+        raise CheckpointError(f"{path}: not {what} ({e})") from None
+    return value
+
+
+def load_task(folder: Path | str | None) -> str | None:
+    """The built-in task the checkpoint's model was trained on, or None (an imported model, say)."""
+    found = _optional(folder, TASK_FILE, lambda d: get_task(d["task"]), "a known built-in task")
+    return None if found is None else str(found["task"])
 
 
 def load_generation(folder: Path | str | None) -> dict[str, Any]:
     """The checkpoint's default generation settings ({} when it has none), as GenerationConfig fields."""
-    path = (Path(folder) if folder is not None else default_checkpoint()) / GENERATION_FILE
-    if not path.is_file():
-        return {}
-    try:
-        settings = json.loads(path.read_text())
-        GenerationConfig.from_dict(settings)
-    except (json.JSONDecodeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: not valid generation settings ({e})") from None
-    return dict(settings)
+    return dict(_optional(folder, GENERATION_FILE, GenerationConfig.from_dict, "valid generation settings") or {})

@@ -8,6 +8,7 @@ measured on.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -46,8 +47,7 @@ class Judging:
 
 
 def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeOptions | QuantizeOptions,
-           force: bool = False,
-           allow_drop: bool = False, judging: Judging = Judging(),
+           force: bool = False, allow_drop: bool = False, judging: Judging = Judging(),
            log: Callable[[str], None] | None = None) -> VariantReport:
     """Apply the transform that makes `variant` to every graph of a bundle, judge the result against the source,
     write it atomically."""
@@ -79,14 +79,10 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
                 shutil.copy(bundle / name, tmp / name)
             say(f"{made}: checking against the {source.variant} bundle on {inputs.judged_on['inputs']}")
             # The check needs a loadable bundle: write a provisional manifest first, the final one after.
-            manifest = Manifest(config=source.config, graphs=source.graphs, graph_files=source.graph_files,
-                                variant=made, opset=source.opset, tokenizer=source.tokenizer,
-                                producer=source.producer,
-                                exporter=source.exporter, parity=source.parity, generation=source.generation,
-                                family=source.family, task=source.task)
-            manifest.transforms = [*source.transforms, {"step": step.step, "variant": made, **settings,
-                                                        "keep": list(getattr(options, "keep", [])), "graphs": details,
-                                                        "producer": producer_versions()}]
+            record = {"step": step.step, "variant": made, **settings, "keep": list(getattr(options, "keep", [])),
+                      "graphs": details, "producer": producer_versions()}
+            manifest = dataclasses.replace(source, variant=made, transforms=[*source.transforms, record],
+                                           variant_parity={}, files={})
             manifest.save(tmp)
             figures = family.judge(bundle, tmp, inputs, provider=provider)
             gate = TRANSFORMS[made].gate
@@ -117,7 +113,7 @@ def quantize(bundle: Path | str, out: Path | str, to: str, preset: str = "avx2",
         raise ValueError(f"unknown quantization {to!r}; choose one of {', '.join(QUANTIZED)}")
     calibrate = None
     if to == "int8" and method == "static":
-        source = Manifest.load(Path(bundle))
+        source = Manifest.load(Path(bundle), verify=False)  # derive verifies it
         calibrate = family_judging(source.family).inputs(source, Path(bundle), calibration, calibration_size,
                                                           split="train", seed=17)
     options = QuantizeOptions(preset, method, block_size, list(keep or []), calibrate)

@@ -25,7 +25,9 @@ def inputs(source: Manifest, bundle: Path, path: Path | str | None, n: int, metr
 
 def judge(source: Path, candidate: Path, inputs: EvalSet, provider: str = "cpu", steps: int = 16) -> dict:
     """The candidate bundle against the bundle it came from, both fed the source's greedy tokens."""
-    ref, new = Runtime(source, threads=2), Runtime(candidate, providers=[provider, "cpu"], threads=2)
+    # both verified already: the source as derive loaded it, the candidate as it was just written
+    ref = Runtime(source, threads=2, verify=False)
+    new = Runtime(candidate, providers=[provider, "cpu"], threads=2, verify=False)
     # the bundle's own settings, greedy, within what learned positions allow
     gen = ref.generation_config(strategy="greedy", num_return_sequences=1, max_new_tokens=min(
         ref.generation.max_new_tokens, ref.manifest.max_positions or ref.generation.max_new_tokens))
@@ -54,7 +56,7 @@ def judge(source: Path, candidate: Path, inputs: EvalSet, provider: str = "cpu",
 
 def calibration_feeds(bundle: Path, inputs: EvalSet, steps: int = 12) -> dict[str, list[dict]]:
     """Inputs to calibrate activation ranges on, per graph, captured by decoding `inputs` with the source bundle."""
-    rt = Runtime(bundle, threads=2)
+    rt = Runtime(bundle, threads=2, verify=False)  # derive verifies the bundle
     feeds: dict[str, list[dict]] = {ENCODER: [], DECODER: []}
     for i in range(0, len(inputs.sources), 16):
         ids, mask = pad(inputs.sources[i: i + 16], int(rt.config["pad_id"]))

@@ -6,12 +6,15 @@ before it is written. Functions are named, not imported: the command line reads 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeformer.transforms.judge import Gate
+
+SOURCE = "fp32"  # what export writes, and every transform starts from
 
 
 @dataclass(frozen=True)
@@ -20,12 +23,11 @@ class Transform:
     step: str  # the verb that applies it: "optimize" or "quantize"
     function: str  # "module:function", (options, source bundle) -> (per-graph transform, settings)
     gate: Gate
-    source: str = "fp32"  # what a deployment makes it from (quantized CPU variants keep the optimized fusions)
+    source: str = SOURCE  # what a deployment makes it from (quantized CPU variants keep the optimized fusions)
     gpu: bool = False  # a variant for GPU providers only: benchmarks and the demo measure it there alone
 
     def make(self, options: Any, bundle: Path) -> tuple[Callable, dict]:
-        module, name = self.function.split(":")
-        made: tuple[Callable, dict] = getattr(importlib.import_module(module), name)(options, bundle)
+        made: tuple[Callable, dict] = pkgutil.resolve_name(self.function)(options, bundle)
         return made
 
 
@@ -42,7 +44,6 @@ TRANSFORMS = {t.variant: t for t in (
     Transform("fp16", "quantize", "edgeformer.transforms.quantize:fp16",
               Gate(max_logprob_diff=2e-2, min_token_agreement=0.99, max_metric_drop=1.0), gpu=True),
 )}
-SOURCE = "fp32"  # what export writes, and every transform starts from
 VARIANTS = (SOURCE, *TRANSFORMS)
 CPU_VARIANTS = (SOURCE, *(v for v, t in TRANSFORMS.items() if not t.gpu))
 QUANTIZED = tuple(v for v, t in TRANSFORMS.items() if t.step == "quantize")
