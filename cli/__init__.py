@@ -7,9 +7,12 @@ how to install it when it is missing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import io
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -174,6 +177,21 @@ def cmd_info(args: argparse.Namespace) -> None:
         rows = [["in", t.name, t.dtype, "(" + ", ".join(map(str, t.shape)) + ")"] for t in spec.inputs]
         rows += [["out", t.name, t.dtype, "(" + ", ".join(map(str, t.shape)) + ")"] for t in spec.outputs]
         print(table(["", "name", "dtype", "shape"], _fold_cache_rows(rows)))
+    for title, show in (("parity at export", _show_parity), ("transforms", _show_transforms),
+                        ("variant parity", _show_variant_parity)):
+        shown = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(shown):
+                show(m)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):  # records a stranger's tool wrote
+            record = {"parity at export": m.parity, "transforms": m.transforms, "variant parity": m.variant_parity}
+            shown = io.StringIO(f"\n{title} (as recorded, not in the form this edgeformer writes):\n"
+                                f"{json.dumps(record[title], indent=1)[:4000]}\n")
+        print(shown.getvalue(), end="")
+    print("\nproduced by " + ", ".join(f"{k} {v}" for k, v in m.producer.items()))
+
+
+def _show_parity(m: Any) -> None:
     p = m.parity
     if p:
         print(f"\nparity against {p['reference']} at export ({p['provider']}, {p['tokens_compared']} decoding steps):")
@@ -181,6 +199,9 @@ def cmd_info(args: argparse.Namespace) -> None:
                     [[g, f"{d:.2e}", f"{p['tolerance']['atol']:.0e} + {p['tolerance']['rtol']:.0e}*max|ref|"]
                      for g, d in p["max_abs_diff"].items()]))
         print(f"greedy token agreement: {p['greedy_token_agreement']:.2%}")
+
+
+def _show_transforms(m: Any) -> None:
     for t in m.transforms:
         settings = ", ".join(f"{k} {v}" for k, v in t.items()
                              if k not in ("graphs", "variant", "step") and v not in ([], None))
@@ -189,6 +210,9 @@ def cmd_info(args: argparse.Namespace) -> None:
             fused = details.get("fused_operators")
             if fused is not None:
                 print(f"  {graph}: fused " + (", ".join(f"{k} x{v}" for k, v in fused.items()) or "nothing"))
+
+
+def _show_variant_parity(m: Any) -> None:
     v = m.variant_parity
     if v:
         judged = v.get("judged_on", {}).get("inputs", "inputs")
@@ -199,7 +223,6 @@ def cmd_info(args: argparse.Namespace) -> None:
                  else ""))  # bundles written before metrics were named
         if v.get("misses"):
             print("WARNING: written with --allow-drop; misses its target: " + "; ".join(v["misses"]))
-    print("\nproduced by " + ", ".join(f"{k} {v}" for k, v in m.producer.items()))
 
 
 def _fold_cache_rows(rows: list[list[str]]) -> list[list[str]]:
@@ -219,25 +242,29 @@ def _fold_cache_rows(rows: list[list[str]]) -> list[list[str]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from edgeformer.runtime.errors import InputError
+    from edgeformer.runtime.options import Limits
     from edgeformer.runtime.session import Runtime
 
+    limits = Limits(source_tokens=args.limit_source_tokens, new_tokens=args.limit_new_tokens, rows=args.limit_rows)
     rt = Runtime(args.bundle, providers=args.provider.split(","), threads=args.threads,
-                 decoder_threads=args.decoder_threads)
-    misses = rt.manifest.variant_parity.get("misses")
+                 decoder_threads=args.decoder_threads, limits=limits)
+    misses = rt.manifest.misses
     if misses:
         print(f"warning: this {rt.manifest.variant} bundle was written with --allow-drop and misses its target: "
               + "; ".join(misses), file=sys.stderr)
     gen = _gen_config(args, rt.generation)
     inputs = args.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not inputs:
-        sys.exit("nothing to generate: give inputs as arguments or on standard input")
+        raise InputError("nothing to generate: give inputs as arguments or on standard input")
     if args.ids or rt.tokenizer is None:
         try:
             src = [[int(t) for t in s.replace(",", " ").split()] for s in inputs]
         except ValueError:
-            sys.exit("this bundle has no tokenizer (or --ids was given): inputs must be space-separated token ids")
+            raise InputError("inputs must be space-separated token ids (this bundle has no tokenizer, or --ids "
+                             "was given)") from None
     else:
-        src = rt.tokenizer.encode_batch(inputs)
+        src = rt.tokenize(inputs)
     start = time.perf_counter()
     hyps = rt.generate(src, gen)
     seconds = time.perf_counter() - start
@@ -310,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the allowed values of options, from the modules that own them (none of them needs torch or onnx)
     from edgeformer.model.importers import IMPORTERS
     from edgeformer.model.metrics import METRICS
+    from edgeformer.runtime.options import Limits
     from edgeformer.transforms.options import INT8_METHODS, INT8_PRESETS, OFFLINE_LEVELS
     from edgeformer.transforms.registry import QUANTIZED
 
@@ -364,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=None)
+    limits = Limits()
+    p.add_argument("--limit-source-tokens", type=_positive, default=limits.source_tokens, metavar="N",
+                   help="refuse inputs longer than this (default %(default)s)")
+    p.add_argument("--limit-new-tokens", type=_positive, default=limits.new_tokens, metavar="N",
+                   help="refuse --max-new-tokens above this (default %(default)s)")
+    p.add_argument("--limit-rows", type=_positive, default=limits.rows, metavar="N",
+                   help="refuse more than this many inputs x beams (or samples) in one call (default %(default)s)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -446,13 +481,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from edgeformer.export.parity import ParityError  # numpy and onnxruntime: safe for a runtime-only install
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Options may come before or after a verb's positional arguments (`generate BUNDLE --json "text"`):
+    each verb's own parser reads its arguments intermixed. `import` hands its arguments to the importer as
+    they are."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse's intermixed parsing refuses a parser with subparsers: find the verb's parser and let it parse
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if not argv or argv[0] not in verbs.choices or argv[0] == "import":
+        return parser.parse_args(argv)
+    args = verbs.choices[argv[0]].parse_intermixed_args(argv[1:])
+    args.verb = argv[0]
+    return args
 
-    args = build_parser().parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from edgeformer.runtime.errors import EdgeformerError
+
+    args = parse(argv)
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, OSError, ParityError, ImportError) as e:
+    except BrokenPipeError:  # the reader went away (`edgeformer info B | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except KeyboardInterrupt:
+        print(f"edgeformer {args.verb}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (EdgeformerError, ValueError, OSError, ImportError) as e:
         sys.exit(f"edgeformer {args.verb}: error: {e}")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from edgeformer.runtime.engine import CPU, open_session
+from edgeformer.runtime.errors import EdgeformerError
 from edgeformer.runtime.spec import Family, GraphSpec
 
 
@@ -25,7 +26,7 @@ class Tolerance:
 TOLERANCES = {"fp32": Tolerance(atol=1e-4, rtol=1e-5), "fp32-optimized": Tolerance(atol=1e-4, rtol=1e-5)}
 
 
-class ParityError(RuntimeError):
+class ParityError(EdgeformerError, RuntimeError):
     """An exported graph whose outputs differ from PyTorch's by more than the tolerance."""
 
 

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from edgeformer.runtime.errors import EdgeformerError
+
 ACTIVATIONS = ("relu", "gelu", "silu")
 POSITIONS = ("sinusoidal", "learned")
 SINUSOIDS = ("interleaved", "halves")
@@ -18,7 +20,7 @@ BASE_SIZE: dict[str, Any] = {"src_vocab_size": 32000, "tgt_vocab_size": 32000, "
                              "share_embeddings": True}
 
 
-class ConfigError(ValueError):
+class ConfigError(EdgeformerError, ValueError):
     """A config that cannot describe a working model."""
 
 

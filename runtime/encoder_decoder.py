@@ -68,5 +68,35 @@ def graphs(config: Mapping[str, Any]) -> dict[str, GraphSpec]:
             DECODER: decoder_spec(layers, heads, head_dim, int(config["tgt_vocab_size"]))}
 
 
+SIZES = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff",
+         "max_positions")
+TOKENS = ("pad_id", "bos_id", "eos_id")  # target ids; pad also pads sources
+WORDS = {"position": ("sinusoidal", "learned"), "activation": None, "norm": None}  # None: any text
+
+
+def check_config(config: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a config that a bundle's manifest carries, as far as the runtime reads it."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    problems = [f"{k} must be a positive integer, not {config.get(k)!r}" for k in SIZES
+                if not whole(config.get(k)) or config[k] < 1]
+    problems += [f"{k} must be a token id, not {config.get(k)!r}" for k in TOKENS
+                 if not whole(config.get(k)) or config[k] < 0]
+    for key, allowed in WORDS.items():
+        if not isinstance(config.get(key), str) or (allowed and config[key] not in allowed):
+            problems.append(f"{key} must be " + (" or ".join(allowed) if allowed else "a name") +
+                            f", not {config.get(key)!r}")
+    if problems:
+        return problems
+    if config["d_model"] % config["n_heads"]:
+        problems.append(f"d_model {config['d_model']} is not divisible by n_heads {config['n_heads']}")
+    for key in TOKENS:  # all three are target tokens; pad pads the sources too
+        vocab = min(config["src_vocab_size"], config["tgt_vocab_size"]) if key == "pad_id" else config["tgt_vocab_size"]
+        if config[key] >= vocab:
+            problems.append(f"{key} {config[key]} is outside the vocabulary [0, {vocab})")
+    return problems
+
+
 ENCODER_DECODER = Family(name="encoder-decoder", graph_files={ENCODER: "encoder.onnx", DECODER: "decoder.onnx"},
-                         axes=(BATCH, SRC_LEN, TGT_LEN, PAST_LEN), graphs=graphs)
+                         axes=(BATCH, SRC_LEN, TGT_LEN, PAST_LEN), graphs=graphs, check_config=check_config)

@@ -12,8 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _state
+
+from edgeformer.runtime.errors import BundleError, InputError
 
 CPU = "CPUExecutionProvider"
+# What onnxruntime raises: its own classes (plain Exceptions, one per status code) and pybind11's RuntimeError.
+ORT_ERRORS: tuple[type[BaseException], ...] = (
+    *(v for v in vars(_state).values() if isinstance(v, type) and issubclass(v, Exception)), RuntimeError)
+
 
 
 @dataclass(frozen=True)
@@ -47,9 +54,9 @@ OPTIMIZATION_LEVELS = {
 
 def provider(name: str) -> Provider:
     """A provider by short name ('cuda') or onnxruntime's ('CUDAExecutionProvider')."""
-    found = PROVIDERS.get(name.lower()) or BY_NAME.get(name)
+    found = PROVIDERS.get(name.lower()) or BY_NAME.get(name) if isinstance(name, str) else None
     if found is None:
-        raise ValueError(f"unknown execution provider {name!r}; known: {', '.join(PROVIDERS)}")
+        raise InputError(f"unknown execution provider {name!r}; known: {', '.join(PROVIDERS)}")
     return found
 
 
@@ -78,7 +85,7 @@ def session_options(optimization: str = "all", threads: int | None = None, spin:
     generate call, where waking a sleeping thread cost a scheduler tick (README: Benchmarks, "Threads").
     optimized_path: where onnxruntime saves the graph as optimized for the session's provider."""
     if optimization not in OPTIMIZATION_LEVELS:
-        raise ValueError(f"unknown optimization level {optimization!r}; choose one of "
+        raise InputError(f"unknown optimization level {optimization!r}; choose one of "
                          f"{', '.join(OPTIMIZATION_LEVELS)}")
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
@@ -95,7 +102,11 @@ def session_options(optimization: str = "all", threads: int | None = None, spin:
 
 def open_session(path: Path, options: ort.SessionOptions | None = None,
                  providers: Sequence[str] = (CPU,)) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), options or session_options(), providers=list(providers))
+    """A session of the graph at `path`; BundleError if onnxruntime cannot load it."""
+    try:
+        return ort.InferenceSession(str(path), options or session_options(), providers=list(providers))
+    except ORT_ERRORS as e:
+        raise BundleError(f"{path}: onnxruntime cannot load this graph ({str(e)[:500]})") from None
 
 
 def graph_io(session: ort.InferenceSession) -> tuple[list[str], list[str]]:

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+from numbers import Integral, Real
 from typing import Any
 
+from edgeformer.runtime.errors import InputError
+
 STRATEGIES = ("greedy", "beam", "sample")
+INTS = ("max_new_tokens", "min_new_tokens", "num_beams", "num_return_sequences", "top_k")
+FLOATS = ("length_penalty", "temperature", "top_p")
+FLAGS = ("ignore_eos", "early_stopping", "forced_eos")
+
+
+def is_int(value: Any) -> bool:
+    """A whole number (numpy's too), not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,18 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        wrong = [f"{k} must be an integer, not {getattr(self, k)!r}" for k in INTS if not is_int(getattr(self, k))]
+        wrong += [f"{k} must be a finite number, not {getattr(self, k)!r}" for k in FLOATS
+                  if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), Real)
+                  or not math.isfinite(getattr(self, k))]
+        wrong += [f"{k} must be True or False, not {getattr(self, k)!r}" for k in FLAGS
+                  if not isinstance(getattr(self, k), bool)]
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            wrong.append(f"seed must be a non-negative integer or None, not {self.seed!r}")
+        if not isinstance(self.suppress_tokens, tuple) or not all(is_int(t) and t >= 0 for t in self.suppress_tokens):
+            wrong.append(f"suppress_tokens must be a tuple of token ids, not {self.suppress_tokens!r}")
+        if wrong:  # the checks below compare values: they need the right types
+            raise InputError("invalid generation settings: " + "; ".join(wrong))
         problems = []
         if self.strategy not in STRATEGIES:
             problems.append(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -49,10 +73,8 @@ class GenerationConfig:
             problems.append(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not isinstance(t, int) or t < 0 for t in self.suppress_tokens):
-            problems.append(f"suppress_tokens must be token ids, got {self.suppress_tokens!r}")
         if problems:
-            raise ValueError("invalid generation settings: " + "; ".join(problems))
+            raise InputError("invalid generation settings: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         """As JSON holds it (the form from_dict reads)."""
@@ -64,9 +86,29 @@ class GenerationConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown generation settings {unknown}; known ones are {sorted(known)}")
-        settings: dict[str, Any] = {k: tuple(v) if k == "suppress_tokens" else v for k, v in d.items()}
+            raise InputError(f"unknown generation settings {unknown}; known ones are {sorted(known)}")
+        settings: dict[str, Any] = {k: tuple(v) if k == "suppress_tokens" and isinstance(v, list) else v
+                                    for k, v in d.items()}
         return cls(**settings)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one generate call may ask of a Runtime, beyond what the model itself bounds (learned positions).
+
+    The cost of a call grows with the square of the source length (the encoder's attention) and of the tokens
+    generated (each step attends to all before it): without a limit one request can hold a core for minutes or ask
+    for more memory than the machine has. Raise them for a model that needs more (README: Security)."""
+
+    source_tokens: int = 1024  # tokens of the longest input
+    new_tokens: int = 1024  # max_new_tokens
+    rows: int = 1024  # inputs x beams (beam search) or x samples: the rows of every decoder step
+
+    def __post_init__(self) -> None:
+        bad = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+               if not is_int(getattr(self, f.name)) or getattr(self, f.name) < 1]
+        if bad:
+            raise InputError(f"limits must be positive integers: {', '.join(bad)}")
 
 
 @dataclass(frozen=True)

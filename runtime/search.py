@@ -6,7 +6,7 @@ for token: the same EOS and length handling, the same beam bookkeeping and lengt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -42,7 +42,14 @@ def search(make_steps: Callable[[int], StepModel], batch: int, gen: GenerationCo
     """make_steps(rows_per_input) builds a step model over batch * rows_per_input rows."""
     if gen.strategy == "beam":
         return _beam(make_steps(gen.num_beams), batch, gen, bos_id, eos_id, pad_id)
-    return _greedy_or_sample(make_steps(gen.num_return_sequences), batch, gen, bos_id, eos_id, on_token)
+    produced = greedy_or_sample(make_steps(gen.num_return_sequences), batch, gen, bos_id, eos_id)
+    while True:
+        try:
+            row, token = next(produced)
+        except StopIteration as done:
+            return done.value
+        if on_token is not None:
+            on_token(row, token)
 
 
 def _constrain(logp: np.ndarray, step: int, gen: GenerationConfig, eos_id: int) -> np.ndarray:
@@ -80,8 +87,10 @@ def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.minimum((cdf < u).sum(-1), logits.shape[-1] - 1)
 
 
-def _greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_id: int,
-                      on_token: Callable[[int, int], None] | None) -> list[list[Hypothesis]]:
+def greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int,
+                     eos_id: int) -> Generator[tuple[int, int], None, list[list[Hypothesis]]]:
+    """Greedy or sampled search, one step at a time: yields (row, token) for every token as it is produced, and
+    returns the hypotheses. Whoever stops iterating stops the search: nothing runs that nobody reads."""
     n = gen.num_return_sequences
     rows = batch * n
     rng = np.random.default_rng(gen.seed)
@@ -94,15 +103,15 @@ def _greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_i
         if gen.strategy == "greedy":
             tokens = logp.argmax(-1)
         else:
-            tokens = _sample(filter_logits(logp / gen.temperature, gen), rng)
+            # shifted first, so that a tiny temperature cannot turn every logit into -inf
+            tokens = _sample(filter_logits((logp - logp.max(-1, keepdims=True)) / gen.temperature, gen), rng)
         scores += np.where(alive, logp[np.arange(rows), tokens], 0.0)
         for r in np.flatnonzero(alive):
             if tokens[r] == eos_id and not gen.ignore_eos:
                 alive[r] = False
             else:
                 out[r].append(int(tokens[r]))
-                if on_token is not None:
-                    on_token(int(r), int(tokens[r]))
+                yield int(r), int(tokens[r])
         if not alive.any():
             break
     return [[Hypothesis(out[i * n + j], float(scores[i * n + j])) for j in range(n)] for i in range(batch)]

@@ -7,9 +7,8 @@ inputs as OrtValues, so on CUDA they stay on the device and on the CPU nothing i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import queue
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,20 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edgeformer.runtime.bundle import MANIFEST_FILE, BundleError, Manifest
+from edgeformer.runtime.bundle import MANIFEST_FILE, Manifest
 from edgeformer.runtime.encoder_decoder import DECODER, ENCODER, ENCODER_DECODER, is_self_cache, past_for
-from edgeformer.runtime.engine import StepBinding, graph_io, open_session, provider, resolve_providers, session_options
-from edgeformer.runtime.options import GenerationConfig, Hypothesis
-from edgeformer.runtime.search import StepModel, pad, search
+from edgeformer.runtime.engine import (
+    ORT_ERRORS,
+    StepBinding,
+    graph_io,
+    open_session,
+    provider,
+    resolve_providers,
+    session_options,
+)
+from edgeformer.runtime.errors import BundleError, EdgeformerError, EngineError, InputError, LimitError
+from edgeformer.runtime.options import GenerationConfig, Hypothesis, Limits, is_int
+from edgeformer.runtime.search import StepModel, greedy_or_sample, pad, search
 from edgeformer.runtime.tokenizer import load_tokenizer
 
 # A decoder step that reads fewer weights than this, over all its rows, runs on one intra-op thread: handing its
@@ -38,29 +46,38 @@ def step_weights(config: dict[str, Any]) -> int:
 
 
 class Runtime:
-    """A loaded bundle. Thread-safe: `generate` keeps all of its state in local variables."""
+    """A loaded bundle. Thread-safe: `generate` keeps all of its state in local variables.
+
+    Errors: a bundle that cannot be used raises BundleError, inputs or settings that cannot be used InputError
+    (LimitError above a limit), an onnxruntime failure on a checked graph EngineError; all are EdgeformerError."""
 
     def __init__(self, bundle: Path | str, providers: Sequence[str] = ("cpu",), threads: int | None = None,
                  optimization: str = "all", verify: bool = True, spin: bool = True,
-                 decoder_threads: int | None = None) -> None:
+                 decoder_threads: int | None = None, limits: Limits | None = None) -> None:
         """threads: intra-op threads (None: onnxruntime's default, one per physical core). decoder_threads: the
         decoder's, if they should differ; by default a generate call whose steps are small (SMALL_STEP_WEIGHTS)
-        runs its decoder on one thread, and on `threads` otherwise."""
+        runs its decoder on one thread, and on `threads` otherwise. limits: what one call may ask (Limits)."""
         # "all" even for graphs optimized offline: less leaves a tied projection's Transpose unfolded (README: Runtime)
+        for name, value in (("threads", threads), ("decoder_threads", decoder_threads)):
+            if value is not None and (not is_int(value) or value < 1):
+                raise InputError(f"{name}={value!r}: give a positive number of threads, or None for the default")
+        if isinstance(providers, str):
+            providers = providers.split(",")
+        self.limits = limits or Limits()
         self.path = Path(bundle)
         self.manifest = Manifest.load(self.path, verify=verify)
         if self.manifest.family != ENCODER_DECODER.name:
             raise BundleError(f"{self.path}: a {self.manifest.family} bundle; Runtime generates with "
                               f"{ENCODER_DECODER.name} bundles")
         self.config = self.manifest.config
-        for name, value in (("threads", threads), ("decoder_threads", decoder_threads)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value}: give a positive number of threads, or None for the default")
         self.requested_providers = resolve_providers(providers)
         self.decoder_threads = decoder_threads or threads
 
         def open_graph(graph: str, threads: int | None) -> ort.InferenceSession:
             options = session_options(optimization, threads, spin, stop_spinning=graph == ENCODER)
+            # The encoder's attention takes memory in the square of the source, once a call: allocated without an
+            # arena, it goes back when the run ends (README: Runtime, "Memory"). The decoder keeps its arena.
+            options.enable_cpu_mem_arena = graph != ENCODER
             return open_session(self.path / self.manifest.graph_files[graph], options, self.requested_providers)
 
         self.sessions = {ENCODER: open_graph(ENCODER, threads), DECODER: open_graph(DECODER, self.decoder_threads)}
@@ -74,10 +91,10 @@ class Runtime:
             open_graph(DECODER, 1) if decoder_threads is None and threads != 1 and self.device == "cpu"
             and self.step_weights < SMALL_STEP_WEIGHTS else None)
         self._check_graphs()
-        self.tokenizer = (load_tokenizer(self.path) if self.manifest.tokenizer else None)
+        self.tokenizer = (load_tokenizer(self.path, self.manifest.files) if self.manifest.tokenizer else None)
         try:
             self.generation = GenerationConfig.from_dict(self.manifest.generation)
-        except (ValueError, TypeError) as e:
+        except (InputError, TypeError) as e:
             raise BundleError(f"{self.path / MANIFEST_FILE}: bad generation defaults ({e})") from None
         self.encoder_outputs = self.manifest.graphs[ENCODER].output_names
         self.decoder_outputs = self.manifest.graphs[DECODER].output_names
@@ -90,29 +107,47 @@ class Runtime:
 
     # -- checks ------------------------------------------------------------------------------------------------
 
-    def check_inputs(self, src: Sequence[Sequence[int]], gen: GenerationConfig) -> None:
+    def check_inputs(self, src: Any, gen: Any) -> list[list[int]]:
+        """The inputs as lists of ints, once they and the settings pass every check; InputError (LimitError)
+        naming the first problem otherwise."""
+        if not isinstance(gen, GenerationConfig):
+            raise InputError(f"settings must be a GenerationConfig, not {type(gen).__name__}")
+        if isinstance(src, (str, bytes)) or not isinstance(src, (Sequence, np.ndarray)):
+            raise InputError(f"inputs must be a list of token-id sequences, not {type(src).__name__}"
+                             + ("; use translate() for text" if isinstance(src, str) else ""))
         if len(src) == 0:
-            raise ValueError("no inputs: pass at least one sequence of token ids")
+            raise InputError("no inputs: pass at least one sequence of token ids")
+        ids = [_token_ids(seq, i) for i, seq in enumerate(src)]
         vocab = int(self.config["src_vocab_size"])
-        for i, seq in enumerate(src):
-            if len(seq) == 0:
-                raise ValueError(f"input {i} is empty: every input needs at least one token")
-            bad = [t for t in seq if not 0 <= int(t) < vocab]
+        for i, seq in enumerate(ids):
+            bad = [t for t in seq if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"input {i} has token ids {bad[:5]} outside the source vocabulary [0, {vocab})")
+                raise InputError(f"input {i} has token ids {bad[:5]} outside the source vocabulary [0, {vocab})")
         target_vocab = int(self.config["tgt_vocab_size"])
         if any(t >= target_vocab for t in gen.suppress_tokens):
-            raise ValueError(f"suppress_tokens {list(gen.suppress_tokens)} reach outside the target vocabulary "
+            raise InputError(f"suppress_tokens {list(gen.suppress_tokens)} reach outside the target vocabulary "
                              f"[0, {target_vocab})")
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
         bound = self.manifest.max_positions
-        if bound is not None:
-            longest = max(len(s) for s in src)
-            if longest > bound:
-                raise ValueError(f"an input of {longest} tokens exceeds this model's {bound} learned positions; "
-                                 "shorten the input")
-            if gen.max_new_tokens > bound:
-                raise ValueError(f"max_new_tokens={gen.max_new_tokens} exceeds this model's {bound} learned "
-                                 "positions; lower it")
+        if bound is not None and len(ids[longest]) > bound:
+            raise LimitError(f"input {longest} has {len(ids[longest])} tokens, more than this model's {bound} "
+                             "learned positions; shorten it")
+        if len(ids[longest]) > self.limits.source_tokens:
+            raise LimitError(f"input {longest} has {len(ids[longest])} tokens, above this runtime's limit of "
+                             f"{self.limits.source_tokens}; shorten it, or raise Limits.source_tokens "
+                             "(--limit-source-tokens) if the machine can take it")
+        if bound is not None and gen.max_new_tokens > bound:
+            raise LimitError(f"max_new_tokens={gen.max_new_tokens} exceeds this model's {bound} learned positions; "
+                             "lower it")
+        if gen.max_new_tokens > self.limits.new_tokens:
+            raise LimitError(f"max_new_tokens={gen.max_new_tokens} is above this runtime's limit of "
+                             f"{self.limits.new_tokens}; lower it, or raise Limits.new_tokens (--limit-new-tokens)")
+        rows = len(ids) * (gen.num_beams if gen.strategy == "beam" else gen.num_return_sequences)
+        if rows > self.limits.rows:
+            raise LimitError(f"{len(ids)} inputs x {rows // len(ids)} beams or samples are {rows} rows, above this "
+                             f"runtime's limit of {self.limits.rows}; split the inputs into smaller batches, or "
+                             "raise Limits.rows (--limit-rows)")
+        return ids
 
     # -- the two graphs ----------------------------------------------------------------------------------------
 
@@ -167,39 +202,76 @@ class Runtime:
                  on_token: Callable[[int, int], None] | None = None) -> list[list[Hypothesis]]:
         """Token ids in, per input its hypotheses (best first) out. `on_token(input_index, token)` streams
         greedy and sampled tokens as they are produced."""
-        gen = gen or self.generation
-        self.check_inputs(src, gen)
-        ids, mask = pad(src, int(self.config["pad_id"]))
-        return search(lambda rows: self.step_model(ids, mask, rows), len(src), gen, int(self.config["bos_id"]),
-                      int(self.config["eos_id"]), int(self.config["pad_id"]), on_token)
+        gen = self.generation if gen is None else gen
+        ids, mask = pad(self.check_inputs(src, gen), int(self.config["pad_id"]))
+        with self._engine_errors():
+            return search(lambda rows: self.step_model(ids, mask, rows), len(ids), gen, int(self.config["bos_id"]),
+                          int(self.config["eos_id"]), int(self.config["pad_id"]), on_token)
 
     def stream(self, src: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
-        """Yield the tokens of one input as they are produced (greedy or sampling)."""
-        gen = gen or self.generation
-        if gen.strategy == "beam":
-            raise ValueError("streaming yields one sequence as it grows; use strategy='greedy' or 'sample'")
-        self.check_inputs([src], gen)
-        produced: queue.Queue[int | BaseException | None] = queue.Queue()
+        """Yield the tokens of one input as they are produced (greedy, or one sample). The search runs in the
+        caller's thread, a step each time a token is asked for: leave the loop (or close the iterator) and it stops.
+        """
+        gen = self.generation if gen is None else gen
+        if isinstance(gen, GenerationConfig) and (gen.strategy == "beam" or gen.num_return_sequences != 1):
+            raise InputError("streaming yields one sequence as it grows; use strategy='greedy' or 'sample' with "
+                             "num_return_sequences=1")
+        ids, mask = pad(self.check_inputs([src], gen), int(self.config["pad_id"]))
+        with self._engine_errors():
+            steps = self.step_model(ids, mask, 1)
+        return self._stream(greedy_or_sample(steps, 1, gen, int(self.config["bos_id"]), int(self.config["eos_id"])))
 
-        def work() -> None:
-            try:
-                self.generate([src], gen, lambda _i, token: produced.put(token))
-                produced.put(None)
-            except BaseException as e:  # handed to the consumer, who raises it
-                produced.put(e)
+    def _stream(self, produced: Iterator[tuple[int, int]]) -> Iterator[int]:
+        with self._engine_errors():
+            for _row, token in produced:
+                yield token
 
-        threading.Thread(target=work, daemon=True).start()
-        while (item := produced.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    @contextlib.contextmanager
+    def _engine_errors(self) -> Iterator[None]:
+        """onnxruntime's failures while a checked bundle runs, as one EngineError that names the bundle."""
+        try:
+            yield
+        except ORT_ERRORS as e:
+            if isinstance(e, EdgeformerError):
+                raise
+            raise EngineError(f"{self.path}: onnxruntime failed while generating: {e}") from e
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Texts as the token ids of the bundle's tokenizer. Empty (or blank) text is refused: the tokenizer
+        would make it the end token alone, and the model would answer it with something."""
+        if self.tokenizer is None:
+            raise InputError(f"{self.path} carries no tokenizer; pass token ids to generate() instead")
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise InputError(f"texts must be a list of strings, not {type(texts).__name__}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"text {i} is a {type(text).__name__}, not a string")
+            if not text.strip():
+                raise InputError(f"text {i} is empty: there is nothing to translate")
+        return self.tokenizer.encode_batch(texts)
 
     def translate(self, texts: Sequence[str], gen: GenerationConfig | None = None) -> list[str]:
         """Text in, text out (the best hypothesis of each), for bundles that carry a tokenizer."""
-        if self.tokenizer is None:
-            raise ValueError(f"{self.path} carries no tokenizer; pass token ids to generate() instead")
-        hyps = self.generate(self.tokenizer.encode_batch(texts), gen)
+        hyps = self.generate(self.tokenize(texts), gen)
+        assert self.tokenizer is not None  # tokenize() refused otherwise
         return [self.tokenizer.decode(h[0].tokens) for h in hyps]
+
+
+def _token_ids(seq: Any, i: int) -> list[int]:
+    """One input as a list of ints: refused unless it is a flat sequence of whole numbers."""
+    if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
+        raise InputError(f"input {i} must be a sequence of token ids, not {type(seq).__name__}")
+    if len(seq) == 0:
+        raise InputError(f"input {i} is empty: every input needs at least one token")
+    if isinstance(seq, np.ndarray):
+        if seq.ndim != 1 or seq.dtype.kind not in "iu":
+            raise InputError(f"input {i} must be a 1-D array of integer token ids, not {seq.ndim}-D {seq.dtype}")
+        return [int(t) for t in seq]
+    bad = [t for t in seq if not is_int(t)]
+    if bad:
+        raise InputError(f"input {i} has {bad[0]!r}, not an integer token id"
+                         + ("; floats are not truncated" if isinstance(bad[0], float) else ""))
+    return [int(t) for t in seq]
 
 
 class _Steps(StepModel):

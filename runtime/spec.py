@@ -10,6 +10,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edgeformer.runtime.errors import BundleError
+
+DTYPES = ("int64", "int32", "float32", "float16", "bfloat16")  # those a graph's inputs and outputs may have
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -22,7 +26,12 @@ class TensorSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+        """ValueError (or KeyError, TypeError) unless `d` is a tensor as to_dict writes it."""
+        name, dtype, shape = d["name"], d["dtype"], d["shape"]
+        if not isinstance(name, str) or dtype not in DTYPES or not isinstance(shape, list) or any(
+                isinstance(a, bool) or not isinstance(a, (str, int)) for a in shape):
+            raise ValueError(f"tensor {name!r}: a name, a dtype of {', '.join(DTYPES)} and a list of axes")
+        return cls(name, dtype, tuple(shape))
 
 
 @dataclass(frozen=True)
@@ -39,10 +48,14 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    def signature(self) -> tuple:
+        """The names and shapes of the inputs and outputs: what a family declares, whatever a variant's dtypes."""
+        return tuple((t.name, t.shape) for t in self.inputs), tuple((t.name, t.shape) for t in self.outputs)
+
     def check_names(self, inputs: list[str], outputs: list[str], where: object) -> None:
-        """Raise ValueError unless a graph's inputs and outputs are exactly these, in this order."""
+        """Raise BundleError unless a graph's inputs and outputs are exactly these, in this order."""
         if inputs != self.input_names or outputs != self.output_names:
-            raise ValueError(f"{where}: the graph's inputs/outputs {inputs} -> {outputs} differ from the declared "
+            raise BundleError(f"{where}: the graph's inputs/outputs {inputs} -> {outputs} differ from the declared "
                              f"{self.input_names} -> {self.output_names}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,3 +76,4 @@ class Family:
     graph_files: dict[str, str]  # graph name -> file in the bundle
     axes: tuple[str, ...]
     graphs: Callable[[Mapping[str, Any]], dict[str, GraphSpec]]
+    check_config: Callable[[Mapping[str, Any]], list[str]]  # the problems of a config read from a manifest

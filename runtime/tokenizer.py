@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
+
+from edgeformer.runtime.errors import BundleError
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIALS))
@@ -76,10 +78,15 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, folder: Path, d: dict[str, Any]) -> CharTokenizer:
+        where = Path(folder) / TOKENIZER_FILE
         if d.get("specials") != list(SPECIALS):
-            raise ValueError(f"{Path(folder) / TOKENIZER_FILE}: special tokens {d.get('specials')} are not "
-                             f"{list(SPECIALS)}")
-        return cls(CharVocab(d["source"]), CharVocab(d["target"]))
+            raise BundleError(f"{where}: special tokens {d.get('specials')} are not {list(SPECIALS)}")
+        if not isinstance(d.get("source"), str) or not isinstance(d.get("target"), str):
+            raise BundleError(f"{where}: source and target must be the vocabularies' characters, as text")
+        try:
+            return cls(CharVocab(d["source"]), CharVocab(d["target"]))
+        except ValueError as e:
+            raise BundleError(f"{where}: {e}") from None
 
 
 class Tokenizer(Protocol):
@@ -112,11 +119,18 @@ class MarianTokenizer:
             raise ImportError("this tokenizer needs sentencepiece: pip install sentencepiece "
                               "(or edgeformer[hf])") from None
         folder = Path(folder)
-        self.source = sentencepiece.SentencePieceProcessor(model_file=str(folder / MARIAN_FILES["source_spm"]))
-        self.target = sentencepiece.SentencePieceProcessor(model_file=str(folder / MARIAN_FILES["target_spm"]))
-        missing = [t for t in (eos, unk, pad) if t not in vocab]
+        try:
+            self.source = sentencepiece.SentencePieceProcessor(model_file=str(folder / MARIAN_FILES["source_spm"]))
+            self.target = sentencepiece.SentencePieceProcessor(model_file=str(folder / MARIAN_FILES["target_spm"]))
+        except (OSError, RuntimeError) as e:  # sentencepiece's own failures are RuntimeErrors
+            raise BundleError(f"{folder}: cannot read the SentencePiece models ({e})") from None
+        where = folder / MARIAN_FILES["vocab"]
+        if not isinstance(vocab, dict) or not all(isinstance(p, str) and isinstance(i, int) and not isinstance(
+                i, bool) for p, i in vocab.items()):
+            raise BundleError(f"{where}: the vocabulary must map pieces to integer ids")
+        missing = [t for t in (eos, unk, pad) if not isinstance(t, str) or t not in vocab]
         if missing:
-            raise ValueError(f"{folder / MARIAN_FILES['vocab']}: the vocabulary lacks the special tokens {missing}")
+            raise BundleError(f"{where}: the vocabulary lacks the special tokens {missing}")
         self.folder, self.vocab, self.eos, self.unk, self.pad = folder, vocab, eos, unk, pad
         self.pieces = {i: p for p, i in vocab.items()}
         self.special_ids = {vocab[eos], vocab[unk], vocab[pad]}
@@ -153,39 +167,52 @@ class MarianTokenizer:
 
     @classmethod
     def from_dict(cls, folder: Path, d: dict[str, Any]) -> MarianTokenizer:
-        vocab_path = Path(folder) / MARIAN_FILES["vocab"]
-        try:
-            vocab = json.loads(vocab_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{vocab_path}: cannot read the vocabulary ({e})") from None
-        return cls(folder, vocab, eos=d["eos"], unk=d["unk"], pad=d["pad"], decode_with=d["decode_with"])
+        vocab = _read_json(Path(folder) / MARIAN_FILES["vocab"], "the vocabulary")
+        if d.get("decode_with") not in ("source", "target"):
+            raise BundleError(f"{Path(folder) / TOKENIZER_FILE}: decode_with must be source or target")
+        return cls(folder, vocab, eos=d.get("eos", "</s>"), unk=d.get("unk", "<unk>"), pad=d.get("pad", "<pad>"),
+                   decode_with=d["decode_with"])
 
 
 KINDS: dict[str, type[CharTokenizer] | type[MarianTokenizer]] = {"char": CharTokenizer, "marian": MarianTokenizer}
 
 
-def _described(folder: Path) -> tuple[type[CharTokenizer] | type[MarianTokenizer], dict[str, Any]] | None:
-    """The tokenizer kind in `folder` and its tokenizer.json, or None without one."""
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, nested too deep
+        raise BundleError(f"{path}: cannot read {what} ({str(e)[:200]})") from None
+
+
+def _described(folder: Path, listed: Container[str] | None = None,
+               ) -> tuple[type[CharTokenizer] | type[MarianTokenizer], dict[str, Any]] | None:
+    """The tokenizer kind in `folder` and its tokenizer.json, or None without one. With `listed` (a bundle's
+    files), a tokenizer needing a file not among them is refused before anything is read."""
     path = Path(folder) / TOKENIZER_FILE
+    if listed is not None and TOKENIZER_FILE not in listed:
+        raise BundleError(f"{path}: not among the bundle's listed files")
     if not path.is_file():
         return None
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the tokenizer ({e})") from None
-    if d.get("kind") not in KINDS:
-        raise ValueError(f"{path}: unsupported tokenizer kind {d.get('kind')!r}; this version reads "
-                         f"{', '.join(KINDS)}")
-    return KINDS[d["kind"]], d
+    d = _read_json(path, "the tokenizer")
+    if not isinstance(d, dict) or d.get("kind") not in KINDS:
+        kind = d.get("kind") if isinstance(d, dict) else None
+        raise BundleError(f"{path}: unsupported tokenizer kind {kind!r}; this version reads {', '.join(KINDS)}")
+    kind = KINDS[d["kind"]]
+    unlisted = [f for f in kind.files if listed is not None and f not in listed]
+    if unlisted:
+        raise BundleError(f"{path}: a {d['kind']} tokenizer reads {', '.join(unlisted)}, which the bundle does not "
+                          "list; they are not read")
+    return kind, d
 
 
-def tokenizer_files(folder: Path) -> tuple[str, ...]:
+def tokenizer_files(folder: Path, listed: Container[str] | None = None) -> tuple[str, ...]:
     """The files of the tokenizer in `folder` (none without tokenizer.json), read without loading it."""
-    described = _described(folder)
+    described = _described(folder, listed)
     return described[0].files if described else ()
 
 
-def load_tokenizer(folder: Path) -> Tokenizer | None:
-    """The tokenizer a checkpoint or bundle folder carries, or None when it has no tokenizer.json."""
-    described = _described(folder)
+def load_tokenizer(folder: Path, listed: Container[str] | None = None) -> Tokenizer | None:
+    """The tokenizer a checkpoint or bundle folder carries, or None when it has no tokenizer.json. `listed`: the
+    files a bundle's manifest lists and checked; the tokenizer reads none but them."""
+    described = _described(folder, listed)
     return described[0].from_dict(Path(folder), described[1]) if described else None

@@ -3,15 +3,19 @@ as onnxruntime sessions. Tests import from here, never from each other or from c
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
-from edgeformer.runtime.bundle import Manifest
+from edgeformer.runtime.bundle import MANIFEST_FILE, Manifest
 from edgeformer.runtime.engine import open_session
 
 if TYPE_CHECKING:  # torch and onnx only where a test builds a model or a graph: the runtime's tests need neither
@@ -74,3 +78,26 @@ def graph_sessions(bundle: Path) -> dict[str, ort.InferenceSession]:
 def edgeformer(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgeformer.cli", *args], capture_output=True, text=True,
                           input=stdin, check=False)
+
+
+def copy_bundle(bundle: Path, where: Path, name: str = "bundle") -> Path:
+    """A copy of a bundle to tamper with."""
+    return Path(shutil.copytree(bundle, where / name))
+
+
+def edit_manifest(bundle: Path, edit: Callable[[Any], Any]) -> None:
+    """Rewrite a bundle's manifest as `edit` (given the parsed JSON, returning it or changing it in place) makes it."""
+    path = Path(bundle) / MANIFEST_FILE
+    d = json.loads(path.read_text())
+    changed = edit(d)
+    path.write_text(json.dumps(d if changed is None else changed))
+
+
+def relist(bundle: Path, *names: str) -> None:
+    """Record these files' present size and sha256 in the manifest, as a tamperer who knows the format would."""
+    def edit(d: dict) -> None:
+        for name in names:
+            data = (Path(bundle) / name).read_bytes()
+            d["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    edit_manifest(bundle, edit)

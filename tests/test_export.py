@@ -16,7 +16,7 @@ from edgeformer.export.encoder_decoder import compare_case
 from edgeformer.export.onnx_export import export
 from edgeformer.export.parity import TOLERANCES, ParityError
 from edgeformer.model.checkpoint import CheckpointError, save_checkpoint
-from edgeformer.runtime.bundle import MANIFEST_FILE, Manifest
+from edgeformer.runtime.bundle import FORMAT_VERSION, MANIFEST_FILE, Manifest
 from tests.helpers import graph_sessions, tiny_model
 
 # (batch, source length): batch 1 and 64, sources of 1 and 500 tokens; every case starts from an empty past.
@@ -58,7 +58,7 @@ def test_decoder_takes_a_whole_prefix_in_one_step(exported) -> None:
 def test_manifest_declares_names_axes_and_parity(exported) -> None:
     _, bundle = exported("post-sinusoidal")
     d = json.loads((bundle / MANIFEST_FILE).read_text())
-    assert d["format_version"] == 1 and d["variant"] == "fp32" and d["opset"] >= 17
+    assert d["format_version"] == FORMAT_VERSION == 2 and d["variant"] == "fp32" and d["opset"] >= 17
     dec = d["graphs"]["decoder"]
     names = [t["name"] for t in dec["inputs"]]
     assert names[:2] == ["input_ids", "encoder_attention_mask"]
@@ -68,6 +68,7 @@ def test_manifest_declares_names_axes_and_parity(exported) -> None:
     assert d["parity"]["max_abs_diff"]["decoder"] <= 1e-4
     assert d["parity"]["greedy_token_agreement"] == 1.0
     assert set(d["files"]) == {"encoder.onnx", "decoder.onnx"}
+    assert d["files"]["decoder.onnx"]["bytes"] == (bundle / "decoder.onnx").stat().st_size
     assert {"torch", "onnx", "onnxruntime"} <= set(d["producer"])
     # the graphs carry exactly the declared names, with symbolic batch and length axes
     graph = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False).graph

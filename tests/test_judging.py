@@ -120,7 +120,7 @@ def test_a_bad_eval_file_is_one_clear_error(exported, tmp_path: Path, content: s
 def test_a_source_longer_than_learned_positions_is_refused_before_judging(exported, tmp_path: Path) -> None:
     _, bundle = exported("pre-learned-gelu")  # 64 learned positions
     (tmp_path / "eval.jsonl").write_text(json.dumps(list(range(4, 34)) * 3) + "\n")
-    with pytest.raises(ValueError, match="exceeds this model's 64 learned positions"):
+    with pytest.raises(ValueError, match="more than this model's 64 learned positions"):
         quantize(bundle, tmp_path / "int8", to="int8", judging=Judging(tmp_path / "eval.jsonl"))
 
 

@@ -75,7 +75,7 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
             share_across_graphs(list(protos.values()), tmp)
             for name, proto in protos.items():
                 save_graph(proto, tmp / source.graph_files[name])
-            for name in tokenizer_files(bundle):
+            for name in tokenizer_files(bundle, source.files) if source.tokenizer else ():
                 shutil.copy(bundle / name, tmp / name)
             say(f"{made}: checking against the {source.variant} bundle on {inputs.judged_on['inputs']}")
             # The check needs a loadable bundle: write a provisional manifest first, the final one after.

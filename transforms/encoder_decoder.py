@@ -19,7 +19,7 @@ from edgeformer.runtime.tokenizer import load_tokenizer
 def inputs(source: Manifest, bundle: Path, path: Path | str | None, n: int, metric: str | None = None,
            split: str = "test", seed: int = 0) -> EvalSet:
     """What to judge (or calibrate) the variants of `bundle` on."""
-    tokenizer = load_tokenizer(bundle) if source.tokenizer else None
+    tokenizer = load_tokenizer(bundle, source.files) if source.tokenizer else None
     return eval_set(source.config, tokenizer, source.task, path, n, split=split, metric=metric, seed=seed)
 
 
