@@ -32,6 +32,7 @@ MANIFEST_FILE = "edgeformer.json"
 FORMAT_NAME = "edgeformer-bundle"
 FORMAT_VERSION = 2  # 2: every listed file with its size, checked before it is hashed (1 recorded sha256 alone)
 MANIFEST_LIMIT = 16 << 20  # bytes: a manifest is a few kB; a larger one is not read at all
+GRAPH_LIMIT = 2 << 30  # bytes: protobuf's limit, so no ONNX graph file is larger (weights beyond it are external)
 
 
 # -- writing: one writer per folder, nothing half-written, what a killed writer left recovered -----------------
@@ -50,15 +51,14 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(f"cannot write {target}: {e.strerror or e}") from None
-    with _writer_lock(target):
-        _recover(target)
+    with _writer_lock(target) as locked:
+        if locked:
+            _recover(target)
         if target.exists() and not force:
             raise FileExistsError(f"{target} already exists; pass force=True (--force) to replace it")
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.edgeformer-", suffix=".tmp", dir=target.parent))
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any other folder
         except OSError as e:
             raise OSError(f"cannot write {target}: {e.strerror or e}") from None
         try:
@@ -67,7 +67,11 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
             if target.exists():
                 old = _old(target)
                 os.replace(target, old)
-                os.replace(tmp, target)  # a crash between the two renames is undone by the next writer's _recover
+                try:
+                    os.replace(tmp, target)
+                except BaseException:  # put the old one back; a crash right here is undone by the next _recover
+                    os.replace(old, target)
+                    raise
                 _flush_folder(target.parent)
                 shutil.rmtree(old, ignore_errors=True)
             else:
@@ -75,6 +79,18 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
                 _flush_folder(target.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where the system tells (Linux): setting it, even for an
+    instant, changes it for every thread."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _old(target: Path) -> Path:
@@ -100,13 +116,14 @@ def _recover(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def _writer_lock(target: Path) -> Iterator[None]:
+def _writer_lock(target: Path) -> Iterator[bool]:
     """Hold `.NAME.lock` beside `target` (flock, released by the kernel if the process dies); removed on release.
-    Where fcntl does not exist (Windows) writers are not serialized."""
+    Where fcntl does not exist (Windows) writers are not serialized, and what a killed writer left stays: without
+    the lock, another writer's folders cannot be told from a dead one's."""
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     lock = target.with_name(f".{target.name}.lock")
     for _ in range(10):
@@ -127,7 +144,7 @@ def _writer_lock(target: Path) -> Iterator[None]:
     else:
         raise WriteError(f"{target}: could not take {lock.name}; another process keeps replacing it")
     try:
-        yield
+        yield True
     finally:
         with contextlib.suppress(OSError):
             os.unlink(lock)
@@ -174,23 +191,30 @@ def sha256_file(path: Path) -> str:
 
 def plain_name(name: object, what: str, where: Path) -> str:
     """A file name a manifest may give: one name in the bundle folder, never a path (no separators, no `..`)."""
-    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
-            or len(name) > 255):
+    try:
+        encoded = name.encode("utf-8") if isinstance(name, str) else None
+    except UnicodeEncodeError:  # a lone surrogate: no file system takes it
+        encoded = None
+    if (encoded is None or name in ("", ".", "..") or b"/" in encoded or b"\\" in encoded or b"\0" in encoded
+            or len(encoded) > 255):
         raise BundleError(f"{where}: {what} {name!r} is not a plain file name; a bundle names only files inside its "
                           "own folder")
-    return name
+    return str(name)
 
 
 def inside(folder: Path, name: str) -> Path:
     """The regular file `name` in `folder`, symlinks resolved, refused unless it stays inside the folder."""
-    root = Path(folder).resolve()
-    path = (root / name).resolve()
-    if path.parent != root and root not in path.parents:
-        raise BundleError(f"{root / name}: leads outside the bundle (to {path}); a bundle reads only its own files")
     try:
+        root = Path(folder).resolve()
+        path = (root / name).resolve()
+        if path.parent != root and root not in path.parents:
+            raise BundleError(f"{root / name}: leads outside the bundle (to {path}); a bundle reads only its own "
+                              "files")
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise BundleError(f"{root / name}: missing from the bundle (the manifest lists it)") from None
+        raise BundleError(f"{Path(folder) / name}: missing from the bundle (the manifest lists it)") from None
+    except (OSError, RuntimeError) as e:  # no permission, a symlink loop (RuntimeError before Python 3.13)
+        raise BundleError(f"{Path(folder) / name}: cannot be read ({e})") from None
     if not stat.S_ISREG(mode):
         raise BundleError(f"{root / name}: not a regular file")
     return path
@@ -280,7 +304,7 @@ class Manifest:
         if d.get("format") != FORMAT_NAME:
             raise BundleError(f"{where}: not an edgeformer manifest (format={d.get('format')!r})")
         version = d.get("format_version")
-        if version != FORMAT_VERSION or isinstance(version, bool):
+        if version != FORMAT_VERSION or type(version) is not int:
             raise BundleError(f"{where}: bundle format version {version!r} is not supported by this runtime, which "
                               f"reads version {FORMAT_VERSION}; export the bundle again with this edgeformer (or "
                               "upgrade edgeformer, for a newer bundle)")
@@ -356,11 +380,14 @@ class Manifest:
         if not path.exists():
             raise BundleError(f"{path}: missing; is {folder} a bundle written by `edgeformer export`?")
         path = inside(folder, MANIFEST_FILE)
-        if path.stat().st_size > MANIFEST_LIMIT:
-            raise BundleError(f"{path}: {path.stat().st_size} bytes, more than a manifest can be "
-                              f"({MANIFEST_LIMIT} bytes); not read")
         try:
+            size = path.stat().st_size
+            if size > MANIFEST_LIMIT:
+                raise BundleError(f"{path}: {size} bytes, more than a manifest can be ({MANIFEST_LIMIT} bytes); "
+                                  "not read")
             d = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+        except OSError as e:
+            raise BundleError(f"{path}: cannot be read ({e})") from None
         except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, NaN, nesting too deep
             raise BundleError(f"{path}: not valid JSON ({str(e)[:200]})") from None
         manifest = cls.from_dict(d, path)
@@ -370,20 +397,25 @@ class Manifest:
     def check(self, folder: Path, verify: bool = True) -> None:
         """Every listed file is inside the bundle, a regular file, of its recorded size and (with `verify`) its
         recorded sha256; every file a graph reads as external data is one of them. Sizes are checked before any
-        file is hashed, and nothing the manifest does not list is opened."""
+        file is read, and nothing the manifest does not list is opened."""
         paths = {name: inside(folder, name) for name in self.files}
         for name, listed in self.files.items():
             size = paths[name].stat().st_size
             if size != listed.bytes:
                 raise BundleError(f"{paths[name]}: {size} bytes, the manifest records {listed.bytes}; the file was "
                                   "changed or cut short after export, export the bundle again")
-        graphs = {name: paths[name].read_bytes() for name in set(self.graph_files.values())}  # read once, for both
-        if verify:
-            for name, listed in self.files.items():
-                digest = hashlib.sha256(graphs[name]).hexdigest() if name in graphs else sha256_file(paths[name])
-                if digest != listed.sha256:
-                    raise BundleError(f"{paths[name]}: sha256 does not match the manifest; the file was changed or "
-                                      "corrupted after export, export the bundle again")
+            if name in self.graph_files.values() and size > GRAPH_LIMIT:
+                raise BundleError(f"{paths[name]}: {size} bytes, more than an ONNX graph can be ({GRAPH_LIMIT})")
+        try:
+            graphs = {name: paths[name].read_bytes() for name in set(self.graph_files.values())}  # read once
+            digests = {name: hashlib.sha256(graphs[name]).hexdigest() if name in graphs else sha256_file(paths[name])
+                       for name in self.files} if verify else {}
+        except OSError as e:
+            raise BundleError(f"{folder}: a listed file cannot be read ({e})") from None
+        for name, digest in digests.items():
+            if digest != self.files[name].sha256:
+                raise BundleError(f"{paths[name]}: sha256 does not match the manifest; the file was changed or "
+                                  "corrupted after export, export the bundle again")
         for graph, name in self.graph_files.items():
             try:
                 locations = external_locations(graphs[name])

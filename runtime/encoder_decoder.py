@@ -68,8 +68,10 @@ def graphs(config: Mapping[str, Any]) -> dict[str, GraphSpec]:
             DECODER: decoder_spec(layers, heads, head_dim, int(config["tgt_vocab_size"]))}
 
 
-SIZES = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff",
-         "max_positions")
+# The largest value each size may have in a manifest: far beyond any model this runtime serves, and small enough
+# that building the declared graphs from a manifest stays cheap, whatever a stranger's manifest says.
+SIZES = {"src_vocab_size": 1 << 24, "tgt_vocab_size": 1 << 24, "d_model": 1 << 16, "n_heads": 1 << 10,
+         "n_encoder_layers": 1 << 10, "n_decoder_layers": 1 << 10, "d_ff": 1 << 20, "max_positions": 1 << 24}
 TOKENS = ("pad_id", "bos_id", "eos_id")  # target ids; pad also pads sources
 WORDS = {"position": ("sinusoidal", "learned"), "activation": None, "norm": None}  # None: any text
 
@@ -79,8 +81,8 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
     def whole(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
-    problems = [f"{k} must be a positive integer, not {config.get(k)!r}" for k in SIZES
-                if not whole(config.get(k)) or config[k] < 1]
+    problems = [f"{k} must be an integer in [1, {most}], not {config.get(k)!r}" for k, most in SIZES.items()
+                if not whole(config.get(k)) or not 1 <= config[k] <= most]
     problems += [f"{k} must be a token id, not {config.get(k)!r}" for k in TOKENS
                  if not whole(config.get(k)) or config[k] < 0]
     for key, allowed in WORDS.items():

@@ -16,7 +16,7 @@ CHILDREN: dict[str, dict[int, str]] = {
     "model": {7: "graph", 20: "training", 25: "function"},
     "training": {1: "graph", 2: "graph"},
     "graph": {1: "node", 5: "tensor", 15: "sparse"},
-    "function": {7: "node"},
+    "function": {7: "node", 11: "attribute"},  # its nodes, and its attributes' default values
     "node": {5: "attribute"},
     "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
     "sparse": {1: "tensor", 2: "tensor"},
@@ -27,10 +27,12 @@ ENTRY_KEY, ENTRY_VALUE = 1, 2
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
 
 
-def _varint(data: memoryview, i: int, end: int) -> tuple[int, int]:
+def _varint(data: memoryview, i: int, end: int, most: int = 10) -> tuple[int, int]:
+    """A varint of at most `most` bytes: protobuf reads tags and lengths as 32-bit varints (5 bytes), and what it
+    would read differently from us is refused, so that no field can hide from this check."""
     value = shift = 0
     while True:
-        if i >= end or shift > 63:
+        if i >= end or shift >= 7 * most:
             raise ValueError("a truncated or overlong varint")
         byte = data[i]
         i += 1
@@ -44,12 +46,16 @@ def _fields(data: memoryview, start: int, end: int) -> Iterator[tuple[int, int, 
     """(field number, wire type, start, end of the value) of each field of one message."""
     i = start
     while i < end:
-        tag, i = _varint(data, i, end)
+        tag, i = _varint(data, i, end, most=5)
+        if tag >= 1 << 32:
+            raise ValueError("a field tag beyond 32 bits")
         field, wire = tag >> 3, tag & 7
         if wire == VARINT:
             _, j = _varint(data, i, end)
         elif wire == LENGTH:
-            size, i = _varint(data, i, end)
+            size, i = _varint(data, i, end, most=5)
+            if size >= 1 << 31:
+                raise ValueError("a length beyond 31 bits")
             j = i + size
         elif wire in (FIXED64, FIXED32):
             j = i + (8 if wire == FIXED64 else 4)

@@ -13,11 +13,22 @@ STRATEGIES = ("greedy", "beam", "sample")
 INTS = ("max_new_tokens", "min_new_tokens", "num_beams", "num_return_sequences", "top_k")
 FLOATS = ("length_penalty", "temperature", "top_p")
 FLAGS = ("ignore_eos", "early_stopping", "forced_eos")
+MAX_LENGTH_PENALTY = 100  # 1024 tokens ** 100 is still a float; 1e308 is not
 
 
 def is_int(value: Any) -> bool:
     """A whole number (numpy's too), not a bool."""
     return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    """A real number (numpy's too), not a bool, that a float holds: 10**400 is not one."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -40,8 +51,7 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         wrong = [f"{k} must be an integer, not {getattr(self, k)!r}" for k in INTS if not is_int(getattr(self, k))]
         wrong += [f"{k} must be a finite number, not {getattr(self, k)!r}" for k in FLOATS
-                  if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), Real)
-                  or not math.isfinite(getattr(self, k))]
+                  if not is_finite(getattr(self, k))]
         wrong += [f"{k} must be True or False, not {getattr(self, k)!r}" for k in FLAGS
                   if not isinstance(getattr(self, k), bool)]
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
@@ -67,6 +77,9 @@ class GenerationConfig:
                             f"num_beams ({self.num_beams})")
         if self.strategy == "greedy" and self.num_return_sequences != 1:
             problems.append("greedy search returns one sequence; use strategy='beam' or 'sample' for more")
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            problems.append(f"length_penalty must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}], got "
+                            f"{self.length_penalty} (a length to that power must stay a float)")
         if self.temperature <= 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:

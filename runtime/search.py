@@ -103,8 +103,10 @@ def greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_id
         if gen.strategy == "greedy":
             tokens = logp.argmax(-1)
         else:
-            # shifted first, so that a tiny temperature cannot turn every logit into -inf
-            tokens = _sample(filter_logits((logp - logp.max(-1, keepdims=True)) / gen.temperature, gen), rng)
+            # shifted and in float64, so that a tiny temperature cannot turn every logit into -inf (or 0 / 0)
+            shifted = (logp - logp.max(-1, keepdims=True)).astype(np.float64)
+            with np.errstate(over="ignore"):  # a tiny temperature sends all but the best to -inf, as it should
+                tokens = _sample(filter_logits(shifted / gen.temperature, gen), rng)
         scores += np.where(alive, logp[np.arange(rows), tokens], 0.0)
         for r in np.flatnonzero(alive):
             if tokens[r] == eos_id and not gen.ignore_eos:

@@ -7,9 +7,9 @@ inputs as OrtValues, so on CUDA they stay on the device and on the CPU nothing i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,12 @@ from edgeformer.runtime.engine import (
     resolve_providers,
     session_options,
 )
-from edgeformer.runtime.errors import BundleError, EdgeformerError, EngineError, InputError, LimitError
+from edgeformer.runtime.errors import BundleError, EngineError, InputError, LimitError
 from edgeformer.runtime.options import GenerationConfig, Hypothesis, Limits, is_int
 from edgeformer.runtime.search import StepModel, greedy_or_sample, pad, search
 from edgeformer.runtime.tokenizer import load_tokenizer
+
+MAX_THREADS = 1024  # onnxruntime takes an int32; no machine this runs on has more cores
 
 # A decoder step that reads fewer weights than this, over all its rows, runs on one intra-op thread: handing its
 # small operators to a second thread costs more than it saves (README: Benchmarks, "Threads").
@@ -59,10 +61,19 @@ class Runtime:
         runs its decoder on one thread, and on `threads` otherwise. limits: what one call may ask (Limits)."""
         # "all" even for graphs optimized offline: less leaves a tied projection's Transpose unfolded (README: Runtime)
         for name, value in (("threads", threads), ("decoder_threads", decoder_threads)):
-            if value is not None and (not is_int(value) or value < 1):
-                raise InputError(f"{name}={value!r}: give a positive number of threads, or None for the default")
+            if value is not None and (not is_int(value) or not 1 <= value <= MAX_THREADS):
+                raise InputError(f"{name}={value!r}: give a number of threads in [1, {MAX_THREADS}], or None for "
+                                 "the default")
         if isinstance(providers, str):
             providers = providers.split(",")
+        if not isinstance(providers, Sequence) or not all(isinstance(p, str) for p in providers):
+            raise InputError(f"providers must be names, such as ['cuda', 'cpu'], not {providers!r}")
+        if not isinstance(optimization, str):
+            raise InputError(f"optimization must be a level's name, not {optimization!r}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise InputError(f"limits must be a Limits, not {type(limits).__name__}")
+        if not isinstance(bundle, (str, PathLike)):
+            raise InputError(f"bundle must be a folder's path, not {type(bundle).__name__}")
         self.limits = limits or Limits()
         self.path = Path(bundle)
         self.manifest = Manifest.load(self.path, verify=verify)
@@ -112,7 +123,7 @@ class Runtime:
         naming the first problem otherwise."""
         if not isinstance(gen, GenerationConfig):
             raise InputError(f"settings must be a GenerationConfig, not {type(gen).__name__}")
-        if isinstance(src, (str, bytes)) or not isinstance(src, (Sequence, np.ndarray)):
+        if isinstance(src, (str, bytes)) or not _sequence(src):
             raise InputError(f"inputs must be a list of token-id sequences, not {type(src).__name__}"
                              + ("; use translate() for text" if isinstance(src, str) else ""))
         if len(src) == 0:
@@ -127,6 +138,8 @@ class Runtime:
         if any(t >= target_vocab for t in gen.suppress_tokens):
             raise InputError(f"suppress_tokens {list(gen.suppress_tokens)} reach outside the target vocabulary "
                              f"[0, {target_vocab})")
+        if len(set(gen.suppress_tokens)) >= target_vocab:
+            raise InputError("suppress_tokens leave no token to generate")
         longest = max(range(len(ids)), key=lambda i: len(ids[i]))
         bound = self.manifest.max_positions
         if bound is not None and len(ids[longest]) > bound:
@@ -169,7 +182,10 @@ class Runtime:
         binding = session.io_binding()
         self.bind(binding, inputs)
         self.bind_outputs(binding, outputs)
-        session.run_with_iobinding(binding)
+        try:
+            session.run_with_iobinding(binding)
+        except ORT_ERRORS as e:
+            raise EngineError(f"{self.path}: onnxruntime failed running the {graph} graph: {e}") from e
         return binding.get_outputs()
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, ort.OrtValue]:
@@ -184,7 +200,10 @@ class Runtime:
 
     def generation_config(self, **overrides: Any) -> GenerationConfig:
         """The bundle's default settings (those its model was trained or imported with), with `overrides`."""
-        return dataclasses.replace(self.generation, **overrides)
+        try:
+            return dataclasses.replace(self.generation, **overrides)
+        except TypeError as e:  # an unknown setting
+            raise InputError(f"{e}; the settings are those of GenerationConfig") from None
 
     def decoder(self, rows: int) -> tuple[ort.InferenceSession, int | None]:
         """The decoder session that runs a step over `rows` rows, and its intra-op threads (None: onnxruntime's
@@ -204,9 +223,8 @@ class Runtime:
         greedy and sampled tokens as they are produced."""
         gen = self.generation if gen is None else gen
         ids, mask = pad(self.check_inputs(src, gen), int(self.config["pad_id"]))
-        with self._engine_errors():
-            return search(lambda rows: self.step_model(ids, mask, rows), len(ids), gen, int(self.config["bos_id"]),
-                          int(self.config["eos_id"]), int(self.config["pad_id"]), on_token)
+        return search(lambda rows: self.step_model(ids, mask, rows), len(ids), gen, int(self.config["bos_id"]),
+                      int(self.config["eos_id"]), int(self.config["pad_id"]), on_token)
 
     def stream(self, src: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
         """Yield the tokens of one input as they are produced (greedy, or one sample). The search runs in the
@@ -217,24 +235,9 @@ class Runtime:
             raise InputError("streaming yields one sequence as it grows; use strategy='greedy' or 'sample' with "
                              "num_return_sequences=1")
         ids, mask = pad(self.check_inputs([src], gen), int(self.config["pad_id"]))
-        with self._engine_errors():
-            steps = self.step_model(ids, mask, 1)
-        return self._stream(greedy_or_sample(steps, 1, gen, int(self.config["bos_id"]), int(self.config["eos_id"])))
-
-    def _stream(self, produced: Iterator[tuple[int, int]]) -> Iterator[int]:
-        with self._engine_errors():
-            for _row, token in produced:
-                yield token
-
-    @contextlib.contextmanager
-    def _engine_errors(self) -> Iterator[None]:
-        """onnxruntime's failures while a checked bundle runs, as one EngineError that names the bundle."""
-        try:
-            yield
-        except ORT_ERRORS as e:
-            if isinstance(e, EdgeformerError):
-                raise
-            raise EngineError(f"{self.path}: onnxruntime failed while generating: {e}") from e
+        produced = greedy_or_sample(self.step_model(ids, mask, 1), 1, gen, int(self.config["bos_id"]),
+                                    int(self.config["eos_id"]))
+        return (token for _row, token in produced)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Texts as the token ids of the bundle's tokenizer. Empty (or blank) text is refused: the tokenizer
@@ -257,9 +260,14 @@ class Runtime:
         return [self.tokenizer.decode(h[0].tokens) for h in hyps]
 
 
+def _sequence(value: Any) -> bool:
+    """A list, tuple or array with a length (a 0-d array has none)."""
+    return isinstance(value, Sequence) or (isinstance(value, np.ndarray) and value.ndim > 0)
+
+
 def _token_ids(seq: Any, i: int) -> list[int]:
     """One input as a list of ints: refused unless it is a flat sequence of whole numbers."""
-    if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
+    if isinstance(seq, (str, bytes)) or not _sequence(seq):
         raise InputError(f"input {i} must be a sequence of token ids, not {type(seq).__name__}")
     if len(seq) == 0:
         raise InputError(f"input {i} is empty: every input needs at least one token")
@@ -286,6 +294,7 @@ class _Steps(StepModel):
             "encoder_attention_mask": np.ascontiguousarray(attention_mask),
             **{n: StepBinding.raw(v) for n, v in runtime.encode(input_ids, attention_mask).items()}}
         self.past: dict[str, Any] = dict(runtime.empty_past(len(input_ids)))
+        self.path = runtime.path
         self.session, _ = runtime.decoder(len(input_ids))
         self.binding = StepBinding(self.session)
         # the binding does not keep numpy arrays alive: these references do, as long as they are bound
@@ -314,7 +323,10 @@ class _Steps(StepModel):
         binding = self.binding
         for name in self.presents:
             binding.bind_output(name, self.cache_device)
-        binding.run()
+        try:
+            binding.run()
+        except ORT_ERRORS as e:  # only onnxruntime's: a caller's on_token is not in this try
+            raise EngineError(f"{self.path}: onnxruntime failed running the decoder graph: {e}") from e
         outputs = binding.outputs()
         logits = np.asarray(outputs[0].numpy()[:, -1], dtype=np.float32)  # (rows, V)
         self.past = {}

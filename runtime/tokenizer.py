@@ -49,9 +49,9 @@ class CharVocab:
             i = int(i)
             if i == EOS_ID:
                 break
-            if i >= len(SPECIALS):
+            if len(SPECIALS) <= i < len(self):
                 out.append(self.chars[i - len(SPECIALS)])
-            elif i == UNK_ID:
+            elif i == UNK_ID or i >= len(self):  # an id the vocabulary lacks (a model larger than its tokenizer)
                 out.append("\N{REPLACEMENT CHARACTER}")
         return "".join(out)
 
@@ -149,7 +149,12 @@ class MarianTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         spm = self.source if self.decode_with == "source" else self.target
-        pieces = [self.pieces.get(int(i)) or spm.id_to_piece(int(i)) for i in ids if int(i) not in self.special_ids]
+        size = spm.get_piece_size()
+
+        def piece(i: int) -> str:  # an id neither the vocabulary nor the model has: a model larger than its tokenizer
+            return self.pieces.get(i) or (spm.id_to_piece(i) if 0 <= i < size else "\N{REPLACEMENT CHARACTER}")
+
+        pieces = [piece(int(i)) for i in ids if int(i) not in self.special_ids]
         return str(spm.decode_pieces(pieces)).replace("\N{LOWER ONE EIGHTH BLOCK}", " ").strip()
 
     def to_dict(self) -> dict[str, Any]:

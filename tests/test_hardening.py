@@ -74,6 +74,8 @@ def test_bad_inputs_are_refused_by_name(rt: Runtime, src: Any, error: type, mess
     ({"temperature": math.nan}, "temperature must be a finite number, not nan"),
     ({"length_penalty": math.inf}, "length_penalty must be a finite number, not inf"),
     ({"top_p": math.nan}, "top_p must be a finite number"),
+    ({"top_p": 10**400}, "top_p must be a finite number"),
+    ({"strategy": "beam", "length_penalty": 1e308}, r"length_penalty must be in \[-100, 100\]"),
     ({"max_new_tokens": 5.0}, "max_new_tokens must be an integer, not 5.0"),
     ({"max_new_tokens": True}, "max_new_tokens must be an integer, not True"),
     ({"strategy": "best"}, "unknown strategy 'best'"),
@@ -96,12 +98,19 @@ def test_bad_settings_are_refused_by_name(settings_: dict, message: str) -> None
     (lambda rt: rt.generate([[5]] * 300, GenerationConfig(strategy="beam", num_beams=4)), LimitError,
      "300 inputs x 4 beams or samples are 1200 rows, above this runtime's limit of 1024"),
     (lambda rt: rt.generate([[5]], {"strategy": "beam"}), InputError, "settings must be a GenerationConfig"),
-    (lambda rt: rt.generate([[5, 99]], GenerationConfig(suppress_tokens=(99,))), InputError, "outside"),
+    (lambda rt: rt.generate([[5]], GenerationConfig(suppress_tokens=(99,))), InputError,
+     r"suppress_tokens \[99\] reach outside the target vocabulary"),
+    (lambda rt: rt.generate([[5]], GenerationConfig(suppress_tokens=tuple(range(29)))), InputError,
+     "suppress_tokens leave no token to generate"),
+    (lambda rt: rt.generate(np.array(5), SHORT), InputError, "inputs must be a list of token-id sequences"),
+    (lambda rt: rt.generate([np.array(5)], SHORT), InputError, "input 0 must be a sequence of token ids"),
+    (lambda rt: rt.generation_config(beams=4), InputError, "unexpected keyword argument 'beams'"),
     (lambda rt: rt.stream([5], GenerationConfig(strategy="beam")), InputError, "streaming yields one sequence"),
     (lambda rt: rt.stream([5], GenerationConfig(strategy="sample", num_return_sequences=2)), InputError,
      "num_return_sequences=1"),
     (lambda rt: rt.stream([5, 99]), InputError, "outside the source vocabulary"),  # at the call, not at next()
     (lambda rt: rt.translate(["a date"]), InputError, "carries no tokenizer"),
+    (lambda rt: Runtime(None), InputError, "bundle must be a folder's path, not NoneType"),
 ])
 def test_bad_calls_are_refused_by_name(rt: Runtime, call: Any, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
@@ -117,10 +126,14 @@ def test_learned_positions_bound_sources_and_new_tokens() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"threads": 0}, "threads=0: give a positive number of threads"),
-    ({"threads": "2"}, "threads='2': give a positive number"),
+    ({"threads": 0}, "threads=0: give a number of threads in"),
+    ({"threads": "2"}, "threads='2': give a number of threads"),
     ({"providers": ["tpu"]}, "unknown execution provider 'tpu'"),
+    ({"providers": None}, "providers must be names"),
     ({"optimization": "max"}, "unknown optimization level 'max'"),
+    ({"optimization": ["all"]}, "optimization must be a level's name"),
+    ({"threads": 2**31}, r"threads=2147483648: give a number of threads in \[1, 1024\]"),
+    ({"limits": {"source_tokens": 5}}, "limits must be a Limits, not dict"),
     ({"limits": Limits(source_tokens=5)}, None),  # a positive control: limits are the caller's to set
 ])
 def test_bad_runtime_options_are_refused_by_name(options: dict, message: str | None) -> None:
@@ -165,6 +178,7 @@ def test_leaving_a_stream_stops_the_search(rt: Runtime) -> None:
     stream = rt.stream([5, 6, 7], forced)
     first = [next(stream) for _ in range(3)]
     stream.close()  # what leaving a for loop over it does once nothing refers to it
+    assert next(stream, None) is None, "a closed stream yields nothing more"
     assert first == rt.generate([[5, 6, 7]], forced)[0][0].tokens[:3]
     assert threading.active_count() == threads, "a stream must not run in a thread of its own"
 
@@ -238,7 +252,8 @@ def _rename_input(d: dict) -> None:
     (_set("format_version", 1), "format version 1 is not supported by this runtime, which reads version 2"),
     (_set("family", "vit"), "unknown model family 'vit'"),
     (_set("family", 3), "family must be str, not int"),
-    (_set("config", "d_model", "32"), "d_model must be a positive integer, not '32'"),
+    (_set("config", "d_model", "32"), r"d_model must be an integer in \[1, 65536\], not '32'"),
+    (_set("config", "n_decoder_layers", 10**9), r"n_decoder_layers must be an integer in \[1, 1024\]"),
     (_set("config", "n_heads", 5), "d_model 32 is not divisible by n_heads 5"),
     (_set("config", "pad_id", 999), "pad_id 999 is outside the vocabulary"),
     (_set("config", "position", "rotary"), "position must be sinusoidal or learned, not 'rotary'"),
@@ -256,6 +271,8 @@ def _rename_input(d: dict) -> None:
     (_set("opset", None), "opset must be int"),
     (_set("generation", {"temperature": "hot"}), "bad generation defaults"),
     (_set("generation", {"beam_width": 4}), r"unknown generation settings \['beam_width'\]"),
+    (_set("generation", {"top_p": 10**400}), "top_p must be a finite number"),
+    (_set("format_version", 2.0), "format version 2.0 is not supported"),
     (_set("task", ["dates"]), "task must be str or NoneType"),
 ])
 def test_a_tampered_manifest_is_refused_by_name(tmp_path: Path, edit: Any, message: str) -> None:
@@ -370,6 +387,55 @@ def test_external_data_is_read_only_from_listed_files(tmp_path: Path, rt: Runtim
         Runtime(bundle, verify=False)  # no hashing asked for: the paths are checked all the same
 
 
+def _external(tensor: Any, location: str) -> None:
+    from onnx import TensorProto
+    from onnx.external_data_helper import set_external_data
+
+    set_external_data(tensor, location, 0, len(tensor.raw_data))
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+
+
+def test_external_data_is_found_wherever_a_tensor_can_sit() -> None:
+    """In a function's default attribute too, and behind a tag that protobuf reads as another field than a naive
+    parser would: a location that hides from the check is one that is read unchecked."""
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeformer.runtime.onnx_refs import external_locations
+
+    default = numpy_helper.from_array(np.ones(3, np.float32), "default")
+    _external(default, "in-function.bin")
+    function = helper.make_function("local", "F", [], ["y"], [helper.make_node("Constant", [], ["y"], value=default)],
+                                    [helper.make_opsetid("", 18)])
+    function.attribute_proto.append(helper.make_attribute("t", default))
+    sparse_values = numpy_helper.from_array(np.ones(2, np.float32), "values")
+    _external(sparse_values, "sparse.bin")
+    sparse = helper.make_sparse_tensor(sparse_values, numpy_helper.from_array(np.array([0, 2], np.int64), "i"), [4])
+    graph = helper.make_graph([helper.make_node("F", [], ["y"], domain="local"),
+                               helper.make_node("Constant", [], ["z"], sparse_value=sparse)], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    model = helper.make_model(graph, functions=[function], opset_imports=[helper.make_opsetid("", 18),
+                                                                          helper.make_opsetid("local", 1)])
+    assert external_locations(model.SerializeToString()) == {"in-function.bin", "sparse.bin"}
+    # ModelProto.graph's tag (field 7) written in five bytes, then with bits above 32 set: onnxruntime's protobuf
+    # keeps the low 32 bits and reads field 7; a parser that kept them all would see another field, skip the graph
+    graph = model.graph.SerializeToString()
+    model.ClearField("graph")
+    size = bytes([len(graph) & 0x7F | 0x80, len(graph) >> 7])
+    for high, found in ((0x00, {"in-function.bin", "sparse.bin"}), (0x10, None)):
+        tagged = model.SerializeToString() + bytes([7 << 3 | 2 | 0x80, 0x80, 0x80, 0x80, high]) + size + graph
+        if found is None:
+            with pytest.raises(ValueError, match="a field tag beyond 32 bits"):
+                external_locations(tagged)
+        else:
+            assert external_locations(tagged) == found  # the graph behind the long tag was read
+
+
+def test_an_id_the_tokenizer_lacks_decodes_as_a_replacement_character() -> None:
+    assert CharVocab("ab").decode([4, 5, 99, 2, 4]) == "ab\N{REPLACEMENT CHARACTER}"
+
+
 # -- the CLI -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -382,7 +448,9 @@ def test_external_data_is_read_only_from_listed_files(tmp_path: Path, rt: Runtim
     (["generate", "{bundle}", "5", "--ids", "--limit-rows", "0"], "give a number of at least 1"),
     (["generate", "{list_manifest}", "5", "--ids"], "the manifest must be dict, not list"),
     (["info", "{list_manifest}"], "the manifest must be dict, not list"),
-    (["info", "{bad_config}"], "n_heads must be a positive integer"),
+    (["info", "{bad_config}"], "n_heads must be an integer in"),
+    (["generate", "{bundle}", "5", "--ids", "--strategy", "beam", "--length-penalty", "1e308"],
+     "length_penalty must be in"),
     (["generate", "{bad_graph}", "5", "--ids"], "decoder.onnx: (not an ONNX graph|onnxruntime cannot load)"),
 ])
 def test_cli_errors_are_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -425,6 +493,27 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
         (tmp / "a").write_text("half")
         raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_replace_that_fails_between_its_renames_puts_the_old_folder_back(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeformer.runtime.bundle as bundle
+
+    target = tmp_path / "out"
+    with atomic_folder(target) as tmp:
+        (tmp / "a").write_text("old")
+    real = os.replace
+
+    def failing(src: Any, dst: Any) -> None:
+        if Path(dst) == target and ".edgeformer-" in str(src):
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(bundle.os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"), atomic_folder(target, force=True) as tmp:
+        (tmp / "a").write_text("new")
+    assert (target / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_a_second_writer_of_the_same_folder_is_refused(tmp_path: Path) -> None:
@@ -502,7 +591,9 @@ def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
     return found
 
 
-VALID = json.loads((SINUSOIDAL / MANIFEST_FILE).read_text())
+VALID = {**json.loads((SINUSOIDAL / MANIFEST_FILE).read_text()),  # with generation defaults to tamper with too
+         "generation": {"strategy": "beam", "num_beams": 2, "max_new_tokens": 4, "length_penalty": 1.0,
+                        "suppress_tokens": [3], "temperature": 1.0, "top_p": 1.0, "seed": 0}}
 PATHS = _paths(VALID)[1:]
 
 
