@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edgeformer.model.importers import IMPORTERS
     from edgeformer.model.metrics import METRICS
     from edgeformer.runtime.options import Limits
-    from edgeformer.transforms.options import INT8_METHODS, INT8_PRESETS, OFFLINE_LEVELS
+    from edgeformer.transforms.options import AUTO, INT8_METHODS, INT8_PRESETS, OFFLINE_LEVELS
     from edgeformer.transforms.registry import QUANTIZED
 
     parser = argparse.ArgumentParser(prog="edgeformer", description=__doc__,
@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bundle_to_bundle("quantize", "int8 (dynamic), int4 (weight-only) or fp16 -> new bundle", cmd_quantize)
     p.add_argument("--to", required=True, choices=QUANTIZED)
-    p.add_argument("--preset", default="avx2", choices=list(INT8_PRESETS), help="int8 only")
+    p.add_argument("--preset", default="avx2", choices=[AUTO, *INT8_PRESETS],
+                   help="int8 only: the CPU the bundle will run on (avx2: any x86-64 with AVX2; auto: this one's)")
     p.add_argument("--method", default="dynamic", choices=INT8_METHODS,
                    help="int8: activations quantized at run time, or static QDQ with calibrated ranges")
     p.add_argument("--calibration", metavar="FILE", help="int8 static: calibration inputs, in --eval's format "

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,18 @@ from edgeformer.export.parity import TOLERANCES, ParityError, Tolerance, check_c
 from edgeformer.model.checkpoint import load_checkpoint
 from edgeformer.model.generate import generate, pad_batch
 from edgeformer.model.transformer import Transformer
-from edgeformer.runtime.encoder_decoder import DECODER, ENCODER, is_self_cache, past_for
+from edgeformer.runtime.encoder_decoder import (
+    DECODER,
+    ENCODER,
+    HEAD_INPUTS,
+    HEAD_OUTPUTS,
+    LOGITS_MASK,
+    TOP_IDS,
+    TOP_K_INPUT,
+    TOP_LOG_PROBS,
+    is_self_cache,
+    past_for,
+)
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.session import Runtime
 from edgeformer.runtime.spec import GraphSpec
@@ -62,6 +74,37 @@ class DecoderGraph(nn.Module):
         return (logits, *[t for kv in present for t in kv])
 
 
+def traced(spec: GraphSpec) -> GraphSpec:
+    """What torch.export traces of a graph: all of it but the decoder's search head, which `complete` appends."""
+    return GraphSpec(spec.name, tuple(t for t in spec.inputs if t.name not in HEAD_INPUTS),
+                     tuple(t for t in spec.outputs if t.name not in HEAD_OUTPUTS))
+
+
+def complete(name: str, proto: onnx.ModelProto) -> None:
+    """Append to a traced graph what the tracer does not make: the decoder's search head, last step's logits ->
+    LogSoftmax -> + logits_mask -> TopK(top_k), in ONNX operators (onnxruntime's TopK runs on every provider)."""
+    if name != DECODER:
+        return
+    h = onnx.helper
+    graph = proto.graph
+    last = onnx.numpy_helper.from_array(np.array(-1, np.int64), "search_head.last")
+    graph.initializer.append(last)
+    graph.node.extend([
+        h.make_node("Gather", ["logits", last.name], ["search_head.last_logits"], name="search_head/Gather", axis=1),
+        h.make_node("LogSoftmax", ["search_head.last_logits"], ["search_head.log_probs"], name="search_head/LogSoftmax",
+                    axis=-1),
+        h.make_node("Add", ["search_head.log_probs", LOGITS_MASK], ["search_head.masked"], name="search_head/Add"),
+        h.make_node("TopK", ["search_head.masked", TOP_K_INPUT], [TOP_LOG_PROBS, TOP_IDS], name="search_head/TopK",
+                    axis=-1, largest=1, sorted=1),
+    ])
+    vocab = graph.output[0].type.tensor_type.shape.dim[2]
+    graph.input.extend([h.make_tensor_value_info(LOGITS_MASK, onnx.TensorProto.FLOAT, [vocab.dim_value]),
+                        h.make_tensor_value_info(TOP_K_INPUT, onnx.TensorProto.INT64, [1])])
+    batch = graph.output[0].type.tensor_type.shape.dim[0].dim_param
+    graph.output.extend([h.make_tensor_value_info(TOP_LOG_PROBS, onnx.TensorProto.FLOAT, [batch, "k"]),
+                         h.make_tensor_value_info(TOP_IDS, onnx.TensorProto.INT64, [batch, "k"])])
+
+
 def graph_modules(model: Transformer) -> dict[str, nn.Module]:
     return {ENCODER: EncoderGraph(model), DECODER: DecoderGraph(model)}
 
@@ -93,7 +136,9 @@ def compare_case(model: Transformer, sessions: dict[str, ort.InferenceSession], 
     for (name, got), want in zip(enc_out.items(), torch_cross, strict=True):
         enc_diff = max(enc_diff, check_close(got, want, tolerance, f"encoder graph, output {name}, {where}"))
 
-    feed: dict[str, np.ndarray] = {"encoder_attention_mask": mask.numpy()}
+    k = min(4, cfg.tgt_vocab_size)
+    feed: dict[str, np.ndarray] = {"encoder_attention_mask": mask.numpy(), TOP_K_INPUT: np.array([k], np.int64),
+                                   LOGITS_MASK: np.zeros(cfg.tgt_vocab_size, np.float32)}
     feed.update({past_for(name): value for name, value in enc_out.items()})
     past = model.decoder.empty_past(len(src))
     for t in specs[DECODER].inputs:
@@ -109,8 +154,14 @@ def compare_case(model: Transformer, sessions: dict[str, ort.InferenceSession], 
         dec_diff = max(dec_diff, check_close(outputs["logits"], want, tolerance,
                                              f"decoder graph, output logits, step {step}, {where}"))
         agree += int((outputs["logits"][:, -1].argmax(-1) == want[:, -1].argmax(-1)).sum())
+        best = torch.from_numpy(want[:, -1]).log_softmax(-1).topk(k)  # the search head, against PyTorch's
+        dec_diff = max(dec_diff, check_close(outputs[TOP_LOG_PROBS], best.values.numpy(), tolerance,
+                                             f"decoder graph, output {TOP_LOG_PROBS}, step {step}, {where}"))
+        if not np.array_equal(outputs[TOP_IDS][:, 0], best.indices[:, 0].numpy()):
+            raise ParityError(f"decoder graph, output {TOP_IDS}, step {step}, {where}: the best token differs from "
+                              "PyTorch's")
         for name, value in outputs.items():
-            if name != "logits":
+            if name.startswith("present."):
                 feed[past_for(name)] = value
         tokens = logits[:, -1:].argmax(-1)
     return {ENCODER: enc_diff, DECODER: dec_diff, "agree": agree, "tokens": steps * len(src)}

@@ -8,6 +8,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Protocol
 
+import onnx
 import onnxruntime as ort
 from torch import Tensor, nn
 
@@ -19,8 +20,16 @@ FAMILY_MODULES = {"encoder-decoder": "edgeformer.export.encoder_decoder"}
 
 class FamilyExport(Protocol):
     def graph_modules(self, model: Any) -> dict[str, nn.Module]:
-        """graph name -> a module whose forward takes the graph's declared inputs, in order, and returns its
+        """graph name -> a module whose forward takes the graph's traced inputs (`traced`), in order, and returns its
         declared outputs, in order."""
+        ...
+
+    def traced(self, spec: GraphSpec) -> GraphSpec:
+        """The part of a declared graph that torch.export traces from `graph_modules`' module."""
+        ...
+
+    def complete(self, name: str, proto: onnx.ModelProto) -> None:
+        """Append, in ONNX operators, the declared inputs, outputs and nodes that the tracer does not make."""
         ...
 
     def example_inputs(self, model: Any) -> dict[str, tuple[Tensor, ...]]:

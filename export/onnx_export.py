@@ -106,7 +106,10 @@ def export(checkpoint: Path | str | None, out: Path | str, force: bool = False, 
         protos = {}
         for name, spec in specs.items():
             say(f"exporting the {name} graph")
-            protos[name] = export_graph(modules[name], examples[name], spec, family.axes, opset)
+            protos[name] = export_graph(modules[name], examples[name], side.traced(spec), family.axes, opset)
+            side.complete(name, protos[name])
+            spec.check_names([i.name for i in protos[name].graph.input], [o.name for o in protos[name].graph.output],
+                             f"exported {name} graph")
         share_across_graphs(list(protos.values()), tmp)
         for name, proto in protos.items():
             save_graph(proto, tmp / family.graph_files[name])

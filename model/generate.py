@@ -30,6 +30,7 @@ class TorchSteps(StepModel):
 
     def __init__(self, model: Transformer, src_ids: Tensor, src_mask: Tensor, rows_per_input: int) -> None:
         self.model = model
+        self.vocab = model.config.tgt_vocab_size
         memory = model.encode(src_ids, src_mask)  # (B, S, D)
         self.src_mask = src_mask.repeat_interleave(rows_per_input, dim=0)  # (B*K, S)
         cross = model.decoder.cross_kv(memory)
@@ -56,6 +57,7 @@ class TorchFullSteps(StepModel):
 
     def __init__(self, model: Transformer, src_ids: Tensor, src_mask: Tensor, rows_per_input: int) -> None:
         self.model = model
+        self.vocab = model.config.tgt_vocab_size
         memory = model.encode(src_ids, src_mask).repeat_interleave(rows_per_input, dim=0)
         self.src_mask = src_mask.repeat_interleave(rows_per_input, dim=0)
         self.cross = model.decoder.cross_kv(memory)

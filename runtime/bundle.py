@@ -30,7 +30,9 @@ __all__ = ["FORMAT_VERSION", "MANIFEST_FILE", "BundleError", "Listed", "Manifest
 
 MANIFEST_FILE = "edgeformer.json"
 FORMAT_NAME = "edgeformer-bundle"
-FORMAT_VERSION = 2  # 2: every listed file with its size, checked before it is hashed (1 recorded sha256 alone)
+# 3: the decoder has a search head (logits_mask, top_k -> top_log_probs, top_ids); 2: every listed file has its
+# size, checked before it is hashed; 1: sha256 alone
+FORMAT_VERSION = 3
 MANIFEST_LIMIT = 16 << 20  # bytes: a manifest is a few kB; a larger one is not read at all
 GRAPH_LIMIT = 2 << 30  # bytes: protobuf's limit, so no ONNX graph file is larger (weights beyond it are external)
 

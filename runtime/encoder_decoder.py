@@ -13,7 +13,12 @@ from typing import Any
 from edgeformer.runtime.spec import Family, GraphSpec, TensorSpec
 
 ENCODER, DECODER = "encoder", "decoder"
-BATCH, SRC_LEN, TGT_LEN, PAST_LEN = "batch", "src_len", "tgt_len", "past_len"
+BATCH, SRC_LEN, TGT_LEN, PAST_LEN, TOP_K = "batch", "src_len", "tgt_len", "past_len", "k"
+# The decoder's search head: what greedy and beam search need of a step, computed in the graph (LogSoftmax, the
+# mask added, TopK) so that a step returns k values a row instead of the whole vocabulary. Not traced by
+# torch.export: the exporter appends it in ONNX operators (export/encoder_decoder.py, search_head).
+LOGITS_MASK, TOP_K_INPUT, TOP_LOG_PROBS, TOP_IDS = "logits_mask", "top_k", "top_log_probs", "top_ids"
+HEAD_INPUTS, HEAD_OUTPUTS = (LOGITS_MASK, TOP_K_INPUT), (TOP_LOG_PROBS, TOP_IDS)
 
 
 def past_name(layer: int, attention: str, kind: str) -> str:
@@ -54,9 +59,13 @@ def decoder_spec(layers: int, heads: int, head_dim: int, vocab: int, dtype: str 
     inputs = (TensorSpec("input_ids", "int64", (BATCH, TGT_LEN)),
               TensorSpec("encoder_attention_mask", "int64", (BATCH, SRC_LEN)),
               *_cache(past_name, layers, "decoder", heads, head_dim, PAST_LEN, dtype),
-              *_cache(past_name, layers, "encoder", heads, head_dim, SRC_LEN, dtype))
+              *_cache(past_name, layers, "encoder", heads, head_dim, SRC_LEN, dtype),
+              TensorSpec(LOGITS_MASK, "float32", (vocab,)),  # added to the last step's log-probabilities
+              TensorSpec(TOP_K_INPUT, "int64", (1,)))  # k
     outputs = (TensorSpec("logits", "float32", (BATCH, TGT_LEN, vocab)),
-               *_cache(present_name, layers, "decoder", heads, head_dim, f"{PAST_LEN}+{TGT_LEN}", dtype))
+               *_cache(present_name, layers, "decoder", heads, head_dim, f"{PAST_LEN}+{TGT_LEN}", dtype),
+               TensorSpec(TOP_LOG_PROBS, "float32", (BATCH, TOP_K)),  # best first; ties: the lower id first
+               TensorSpec(TOP_IDS, "int64", (BATCH, TOP_K)))
     return GraphSpec(DECODER, inputs, outputs)
 
 
@@ -101,4 +110,4 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
 
 
 ENCODER_DECODER = Family(name="encoder-decoder", graph_files={ENCODER: "encoder.onnx", DECODER: "decoder.onnx"},
-                         axes=(BATCH, SRC_LEN, TGT_LEN, PAST_LEN), graphs=graphs, check_config=check_config)
+                         axes=(BATCH, SRC_LEN, TGT_LEN, PAST_LEN, TOP_K), graphs=graphs, check_config=check_config)

@@ -15,6 +15,8 @@ from edgeformer.runtime.options import GenerationConfig, Hypothesis
 
 
 class StepModel(Protocol):
+    vocab: int  # the size of the target vocabulary
+
     def log_probs(self, tokens: np.ndarray) -> np.ndarray:
         """tokens (rows,) -> log-probabilities of the next token (rows, V); the cache grows by one."""
         ...
@@ -22,6 +24,57 @@ class StepModel(Protocol):
     def reorder(self, rows: np.ndarray) -> None:
         """Keep the cache rows `rows`, in that order."""
         ...
+
+    def top(self, tokens: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """tokens (rows,) -> the k best next tokens of each row, once `mask` (V,) is added to the log-probabilities:
+        (log-probabilities (rows, k), ids (rows, k)), best first, ties to the lower id; the cache grows by one.
+        Step models that can do it where the logits are (the runtime's decoder graph) override this."""
+        return top_k(self.log_probs(tokens) + mask, k)
+
+
+def top_k(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest values of each row of x and their indices, largest first, ties to the lower index (as
+    onnxruntime's TopK orders them)."""
+    if k == 1:
+        ids = x.argmax(-1)[:, None]
+    else:
+        ids = np.argpartition(-x, k - 1, axis=-1)[:, :k] if k < x.shape[-1] else np.tile(np.arange(x.shape[-1]),
+                                                                                          (len(x), 1))
+        ids = np.take_along_axis(ids, np.lexsort((ids, -np.take_along_axis(x, ids, -1)), axis=-1), -1)
+    return np.take_along_axis(x, ids, -1), ids
+
+
+class Rules:
+    """What a step may produce, as Hugging Face's processors rule it, in masks added to the log-probabilities:
+    suppressed tokens never, EOS not before min_new_tokens, and only EOS (scored 0) on the last step if forced."""
+
+    def __init__(self, gen: GenerationConfig, eos_id: int, vocab: int) -> None:
+        self.free = np.zeros(vocab, np.float32)
+        self.free[list(gen.suppress_tokens)] = -np.inf
+        self.no_eos = self.free.copy()
+        self.no_eos[eos_id] = -np.inf
+        self.only_eos = np.full(vocab, -np.inf, np.float32)
+        self.only_eos[eos_id] = 0.0
+        self.min_new_tokens = 0 if gen.ignore_eos else gen.min_new_tokens
+        self.forced_step = gen.max_new_tokens - 1 if gen.forced_eos and not gen.ignore_eos else -1
+        self.eos_id = eos_id
+
+    def mask(self, step: int) -> np.ndarray:
+        if step == self.forced_step:
+            return self.only_eos
+        return self.no_eos if step < self.min_new_tokens else self.free
+
+    def top(self, steps: StepModel, tokens: np.ndarray, k: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        values, ids = steps.top(tokens, k, self.mask(step))
+        if step == self.forced_step:  # EOS is scored 0 there, not its log-probability
+            values = np.where(ids == self.eos_id, np.float32(0.0), np.float32(-np.inf))
+        return values, ids
+
+    def log_probs(self, steps: StepModel, tokens: np.ndarray, step: int) -> np.ndarray:
+        if step == self.forced_step:
+            steps.log_probs(tokens)  # the cache must still grow
+            return np.tile(self.only_eos, (len(tokens), 1))
+        return steps.log_probs(tokens) + self.mask(step)
 
 
 def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,18 +103,6 @@ def search(make_steps: Callable[[int], StepModel], batch: int, gen: GenerationCo
             return done.value
         if on_token is not None:
             on_token(row, token)
-
-
-def _constrain(logp: np.ndarray, step: int, gen: GenerationConfig, eos_id: int) -> np.ndarray:
-    """The rules on what a step may produce, applied to log-probabilities as Hugging Face's processors are."""
-    if gen.suppress_tokens:
-        logp[:, list(gen.suppress_tokens)] = -np.inf
-    if step < gen.min_new_tokens and not gen.ignore_eos:
-        logp[:, eos_id] = -np.inf
-    if gen.forced_eos and step == gen.max_new_tokens - 1 and not gen.ignore_eos:
-        logp[:, :] = -np.inf
-        logp[:, eos_id] = 0.0
-    return logp
 
 
 def filter_logits(logits: np.ndarray, gen: GenerationConfig) -> np.ndarray:
@@ -98,16 +139,19 @@ def greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_id
     out: list[list[int]] = [[] for _ in range(rows)]
     scores = np.zeros(rows)
     alive = np.ones(rows, dtype=bool)
+    rules = Rules(gen, eos_id, steps.vocab)
     for step in range(gen.max_new_tokens):
-        logp = _constrain(steps.log_probs(tokens), step, gen, eos_id)
         if gen.strategy == "greedy":
-            tokens = logp.argmax(-1)
+            values, ids = rules.top(steps, tokens, 1, step)
+            tokens, chosen = ids[:, 0], values[:, 0]
         else:
+            logp = rules.log_probs(steps, tokens, step)
             # shifted and in float64, so that a tiny temperature cannot turn every logit into -inf (or 0 / 0)
             shifted = (logp - logp.max(-1, keepdims=True)).astype(np.float64)
             with np.errstate(over="ignore"):  # a tiny temperature sends all but the best to -inf, as it should
                 tokens = _sample(filter_logits(shifted / gen.temperature, gen), rng)
-        scores += np.where(alive, logp[np.arange(rows), tokens], 0.0)
+            chosen = logp[np.arange(rows), tokens]
+        scores += np.where(alive, chosen, 0.0)
         for r in np.flatnonzero(alive):
             if tokens[r] == eos_id and not gen.ignore_eos:
                 alive[r] = False
@@ -132,21 +176,21 @@ def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_
     def penalized(score: float, length: int) -> float:
         return score / (length ** gen.length_penalty)
 
+    rules = Rules(gen, eos_id, steps.vocab)
+    width = min(2 * k, steps.vocab)  # each input's 2K best candidates are among each of its rows' 2K best
     for step in range(gen.max_new_tokens):
-        logp = _constrain(steps.log_probs(tokens), step, gen, eos_id)  # (B*K, V)
-        vocab = logp.shape[-1]
-        cand = (beam_scores[:, :, None] + logp.reshape(batch, k, vocab)).reshape(batch, k * vocab)
-        top_idx = np.argpartition(-cand, 2 * k - 1, axis=-1)[:, : 2 * k]  # (B, 2K), unordered
+        values, ids = rules.top(steps, tokens, width, step)  # (B*K, W) each
+        cand = (beam_scores.reshape(-1, 1) + values).reshape(batch, k * width)
+        top_idx = np.argsort(-cand, axis=-1, kind="stable")[:, : 2 * k]  # (B, 2K): rank -> (beam, candidate)
         top_scores = np.take_along_axis(cand, top_idx, axis=-1)
-        order = np.argsort(-top_scores, axis=-1, kind="stable")
-        top_idx, top_scores = np.take_along_axis(top_idx, order, -1), np.take_along_axis(top_scores, order, -1)
+        top_tokens = np.take_along_axis(ids.reshape(batch, k * width), top_idx, axis=-1)
         next_rows, next_tokens, next_scores = [], [], []
         for b in range(batch):
             chosen: list[tuple[int, int, float]] = []  # (row, token, score)
             if not done[b]:
-                for rank in range(2 * k):
+                for rank in range(top_idx.shape[1]):
                     score, idx = float(top_scores[b, rank]), int(top_idx[b, rank])
-                    row, tok = b * k + idx // vocab, idx % vocab
+                    row, tok = b * k + idx // width, int(top_tokens[b, rank])
                     if tok == eos_id and not gen.ignore_eos:
                         if rank < k:  # an ending beam counts only if it ranks among the K best
                             finished[b].append(Hypothesis(list(seqs[row]), penalized(score, step + 1)))

@@ -17,7 +17,17 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeformer.runtime.bundle import MANIFEST_FILE, Manifest
-from edgeformer.runtime.encoder_decoder import DECODER, ENCODER, ENCODER_DECODER, is_self_cache, past_for
+from edgeformer.runtime.encoder_decoder import (
+    DECODER,
+    ENCODER,
+    ENCODER_DECODER,
+    LOGITS_MASK,
+    TOP_IDS,
+    TOP_K_INPUT,
+    TOP_LOG_PROBS,
+    is_self_cache,
+    past_for,
+)
 from edgeformer.runtime.engine import (
     ORT_ERRORS,
     StepBinding,
@@ -283,33 +293,40 @@ def _token_ids(seq: Any, i: int) -> list[int]:
 
 
 class _Steps(StepModel):
-    """The decoder of one generate call. One IO binding lives as long as the call: the mask and the cross cache
-    are bound once; each step rebinds only the new tokens and, as the next step's past, the present values the
-    step just returned."""
+    """The decoder of one generate call. One IO binding lives as long as the call: the mask, the cross cache and
+    the search head's k are bound once; each step rebinds only the new tokens (written into a bound array), the
+    head's mask when the rules change it, and, as the next step's past, the present values the step returned."""
 
     def __init__(self, runtime: Runtime, input_ids: np.ndarray, attention_mask: np.ndarray, rows: int) -> None:
-        if rows > 1:
+        self.path, self.vocab = runtime.path, int(runtime.config["tgt_vocab_size"])
+        on_host = runtime.device == "cpu"
+        if rows > 1 and not on_host:  # a device's caches stay there: its encoder runs on every beam's row
             input_ids, attention_mask = input_ids.repeat(rows, axis=0), attention_mask.repeat(rows, axis=0)
+        cross: dict[str, Any] = runtime.encode(input_ids, attention_mask)
+        if rows > 1 and on_host:  # the encoder runs once per input; its keys and values are copied to the beams
+            cross = {n: np.repeat(v.numpy(), rows, axis=0) for n, v in cross.items()}
+            attention_mask = attention_mask.repeat(rows, axis=0)
         self.fixed: dict[str, Any] = {
             "encoder_attention_mask": np.ascontiguousarray(attention_mask),
-            **{n: StepBinding.raw(v) for n, v in runtime.encode(input_ids, attention_mask).items()}}
-        self.past: dict[str, Any] = dict(runtime.empty_past(len(input_ids)))
-        self.path = runtime.path
-        self.session, _ = runtime.decoder(len(input_ids))
+            **{n: v if isinstance(v, np.ndarray) else StepBinding.raw(v) for n, v in cross.items()}}
+        self.past: dict[str, Any] = dict(runtime.empty_past(len(attention_mask)))
+        self.session, _ = runtime.decoder(len(attention_mask))
         self.binding = StepBinding(self.session)
         # the binding does not keep numpy arrays alive: these references do, as long as they are bound
         self.held: dict[str, Any] = {}
-        for name, value in {**self.fixed, **self.past}.items():
+        self.k = np.ones(1, np.int64)  # the search head's k, written in place
+        self.mask = np.zeros(self.vocab, np.float32)
+        for name, value in {**self.fixed, **self.past, TOP_K_INPUT: self.k, LOGITS_MASK: self.mask}.items():
             self._bind(name, value)
-        logits, *self.presents = runtime.decoder_outputs
+        self.presents = [n for n in runtime.decoder_outputs if n.startswith("present.")]
         self.present_to_past = [past_for(n) for n in self.presents]
         self.cache_device = StepBinding.device(runtime.device)
-        # The tokens of each step are written into this bound array: onnxruntime reads it in place. The logits
-        # keep one binding too (their shape is the same every step); the caches are bound anew each step, since
-        # the ones a step returns are the next step's past.
-        self.tokens = np.zeros((len(input_ids), 1), np.int64)
+        self.cache_on_host = runtime.device == "cpu"
+        self.host = StepBinding.device("cpu")
+        # The tokens of each step are written into this bound array: onnxruntime reads it in place. The caches are
+        # bound anew each step, since the ones a step returns are the next step's past.
+        self.tokens = np.zeros((len(attention_mask), 1), np.int64)
         self._bind("input_ids", self.tokens)
-        self.binding.bind_output(logits, StepBinding.device("cpu"))
 
     def _bind(self, name: str, value: Any) -> None:
         if isinstance(value, np.ndarray):
@@ -318,9 +335,13 @@ class _Steps(StepModel):
         else:
             self.binding.bind_value(name, value)
 
-    def log_probs(self, tokens: np.ndarray) -> np.ndarray:
+    def _step(self, tokens: np.ndarray, wanted: tuple[str, ...]) -> Any:
+        """Run one step, returning the outputs `wanted` (to the host) and keeping the cache for the next."""
         self.tokens[:, 0] = tokens
         binding = self.binding
+        binding.clear_outputs()
+        for name in wanted:
+            binding.bind_output(name, self.host)
         for name in self.presents:
             binding.bind_output(name, self.cache_device)
         try:
@@ -328,22 +349,43 @@ class _Steps(StepModel):
         except ORT_ERRORS as e:  # only onnxruntime's: a caller's on_token is not in this try
             raise EngineError(f"{self.path}: onnxruntime failed running the decoder graph: {e}") from e
         outputs = binding.outputs()
-        logits = np.asarray(outputs[0].numpy()[:, -1], dtype=np.float32)  # (rows, V)
         self.past = {}
-        for i, name in enumerate(self.present_to_past, start=1):
+        for i, name in enumerate(self.present_to_past, start=len(wanted)):
             self.past[name] = value = outputs[i]
             binding.bind_value(name, value)
-        return log_softmax(logits)
+        return outputs
+
+    def log_probs(self, tokens: np.ndarray) -> np.ndarray:
+        logits = self._step(tokens, ("logits",))[0].numpy()[:, -1]  # (rows, V)
+        return log_softmax(np.asarray(logits, dtype=np.float32))
+
+    def top(self, tokens: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The graph's search head: k values a row come back instead of the vocabulary."""
+        self.k[0] = k
+        if mask is not self.held[LOGITS_MASK]:
+            self._bind(LOGITS_MASK, mask)
+        outputs = self._step(tokens, (TOP_LOG_PROBS, TOP_IDS))
+        return outputs[0].numpy(), outputs[1].numpy()
 
     def reorder(self, rows: np.ndarray) -> None:
-        """Beam search: keep the cache rows of the surviving beams (through the host)."""
+        """Beam search: keep the cache rows of the surviving beams. On the host the caches the last step returned
+        (already bound as the next step's past) are rewritten in place, and only the rows that change."""
+        if self.cache_on_host:
+            moved = np.flatnonzero(rows != np.arange(len(rows)))
+            if len(moved):
+                sources = rows[moved]
+                for value in self.past.values():
+                    cache = value.numpy()  # a view of the OrtValue's memory
+                    cache[moved] = cache[sources]  # the right side is copied first: overlaps are safe
+            return
         self.past = {n: np.ascontiguousarray(host(v)[rows]) for n, v in self.past.items()}
         for name, value in self.past.items():
             self._bind(name, value)
 
     def inputs(self) -> dict[str, np.ndarray]:
         """The inputs of the next step but the tokens, on the host (for calibration)."""
-        return {n: host(v) for n, v in {**self.fixed, **self.past}.items()}
+        return {**{n: host(v) for n, v in {**self.fixed, **self.past}.items()}, TOP_K_INPUT: self.k.copy(),
+                LOGITS_MASK: self.held[LOGITS_MASK]}
 
 
 def host(value: Any) -> np.ndarray:

@@ -80,6 +80,11 @@ def edgeformer(*args: str, stdin: str | None = None) -> subprocess.CompletedProc
                           input=stdin, check=False)
 
 
+def search_head_feed(vocab: int, k: int = 1) -> dict[str, np.ndarray]:
+    """The decoder's search-head inputs: no token masked, the k best."""
+    return {"logits_mask": np.zeros(vocab, np.float32), "top_k": np.array([k], np.int64)}
+
+
 def copy_bundle(bundle: Path, where: Path, name: str = "bundle") -> Path:
     """A copy of a bundle to tamper with."""
     return Path(shutil.copytree(bundle, where / name))

@@ -110,3 +110,30 @@ def test_bench_writes_records_table_and_plot(tmp_path: Path) -> None:
     assert data["machine"]["cores"] and len(data["records"]) == len(records)
     assert "| fp32 CPU | base | 1 | 8 | 4 | 2 (decoder 1) |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "per_token_latency.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_throughput_grid_runs_every_system_on_the_same_weights_and_writes_its_results(tmp_path: Path) -> None:
+    """benchmarks/throughput.py on a tiny MarianMT: our runtime and PyTorch (CTranslate2 where installed), each in
+    a process of its own, the same forced lengths, a table with the ratios and the time outside onnxruntime."""
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("sentencepiece")
+    script = str(Path(__file__).parents[1] / "benchmarks" / "throughput.py")
+    made = subprocess.run([sys.executable, script, "make", str(tmp_path / "tp"), "--small"], capture_output=True,
+                          text=True, check=False)
+    assert made.returncode == 0, made.stderr[-2000:]
+    systems = ["edgeformer-int8", "edgeformer-fp32", "torch"] + (["ct2-int8"] if find_spec("ctranslate2") else [])
+    out = subprocess.run([sys.executable, script, "grid", str(tmp_path / "tp"), "--systems", ",".join(systems),
+                          "--points", "2x1,2x3", "--new-tokens", "5", "--repeats", "1", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = json.loads((tmp_path / "r" / "results.json").read_text())["records"]
+    assert {(r["system"], r["batch"], r["beams"]) for r in records} == {(s, 2, k) for s in systems for k in (1, 3)}
+    ours = [r for r in records if r["system"].startswith("edgeformer")]
+    assert all(0 <= r["outside_onnxruntime"] < 1 and r["tokens_per_s"] > 0 for r in ours)
+    assert (tmp_path / "r" / "tokens_per_s.png").stat().st_size > 0
+    assert "outside onnxruntime" in (tmp_path / "r" / "results.md").read_text()

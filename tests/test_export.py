@@ -45,20 +45,25 @@ def test_decoder_takes_a_whole_prefix_in_one_step(exported) -> None:
     tgt = torch.randint(4, 29, (2, 5))
     cross = dict(zip(m.graphs["encoder"].output_names, sessions["encoder"].run(None, {"input_ids": src.numpy(),
                                                                      "attention_mask": mask.numpy()}), strict=True))
-    feed = {"input_ids": tgt.numpy(), "encoder_attention_mask": mask.numpy()}
-    for t in m.graphs["decoder"].inputs[2:]:
-        feed[t.name] = (cross[t.name.replace("past_key_values", "present")] if ".encoder." in t.name
-                        else np.zeros((2, 4, 0, 8), np.float32))
-    logits = sessions["decoder"].run(["logits"], feed)[0]
+    feed = {"input_ids": tgt.numpy(), "encoder_attention_mask": mask.numpy(), "top_k": np.array([3]),
+            "logits_mask": np.zeros(29, np.float32)}
+    for t in m.graphs["decoder"].inputs:
+        if t.name.startswith("past_key_values."):
+            feed[t.name] = (cross[t.name.replace("past_key_values", "present")] if ".encoder." in t.name
+                            else np.zeros((2, 4, 0, 8), np.float32))
+    logits, top, ids = sessions["decoder"].run(["logits", "top_log_probs", "top_ids"], feed)
     with torch.no_grad():
         want = model(src, tgt, mask).numpy()
     assert np.abs(logits - want).max() < 1e-4
+    # the search head reads the last position only: its 3 best tokens, best first, as log-probabilities
+    best = torch.from_numpy(want[:, -1]).log_softmax(-1).topk(3)
+    assert np.array_equal(ids, best.indices.numpy()) and np.abs(top - best.values.numpy()).max() < 1e-4
 
 
 def test_manifest_declares_names_axes_and_parity(exported) -> None:
     _, bundle = exported("post-sinusoidal")
     d = json.loads((bundle / MANIFEST_FILE).read_text())
-    assert d["format_version"] == FORMAT_VERSION == 2 and d["variant"] == "fp32" and d["opset"] >= 17
+    assert d["format_version"] == FORMAT_VERSION == 3 and d["variant"] == "fp32" and d["opset"] >= 17
     dec = d["graphs"]["decoder"]
     names = [t["name"] for t in dec["inputs"]]
     assert names[:2] == ["input_ids", "encoder_attention_mask"]

@@ -22,6 +22,10 @@ def feeds(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndar
     for i in model.graph.input:
         if i.name in ("attention_mask", "encoder_attention_mask"):
             out[i.name] = np.array([[1] * 5, [1] * 3 + [0] * 2], np.int64)
+        elif i.name == "logits_mask":
+            out[i.name] = np.zeros(i.type.tensor_type.shape.dim[0].dim_value, np.float32)
+        elif i.name == "top_k":
+            out[i.name] = np.array([3], np.int64)
         elif i.name == "input_ids":
             out[i.name] = rng.integers(4, 20, (2, 5 if "attention_mask" in [x.name for x in model.graph.input]
                                               else 1))

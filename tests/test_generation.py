@@ -9,17 +9,18 @@ import pytest
 
 from edgeformer.model.generate import generate
 from edgeformer.runtime.options import GenerationConfig
-from edgeformer.runtime.search import search
+from edgeformer.runtime.search import StepModel, search
 from tests.helpers import tiny_model
 
 SRC = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
 
 
-class TableSteps:
+class TableSteps(StepModel):
     """A step model whose next-token distribution depends only on the last token: a tiny Markov chain."""
 
     def __init__(self, table: np.ndarray, rows: int) -> None:
         self.table, self.last = table, np.zeros(rows, dtype=np.int64)
+        self.vocab = table.shape[-1]
 
     def log_probs(self, tokens: np.ndarray) -> np.ndarray:
         self.last = tokens

@@ -248,8 +248,8 @@ def _rename_input(d: dict) -> None:
     (_set("tokenizer", "../tokenizer.json"), "the tokenizer is '../tokenizer.json'; a bundle's tokenizer is"),
     (_set("tokenizer", "tokenizer.json"), "tokenizer.json is not among the listed files"),
     (lambda d: [], "the manifest must be dict, not list"),
-    (_set("format_version", "2"), "format version '2' is not supported"),
-    (_set("format_version", 1), "format version 1 is not supported by this runtime, which reads version 2"),
+    (_set("format_version", "3"), "format version '3' is not supported"),
+    (_set("format_version", 2), "format version 2 is not supported by this runtime, which reads version 3"),
     (_set("family", "vit"), "unknown model family 'vit'"),
     (_set("family", 3), "family must be str, not int"),
     (_set("config", "d_model", "32"), r"d_model must be an integer in \[1, 65536\], not '32'"),
@@ -272,7 +272,7 @@ def _rename_input(d: dict) -> None:
     (_set("generation", {"temperature": "hot"}), "bad generation defaults"),
     (_set("generation", {"beam_width": 4}), r"unknown generation settings \['beam_width'\]"),
     (_set("generation", {"top_p": 10**400}), "top_p must be a finite number"),
-    (_set("format_version", 2.0), "format version 2.0 is not supported"),
+    (_set("format_version", 3.0), "format version 3.0 is not supported"),
     (_set("task", ["dates"]), "task must be str or NoneType"),
 ])
 def test_a_tampered_manifest_is_refused_by_name(tmp_path: Path, edit: Any, message: str) -> None:

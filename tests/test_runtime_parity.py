@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
@@ -14,6 +15,7 @@ from edgeformer.model.config import BASE_SIZE, TransformerConfig
 from edgeformer.model.generate import generate
 from edgeformer.model.tasks import get_task
 from edgeformer.runtime.options import GenerationConfig
+from edgeformer.runtime.search import pad, top_k
 from edgeformer.runtime.session import SMALL_STEP_WEIGHTS, Runtime, step_weights
 from tests.helpers import random_sources
 
@@ -94,3 +96,36 @@ def test_suppressed_tokens_never_appear_and_forced_eos_ends_on_the_last_step(exp
     assert [[h.tokens for h in hs] for hs in suppressed] == [[h.tokens for h in hs] for hs in generate(model, src, gen)]
     forced = rt.generate(src, GenerationConfig(strategy=strategy, max_new_tokens=4, forced_eos=True))
     assert all(len(h.tokens) <= 3 for hs in forced for h in hs)  # the 4th token can only be EOS
+
+
+@pytest.mark.parametrize("gen", [
+    GenerationConfig(max_new_tokens=8, min_new_tokens=5),
+    GenerationConfig(strategy="beam", num_beams=4, num_return_sequences=2, length_penalty=0.6, min_new_tokens=3,
+                     max_new_tokens=10),
+    GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=5, forced_eos=True, early_stopping=False),
+    GenerationConfig(strategy="beam", num_beams=5, max_new_tokens=6, ignore_eos=True, suppress_tokens=(4, 7)),
+], ids=["greedy-min-length", "beam-penalty-n-best", "beam-forced-eos", "beam-ignore-eos-suppressed"])
+def test_searches_through_the_graphs_head_equal_pytorch_in_tokens_and_scores(exported, gen: GenerationConfig) -> None:
+    """The runtime takes each step's k best from its decoder graph's search head; PyTorch from its log-softmax.
+    Same rules (min length, forced EOS, suppressed tokens), same hypotheses, scores within 1e-4."""
+    model, bundle = exported("post-sinusoidal")
+    src = random_sources(10, model.config.src_vocab_size, seed=11)
+    ours, ref = Runtime(bundle).generate(src, gen), generate(model, src, gen)
+    assert [[h.tokens for h in hs] for hs in ours] == [[h.tokens for h in hs] for hs in ref]
+    assert max(abs(a.score - b.score) for x, y in zip(ours, ref, strict=True) for a, b in zip(x, y, strict=True)) < 1e-4
+
+
+def test_the_search_head_gives_the_k_best_of_the_log_probabilities(exported) -> None:
+    model, bundle = exported("pre-learned-gelu")
+    rt = Runtime(bundle)
+    ids, mask = pad(random_sources(6, model.config.src_vocab_size, seed=2), model.config.pad_id)
+    head, full = rt.step_model(ids, mask, 1), rt.step_model(ids, mask, 1)
+    tokens = np.full(len(ids), model.config.bos_id, dtype=np.int64)
+    rules = np.zeros(rt.config["tgt_vocab_size"], np.float32)
+    rules[[3, 9]] = -np.inf
+    for _ in range(4):
+        values, best = head.top(tokens, 5, rules)
+        want_values, want = top_k(full.log_probs(tokens) + rules, 5)
+        assert np.array_equal(best, want) and np.abs(values - want_values).max() < 1e-5
+        assert not np.isin(best, [3, 9]).any()
+        tokens = best[:, 0]

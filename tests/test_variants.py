@@ -23,7 +23,7 @@ from edgeformer.transforms import registry
 from edgeformer.transforms.derive import optimize, quantize
 from edgeformer.transforms.graph_edits import resolve_keep
 from edgeformer.transforms.judge import Gate
-from tests.helpers import graph_sessions, random_sources
+from tests.helpers import graph_sessions, random_sources, search_head_feed
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +175,10 @@ def test_attention_is_fused_on_cpu_by_default(demo_variants) -> None:
     assert settings["fuse_attention"] is True
     assert settings["graphs"]["decoder"]["fused_operators"]["MultiHeadAttention"] == 4
     ops = settings["graphs"]["decoder"]["operators"]
-    # the causal mask and the q, k, v biases went into the kernel: no Softmax, no Greater, 4 Adds left (the
-    # embedding's positions, and the feed-forward's first bias of each layer, the rest in SkipLayerNormalization)
-    assert "Softmax" not in ops and "Greater" not in ops and ops.get("Add", 0) <= 4
+    # the causal mask and the q, k, v biases went into the kernel: no Softmax, no Greater, 5 Adds left (the
+    # embedding's positions, the feed-forward's first bias of each layer, the rest in SkipLayerNormalization, and
+    # the search head's mask)
+    assert "Softmax" not in ops and "Greater" not in ops and ops.get("Add", 0) <= 5
 
 
 @pytest.mark.parametrize("name", ["post-sinusoidal", "pre-learned-gelu"])
@@ -196,10 +197,10 @@ def test_fused_attention_keeps_the_causal_mask_over_a_past(exported, name: str, 
     logits = []
     for chunk in (tgt[:, :3], tgt[:, 3:]):
         feed = {"input_ids": chunk.numpy(), "encoder_attention_mask": mask.numpy(), **past,
-                **{past_for(n): v for n, v in cross.items()}}
+                **{past_for(n): v for n, v in cross.items()}, **search_head_feed(29)}
         out = dict(zip(m.graphs["decoder"].output_names, sessions["decoder"].run(None, feed), strict=True))
         logits.append(out.pop("logits"))
-        past = {past_for(n): v for n, v in out.items()}
+        past = {past_for(n): v for n, v in out.items() if n.startswith("present.")}
     with torch.no_grad():
         want = model(src, tgt, mask).numpy()
     assert np.abs(np.concatenate(logits, axis=1) - want).max() < 1e-4
@@ -212,3 +213,16 @@ def test_optimizing_for_a_missing_provider_is_refused(demo_variants, tmp_path: P
         pytest.skip("CUDA is available here")
     with pytest.raises(ValueError, match="cannot optimize for CUDAExecutionProvider"):
         optimize(demo_variants["fp32"], tmp_path / "x", provider="cuda")
+
+
+@pytest.mark.parametrize(("flags", "machine", "preset"), [
+    ({"avx2", "fma"}, "x86_64", "avx2"),
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", "avx512-vnni"),
+    ({"avx2", "avx_vnni"}, "x86_64", "avx512-vnni"),
+    (set(), "aarch64", "arm64"),
+])
+def test_the_auto_preset_follows_the_cpu(flags: set[str], machine: str, preset: str) -> None:
+    from edgeformer.transforms.options import QuantizeOptions, cpu_preset
+
+    assert cpu_preset(flags, machine) == preset
+    assert QuantizeOptions(preset="auto").preset == cpu_preset()

@@ -3,7 +3,10 @@ reuse. Light on purpose (no onnx, no torch): the command line builds its parser 
 
 from __future__ import annotations
 
+import contextlib
+import platform
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edgeformer.export.evaluation import EvalSet
 from edgeformer.runtime.engine import OPTIMIZATION_LEVELS
@@ -29,6 +32,21 @@ INT8_PRESETS = {
     "avx512-vnni": {"reduce_range": False, "per_channel": True},
     "arm64": {"reduce_range": False, "per_channel": True},
 }
+AUTO = "auto"  # the preset of the CPU that quantizes (`cpu_preset`)
+
+
+def cpu_preset(flags: set[str] | None = None, machine: str | None = None) -> str:
+    """The int8 preset for this CPU: without VNNI (AVX2 alone), u8 x s8 products can saturate their 16-bit sums,
+    so weights keep 7 bits (reduce_range); with VNNI (AVX-512 or AVX) or on ARM64 they need not."""
+    machine = (machine or platform.machine()).lower()
+    if machine in ("arm64", "aarch64"):
+        return "arm64"
+    if flags is None:
+        flags = set()
+        with contextlib.suppress(OSError, StopIteration):
+            info = Path("/proc/cpuinfo").read_text().splitlines()
+            flags = set(next(line for line in info if line.startswith("flags")).split())
+    return "avx512-vnni" if flags & {"avx512_vnni", "avx_vnni"} else "avx2"
 INT8_METHODS = ("dynamic", "static")
 
 
@@ -41,8 +59,10 @@ class QuantizeOptions:
     calibration: EvalSet | None = None  # int8 static: the inputs to calibrate activation ranges on
 
     def __post_init__(self) -> None:
+        if self.preset == AUTO:
+            object.__setattr__(self, "preset", cpu_preset())
         if self.preset not in INT8_PRESETS:
-            raise ValueError(f"unknown int8 preset {self.preset!r}; choose one of {', '.join(INT8_PRESETS)}")
+            raise ValueError(f"unknown int8 preset {self.preset!r}; choose one of {AUTO}, {', '.join(INT8_PRESETS)}")
         if self.method not in INT8_METHODS:
             raise ValueError(f"unknown int8 method {self.method!r}; choose one of {', '.join(INT8_METHODS)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):

@@ -120,12 +120,13 @@ def fp16_transform(keep: list[str]) -> GraphTransform:
     def transform(path: Path, graph: str, manifest: Manifest) -> tuple[onnx.ModelProto, dict]:
         model = onnx.load(str(path))
         excluded = resolve_keep(model, keep)
-        # Inputs and outputs stay float32 where the runtime expects them; softmax and layer norm stay in float32,
-        # where fp16's range and precision hurt accuracy.
-        blocked_ops = [*DEFAULT_OP_BLOCK_LIST, "Softmax", "LayerNormalization"]
+        # Inputs and outputs stay float32 where the runtime expects them; softmax, layer norm and the search head
+        # stay in float32, where fp16's range and precision hurt accuracy.
+        blocked_ops = [*DEFAULT_OP_BLOCK_LIST, "Softmax", "LayerNormalization", "LogSoftmax", "TopK"]
         converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked_ops,
                                              node_block_list=excluded)
         OnnxModel(converted).topological_sort()  # the converter appends its Cast nodes out of order
-        return converted, {"kept_fp32_ops": ["Softmax", "LayerNormalization"], "kept_fp32": excluded}
+        return converted, {"kept_fp32_ops": ["Softmax", "LayerNormalization", "LogSoftmax", "TopK"],
+                           "kept_fp32": excluded}
 
     return transform

@@ -1,0 +1,337 @@
+"""Batched generation throughput, side by side with the engines users would pick instead, on the same weights.
+
+    .venv/bin/pip install ctranslate2 'edgeformer[hf]'                  # the peers (optional)
+    .venv/bin/python benchmarks/throughput.py make /tmp/tp              # a random Transformer-base MarianMT, as
+                                                                        # Hugging Face, CTranslate2 and our bundles
+    .venv/bin/python benchmarks/throughput.py grid /tmp/tp --out benchmarks/results/throughput
+
+`make` builds one random MarianMT (d_model 512, 6+6 layers, 8 heads, ffn 2048, vocabulary 32,000, OPUS-MT's
+layout) and every system's form of it: Hugging Face (`hf/`), CTranslate2 fp32 and int8 (`ct2-*`), and ours,
+imported with `edgeformer import marian`, exported, optimized and quantized as `edgeformer bench` chains them
+(`edgeformer-fp32` is the optimized fp32 bundle). `grid` runs each (system, batch x beams) point in a process of
+its own (a peer's thread pool slows whatever runs after it in the same process), one warm-up then `--repeats`
+timed calls, every hypothesis exactly `--new-tokens` long (EOS ignored). It reports tokens/s (the best hypothesis
+of each input), ms per decoding step, peak resident memory, and for our runtime the share of wall time spent
+outside onnxruntime; then ratios against CTranslate2 int8, a table and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("edgeformer-int8", "edgeformer-fp32", "ct2-int8", "ct2-fp32", "torch")
+EDGEFORMER = {"edgeformer-fp32": "edgeformer-opt", "edgeformer-int8": "edgeformer-int8"}  # system -> bundle folder
+BASE = {"d_model": 512, "layers": 6, "heads": 8, "ffn": 2048, "vocab": 32000}
+SMALL = {"d_model": 64, "layers": 2, "heads": 4, "ffn": 128, "vocab": 1000}
+
+
+# -- make -------------------------------------------------------------------------------------------------------
+
+def write_tokenizer(hf: Path, vocab_size: int, seed: int) -> None:
+    """source.spm/target.spm (one tiny SentencePiece model) and a vocab.json of exactly `vocab_size` pieces:
+    </s> 0, <unk> 1, the SentencePiece pieces, unique fillers, <pad> last (OPUS-MT's order)."""
+    import io
+
+    import sentencepiece as spm
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(300)]
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model,
+                                   vocab_size=min(200, vocab_size // 2), character_coverage=1.0,
+                                   bos_id=-1, eos_id=-1, unk_id=0, minloglevel=2)
+    for name in ("source.spm", "target.spm"):
+        (hf / name).write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(hf / "source.spm"))
+    pieces = list(dict.fromkeys(sp.id_to_piece(i) for i in range(1, sp.get_piece_size())))
+    vocab = ["</s>", "<unk>", *pieces]
+    vocab += [f"<x{i}>" for i in range(vocab_size - 1 - len(vocab))] + ["<pad>"]
+    assert len(vocab) == len(set(vocab)) == vocab_size
+    (hf / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(vocab)}))
+
+
+def make(out: Path, seed: int, small: bool) -> None:
+    import torch
+    import transformers
+    size = SMALL if small else BASE
+    hf = out / "hf"
+    hf.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(hf, size["vocab"], seed)
+    pad = size["vocab"] - 1
+    config = transformers.MarianConfig(
+        vocab_size=size["vocab"], d_model=size["d_model"], encoder_layers=size["layers"],
+        decoder_layers=size["layers"], encoder_attention_heads=size["heads"], decoder_attention_heads=size["heads"],
+        encoder_ffn_dim=size["ffn"], decoder_ffn_dim=size["ffn"], max_position_embeddings=512,
+        activation_function="swish", scale_embedding=True, share_encoder_decoder_embeddings=True,
+        pad_token_id=pad, decoder_start_token_id=pad, eos_token_id=0, forced_eos_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.MarianMTModel(config).eval()
+    with torch.no_grad():  # CTranslate2 starts the decoder from a zero embedding; HF from the pad row: make them equal
+        model.get_input_embeddings().weight[pad].zero_()
+    model.save_pretrained(str(hf))  # safetensors
+    tokenizer = transformers.MarianTokenizer(str(hf / "source.spm"), str(hf / "target.spm"), str(hf / "vocab.json"))
+    tokenizer.save_pretrained(str(hf))
+    assert len(tokenizer.get_vocab()) == size["vocab"], len(tokenizer.get_vocab())
+    try:
+        import ctranslate2
+    except ImportError:
+        print("ctranslate2 is not installed: no CTranslate2 models (pip install ctranslate2)")
+    else:
+        for name, quantization in (("ct2-fp32", None), ("ct2-int8", "int8")):
+            ctranslate2.converters.TransformersConverter(str(hf)).convert(str(out / name),
+                                                                          quantization=quantization, force=True)
+    from edgeformer.export.onnx_export import export
+    from edgeformer.model.importers import importer
+    from edgeformer.transforms.derive import optimize, quantize
+
+    marian = importer("marian")
+    parser = argparse.ArgumentParser()
+    marian.add_arguments(parser)
+    marian.run(parser.parse_args([str(hf)]), out / "edgeformer-ckpt", True, None)
+    export(out / "edgeformer-ckpt", out / "edgeformer-fp32", force=True)
+    optimize(out / "edgeformer-fp32", out / "edgeformer-opt", force=True)
+    quantize(out / "edgeformer-opt", out / "edgeformer-int8", to="int8", force=True)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out}: hf ({params / 1e6:.1f}M parameters), edgeformer-opt, edgeformer-int8, and ct2-* if there")
+
+
+# -- run --------------------------------------------------------------------------------------------------------
+
+def sources(vocab_size: int, batch: int, src_len: int, seed: int) -> list[list[int]]:
+    """`batch` sequences of `src_len` ids: src_len-1 ids in [1, vocab-2] (never eos 0 or pad vocab-1), then eos."""
+    rng = random.Random(seed)
+    return [[rng.randint(1, vocab_size - 2) for _ in range(src_len - 1)] + [0] for _ in range(batch)]
+
+
+def ct2_generator(path: Path, ids: list[list[int]], beams: int, new_tokens: int, threads: int,
+                  ) -> tuple[Callable[[], None], str]:
+    import ctranslate2
+    translator = ctranslate2.Translator(str(path), device="cpu", intra_threads=threads, inter_threads=1)
+    # The converted Marian vocabulary is HF's without the trailing <pad> (CT2 starts from a zero embedding instead),
+    # so ids below pad map to the same pieces; CT2 takes pieces, and the source must carry its own </s>.
+    vocab = json.loads((path / "shared_vocabulary.json").read_text())
+    tokens = [[vocab[i] for i in seq] for seq in ids]
+
+    def call() -> None:
+        # min/max_decoding_length count generated tokens (not the decoder start token); EOS is masked while the
+        # length is below min, and decoding stops at max, so every hypothesis holds exactly N tokens, none EOS.
+        results = translator.translate_batch(tokens, beam_size=beams, max_batch_size=len(tokens), num_hypotheses=1,
+                                             min_decoding_length=new_tokens, max_decoding_length=new_tokens,
+                                             return_scores=True, max_input_length=0)
+        lengths = {len(r.hypotheses[0]) for r in results}
+        assert lengths == {new_tokens}, f"CTranslate2 generated {lengths} tokens, not {new_tokens}"
+    return call, translator.compute_type
+
+
+def torch_generator(path: Path, ids: list[list[int]], beams: int, new_tokens: int, threads: int,
+                    ) -> tuple[Callable[[], None], str]:
+    import torch
+    import transformers
+    torch.set_num_threads(threads)
+    model = transformers.MarianMTModel.from_pretrained(str(path)).eval()
+    input_ids = torch.tensor(ids)
+
+    def call() -> None:
+        with torch.inference_mode():
+            # forced_eos_token_id=None: Marian's default would force EOS as the N-th token.
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), num_beams=beams,
+                                 do_sample=False, use_cache=True, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+                                 forced_eos_token_id=None, num_return_sequences=1)
+        assert out.shape == (len(ids), 1 + new_tokens), f"generate returned {tuple(out.shape)}"  # 1: decoder start
+        assert not bool((out[:, 1:] == model.config.eos_token_id).any()), "EOS among the forced tokens"
+    return call, str(model.dtype).removeprefix("torch.")
+
+
+def edgeformer_generator(path: Path, ids: list[list[int]], beams: int, new_tokens: int, threads: int,
+                         ) -> tuple[Callable[[], None], str, Callable[[], float]]:
+    """Our runtime, and a clock of the time spent inside onnxruntime's runs (the rest is Python and numpy)."""
+    from edgeformer.runtime import engine, session
+    from edgeformer.runtime.options import GenerationConfig
+    from edgeformer.runtime.session import Runtime
+
+    inside = [0.0]
+    base_init, base_run = engine.StepBinding.__init__, session.Runtime._run
+
+    def timed(run: Callable[[], None]) -> Callable[[], None]:
+        def wrapped() -> None:
+            start = time.perf_counter()
+            run()
+            inside[0] += time.perf_counter() - start
+        return wrapped
+
+    def init(self: Any, s: Any) -> None:
+        base_init(self, s)
+        self.run = timed(self.run)
+
+    def encoder_run(self: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return base_run(self, *args)
+        finally:
+            inside[0] += time.perf_counter() - start
+
+    # wrapped here, in the benchmark's own process: the runtime itself keeps no clock
+    setattr(engine.StepBinding, "__init__", init)  # noqa: B010
+    setattr(session.Runtime, "_run", encoder_run)  # noqa: B010
+    rt = Runtime(path, threads=threads)
+    gen = GenerationConfig(strategy="beam" if beams > 1 else "greedy", num_beams=beams, max_new_tokens=new_tokens,
+                           ignore_eos=True)
+
+    def call() -> None:
+        hyps = rt.generate(ids, gen)
+        assert {len(h[0].tokens) for h in hyps} == {new_tokens}
+
+    def onnxruntime_seconds() -> float:
+        seconds, inside[0] = inside[0], 0.0
+        return seconds
+
+    return call, rt.manifest.variant, onnxruntime_seconds
+
+
+def versions() -> dict[str, str]:
+    found = {"python": sys.version.split()[0]}
+    for name in ("ctranslate2", "torch", "transformers", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    from edgeformer.benchmarks.memory import peak_rss_mb
+
+    vocab_size = json.loads((a.folder / "hf" / "config.json").read_text())["vocab_size"]
+    ids = sources(vocab_size, a.batch, a.src_len, a.seed)
+    inside: Callable[[], float] | None = None
+    if a.system == "torch":
+        call, compute_type = torch_generator(a.folder / "hf", ids, a.beams, a.new_tokens, a.threads)
+    elif a.system in EDGEFORMER:
+        call, compute_type, inside = edgeformer_generator(a.folder / EDGEFORMER[a.system], ids, a.beams,
+                                                          a.new_tokens, a.threads)
+    else:
+        call, compute_type = ct2_generator(a.folder / a.system, ids, a.beams, a.new_tokens, a.threads)
+    call()  # warm-up (also checks the lengths)
+    times, outside = [], []
+    for _ in range(a.repeats):
+        if inside is not None:
+            inside()
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+        if inside is not None:
+            outside.append(1 - inside() / times[-1])
+    seconds = statistics.median(times)
+    return {"system": a.system, "batch": a.batch, "beams": a.beams, "src_len": a.src_len, "new_tokens": a.new_tokens,
+            "threads": a.threads, "compute_type": compute_type, "seconds_median": round(seconds, 6),
+            "seconds_all": [round(t, 6) for t in times], "ms_per_step": round(seconds / a.new_tokens * 1000, 3),
+            "tokens_per_s": round(a.batch * a.new_tokens / seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "outside_onnxruntime": round(statistics.median(outside), 4) if outside else None,
+            "versions": versions()}
+
+
+# -- grid -------------------------------------------------------------------------------------------------------
+
+def grid(a: argparse.Namespace) -> None:
+    """Every system at every point, each run in a process of its own, the systems side by side point by point."""
+    points = [tuple(int(x) for x in p.lower().split("x")) for p in a.points.split(",")]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+    rows: list[dict[str, Any]] = []
+    for batch, beams in points:
+        for system in a.systems.split(","):
+            cmd = [sys.executable, __file__, "run", str(a.folder), "--system", system, "--batch", str(batch),
+                   "--beams", str(beams), "--src-len", str(a.src_len), "--new-tokens", str(a.new_tokens),
+                   "--threads", str(a.threads), "--repeats", str(a.repeats), "--seed", str(a.seed)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout, check=False)
+            if proc.returncode != 0:
+                print(f"{system} {batch}x{beams} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{system:<16} batch {batch:>3} beams {beams}: {r['tokens_per_s']:>8.1f} tokens/s, "
+                  f"{r['peak_rss_mb']:.0f} MB", flush=True)
+    if a.out:
+        write(rows, a.out)
+
+
+def write(rows: list[dict[str, Any]], out: Path) -> None:
+    """results.json, results.md (ratios to CTranslate2 int8 at the same point) and tokens_per_s.png."""
+    from edgeformer.benchmarks.sweep import machine
+    from edgeformer.report.format import table
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"machine": machine(), "records": rows}, indent=1) + "\n")
+    peer = {(r["batch"], r["beams"]): r["tokens_per_s"] for r in rows if r["system"] == "ct2-int8"}
+    lines = [[r["system"], f"{r['batch']}x{r['beams']}", f"{r['tokens_per_s']:.0f}",
+              f"{r['tokens_per_s'] / peer[(r['batch'], r['beams'])]:.2f}x" if (r["batch"], r["beams"]) in peer
+              else "", f"{r['ms_per_step']:.1f}", f"{r['peak_rss_mb']:.0f}",
+              "" if r["outside_onnxruntime"] is None else f"{r['outside_onnxruntime']:.0%}"] for r in rows]
+    (out / "results.md").write_text(table(["system", "batch x beams", "tokens/s", "vs ct2-int8", "ms/step",
+                                           "peak MB", "outside onnxruntime"], lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(f"{r['batch']}x{r['beams']}" for r in rows))
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        values = {f"{r['batch']}x{r['beams']}": r["tokens_per_s"] for r in rows if r["system"] == system}
+        ax.bar([j + i * width for j in range(len(labels))], [values.get(label, 0) for label in labels], width,
+               label=system)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels)
+    ax.set_xlabel("batch x beams")
+    ax.set_ylabel("tokens / s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "tokens_per_s.png", dpi=120)
+    print(f"results in {out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("folder", type=Path)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--small", action="store_true", help="d_model 64, 2+2 layers, vocabulary 1000: for tests")
+    for name in ("run", "grid"):
+        s = sub.add_parser(name)
+        s.add_argument("folder", type=Path)
+        s.add_argument("--src-len", type=int, default=32)
+        s.add_argument("--new-tokens", type=int, default=64)
+        s.add_argument("--threads", type=int, default=2)
+        s.add_argument("--repeats", type=int, default=3)
+        s.add_argument("--seed", type=int, default=0)
+    r = sub.choices["run"]
+    r.add_argument("--system", choices=SYSTEMS, required=True)
+    r.add_argument("--batch", type=int, required=True)
+    r.add_argument("--beams", type=int, required=True)
+    g = sub.choices["grid"]
+    g.add_argument("--systems", default=",".join(SYSTEMS))
+    g.add_argument("--points", default="1x1,8x1,16x1,32x1,1x4,8x4,16x4,32x4", help="BATCHxBEAMS,...")
+    g.add_argument("--out", type=Path, default=None, help="folder for results.json, results.md, tokens_per_s.png")
+    g.add_argument("--timeout", type=float, default=None, help="seconds per run")
+    a = p.parse_args()
+    if a.mode == "make":
+        make(a.folder, a.seed, a.small)
+    elif a.mode == "run":
+        print(json.dumps(run(a)))
+    else:
+        grid(a)
+
+
+if __name__ == "__main__":
+    main()
