@@ -48,6 +48,9 @@ class TorchSteps(StepModel):
 
     def reorder(self, rows: np.ndarray) -> None:
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        if len(index) != len(self.src_mask):  # rows that ended leave: what is fixed per row follows
+            self.src_mask = self.src_mask.index_select(0, index)
+            self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
         self.past = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.past]
 
 
@@ -72,7 +75,11 @@ class TorchFullSteps(StepModel):
         return logits[:, -1].float().log_softmax(dim=-1).numpy()
 
     def reorder(self, rows: np.ndarray) -> None:
-        self.prefix = self.prefix[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+        index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        if len(index) != len(self.src_mask):
+            self.src_mask = self.src_mask.index_select(0, index)
+            self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+        self.prefix = self.prefix[index]
 
 
 @torch.no_grad()

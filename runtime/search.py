@@ -22,7 +22,8 @@ class StepModel(Protocol):
         ...
 
     def reorder(self, rows: np.ndarray) -> None:
-        """Keep the cache rows `rows`, in that order."""
+        """Keep the cache rows `rows`, in that order: a permutation (beam search), or fewer rows than there are,
+        when rows that ended leave (then what is fixed per row, such as the source's mask, follows)."""
         ...
 
     def top(self, tokens: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,14 +132,15 @@ def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int,
                      eos_id: int) -> Generator[tuple[int, int], None, list[list[Hypothesis]]]:
     """Greedy or sampled search, one step at a time: yields (row, token) for every token as it is produced, and
-    returns the hypotheses. Whoever stops iterating stops the search: nothing runs that nobody reads."""
+    returns the hypotheses. Whoever stops iterating stops the search: nothing runs that nobody reads. Rows that
+    have ended leave the step model's batch once they are a quarter of it (`leaving`)."""
     n = gen.num_return_sequences
-    rows = batch * n
     rng = np.random.default_rng(gen.seed)
-    tokens = np.full(rows, bos_id, dtype=np.int64)
-    out: list[list[int]] = [[] for _ in range(rows)]
-    scores = np.zeros(rows)
-    alive = np.ones(rows, dtype=bool)
+    rows = np.arange(batch * n)  # the row (input x sample) that each of the step model's rows decodes
+    tokens = np.full(len(rows), bos_id, dtype=np.int64)
+    out: list[list[int]] = [[] for _ in rows]
+    scores = np.zeros(len(rows))
+    alive = np.ones(len(rows), dtype=bool)
     rules = Rules(gen, eos_id, steps.vocab)
     for step in range(gen.max_new_tokens):
         if gen.strategy == "greedy":
@@ -150,28 +152,41 @@ def greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_id
             shifted = (logp - logp.max(-1, keepdims=True)).astype(np.float64)
             with np.errstate(over="ignore"):  # a tiny temperature sends all but the best to -inf, as it should
                 tokens = _sample(filter_logits(shifted / gen.temperature, gen), rng)
-            chosen = logp[np.arange(rows), tokens]
-        scores += np.where(alive, chosen, 0.0)
-        for r in np.flatnonzero(alive):
-            if tokens[r] == eos_id and not gen.ignore_eos:
+            chosen = logp[np.arange(len(rows)), tokens]
+        scores[rows] += np.where(alive[rows], chosen, 0.0)
+        for i in np.flatnonzero(alive[rows]):
+            r, token = int(rows[i]), int(tokens[i])
+            if token == eos_id and not gen.ignore_eos:
                 alive[r] = False
             else:
-                out[r].append(int(tokens[r]))
-                yield int(r), int(tokens[r])
+                out[r].append(token)
+                yield r, token
         if not alive.any():
             break
+        keep = leaving(alive[rows])
+        if keep is not None:
+            steps.reorder(keep)
+            rows, tokens = rows[keep], tokens[keep]
     return [[Hypothesis(out[i * n + j], float(scores[i * n + j])) for j in range(n)] for i in range(batch)]
+
+
+def leaving(live: np.ndarray) -> np.ndarray | None:
+    """The rows to keep when those that ended are a quarter of the batch or more (else None: dropping them would
+    copy every cache for little). Rows that ended cost a step model as much as the others."""
+    ended = len(live) - int(live.sum())
+    return np.flatnonzero(live) if ended and 4 * ended >= len(live) else None
 
 
 def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_id: int,
           pad_id: int) -> list[list[Hypothesis]]:
     k = gen.num_beams
+    inputs = np.arange(batch)  # the input whose k beams each block of k rows of the step model holds
     beam_scores = np.zeros((batch, k))
     beam_scores[:, 1:] = -np.inf  # all beams start equal: let only the first one expand on step 0
     seqs: list[list[int]] = [[] for _ in range(batch * k)]
     tokens = np.full(batch * k, bos_id, dtype=np.int64)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    done = [False] * batch
+    done = np.zeros(batch, dtype=bool)
 
     def penalized(score: float, length: int) -> float:
         return score / (length ** gen.length_penalty)
@@ -179,18 +194,19 @@ def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_
     rules = Rules(gen, eos_id, steps.vocab)
     width = min(2 * k, steps.vocab)  # each input's 2K best candidates are among each of its rows' 2K best
     for step in range(gen.max_new_tokens):
-        values, ids = rules.top(steps, tokens, width, step)  # (B*K, W) each
-        cand = (beam_scores.reshape(-1, 1) + values).reshape(batch, k * width)
-        top_idx = np.argsort(-cand, axis=-1, kind="stable")[:, : 2 * k]  # (B, 2K): rank -> (beam, candidate)
+        blocks = len(inputs)
+        values, ids = rules.top(steps, tokens, width, step)  # (blocks*K, W) each
+        cand = (beam_scores.reshape(-1, 1) + values).reshape(blocks, k * width)
+        top_idx = np.argsort(-cand, axis=-1, kind="stable")[:, : 2 * k]  # (blocks, 2K): rank -> (beam, candidate)
         top_scores = np.take_along_axis(cand, top_idx, axis=-1)
-        top_tokens = np.take_along_axis(ids.reshape(batch, k * width), top_idx, axis=-1)
+        top_tokens = np.take_along_axis(ids.reshape(blocks, k * width), top_idx, axis=-1)
         next_rows, next_tokens, next_scores = [], [], []
-        for b in range(batch):
+        for j, b in enumerate(inputs):
             chosen: list[tuple[int, int, float]] = []  # (row, token, score)
             if not done[b]:
                 for rank in range(top_idx.shape[1]):
-                    score, idx = float(top_scores[b, rank]), int(top_idx[b, rank])
-                    row, tok = b * k + idx // width, int(top_tokens[b, rank])
+                    score, idx = float(top_scores[j, rank]), int(top_idx[j, rank])
+                    row, tok = j * k + idx // width, int(top_tokens[j, rank])
                     if tok == eos_id and not gen.ignore_eos:
                         if rank < k:  # an ending beam counts only if it ranks among the K best
                             finished[b].append(Hypothesis(list(seqs[row]), penalized(score, step + 1)))
@@ -199,23 +215,29 @@ def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_
                     if len(chosen) == k:
                         break
                 done[b] = _beam_done(finished[b], chosen[0][2], step + 1, gen)
-            if done[b]:  # keep the shapes; these rows are never read again
-                chosen = [(b * k, pad_id, -np.inf)] * k
+            if done[b]:  # keep the shapes until its rows leave; they are never read again
+                chosen = [(j * k, pad_id, -np.inf)] * k
             for row, tok, score in chosen:
                 next_rows.append(row)
                 next_tokens.append(tok)
                 next_scores.append(score)
         seqs = [[*seqs[r], t] for r, t in zip(next_rows, next_tokens, strict=True)]
         tokens = np.array(next_tokens, dtype=np.int64)
-        beam_scores = np.array(next_scores).reshape(batch, k)
-        if all(done):
+        beam_scores = np.array(next_scores).reshape(blocks, k)
+        if done.all():
             break
-        steps.reorder(np.array(next_rows))
-    for b in range(batch):
+        rows = np.array(next_rows)
+        keep = leaving(~done[inputs])  # inputs that are done leave with all their beams
+        if keep is not None:
+            kept_rows = (keep[:, None] * k + np.arange(k)).ravel()
+            rows, tokens, beam_scores, inputs = rows[kept_rows], tokens[kept_rows], beam_scores[keep], inputs[keep]
+            seqs = [seqs[r] for r in kept_rows]
+        steps.reorder(rows)
+    for j, b in enumerate(inputs):
         if not done[b]:  # reached max_new_tokens: the running beams compete with the finished ones
-            for j in range(k):
-                row = b * k + j
-                finished[b].append(Hypothesis(seqs[row], penalized(float(beam_scores[b, j]), len(seqs[row]))))
+            for i in range(k):
+                row = j * k + i
+                finished[b].append(Hypothesis(seqs[row], penalized(float(beam_scores[j, i]), len(seqs[row]))))
     return [sorted(f, key=lambda h: -h.score)[: gen.num_return_sequences] for f in finished]
 
 

@@ -368,9 +368,10 @@ class _Steps(StepModel):
         return outputs[0].numpy(), outputs[1].numpy()
 
     def reorder(self, rows: np.ndarray) -> None:
-        """Beam search: keep the cache rows of the surviving beams. On the host the caches the last step returned
-        (already bound as the next step's past) are rewritten in place, and only the rows that change."""
-        if self.cache_on_host:
+        """Keep the cache rows `rows`. A permutation (beam search) on the host rewrites, in place, the rows that
+        change in the caches the last step returned (already bound as the next step's past). Fewer rows (those
+        that ended leave) take new arrays: the caches, and the source's mask and keys and values too."""
+        if self.cache_on_host and len(rows) == len(self.tokens):
             moved = np.flatnonzero(rows != np.arange(len(rows)))
             if len(moved):
                 sources = rows[moved]
@@ -378,6 +379,11 @@ class _Steps(StepModel):
                     cache = value.numpy()  # a view of the OrtValue's memory
                     cache[moved] = cache[sources]  # the right side is copied first: overlaps are safe
             return
+        if len(rows) != len(self.tokens):
+            self.fixed = {n: np.ascontiguousarray(host(v)[rows]) for n, v in self.fixed.items()}
+            self.tokens = np.zeros((len(rows), 1), np.int64)
+            for name, value in {**self.fixed, "input_ids": self.tokens}.items():
+                self._bind(name, value)
         self.past = {n: np.ascontiguousarray(host(v)[rows]) for n, v in self.past.items()}
         for name, value in self.past.items():
             self._bind(name, value)
@@ -389,6 +395,7 @@ class _Steps(StepModel):
 
 
 def host(value: Any) -> np.ndarray:
+    """A value bound to a step, on the host: a numpy array, an OrtValue, or the raw one under it."""
     return value if isinstance(value, np.ndarray) else value.numpy()
 
 

@@ -17,7 +17,7 @@ from edgeformer.model.tasks import get_task
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.search import pad, top_k
 from edgeformer.runtime.session import SMALL_STEP_WEIGHTS, Runtime, step_weights
-from tests.helpers import random_sources
+from tests.helpers import VARIANTS, random_sources, tiny_model
 
 GREEDY = GenerationConfig(max_new_tokens=12)
 BEAM = GenerationConfig(strategy="beam", num_beams=4, num_return_sequences=2, max_new_tokens=12)
@@ -129,3 +129,53 @@ def test_the_search_head_gives_the_k_best_of_the_log_probabilities(exported) -> 
         assert np.array_equal(best, want) and np.abs(values - want_values).max() < 1e-5
         assert not np.isin(best, [3, 9]).any()
         tokens = best[:, 0]
+
+
+@pytest.fixture(scope="module")
+def early_ending(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A tiny model whose outputs end at many different lengths: EOS gets a logit bias."""
+    import torch
+
+    from edgeformer.export.onnx_export import export
+    from edgeformer.model.checkpoint import save_checkpoint
+
+    model = tiny_model(seed=5, **VARIANTS["marian-like"])  # type: ignore[arg-type]
+    with torch.no_grad():
+        model.decoder.output_bias[model.config.eos_id] += 8.5
+    root = tmp_path_factory.mktemp("early")
+    save_checkpoint(model, root / "checkpoint")
+    export(root / "checkpoint", root / "bundle")
+    return model, root / "bundle"
+
+
+@pytest.mark.parametrize("gen", [GenerationConfig(max_new_tokens=30),
+                                 GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=30),
+                                 GenerationConfig(strategy="sample", num_return_sequences=2, seed=1,
+                                                  max_new_tokens=30)],
+                         ids=["greedy", "beam", "sample"])
+def test_inputs_that_ended_leave_the_batch_and_change_no_result(early_ending, monkeypatch, gen) -> None:
+    import edgeformer.runtime.search as search
+    import edgeformer.runtime.session as session
+
+    model, bundle = early_ending
+    rt = Runtime(bundle, threads=1)
+    src = random_sources(16, model.config.src_vocab_size, seed=21)
+    rows_seen: list[int] = []
+    reorder = session._Steps.reorder
+
+    def spy(self, rows):  # type: ignore[no-untyped-def]
+        rows_seen.append(len(rows))
+        reorder(self, rows)
+
+    monkeypatch.setattr(session._Steps, "reorder", spy)
+    leaving = rt.generate(src, gen)
+    lengths = {len(h.tokens) for hs in leaving for h in hs}
+    assert len(lengths) >= 3, f"the outputs should end at several lengths, not {lengths}"
+    rows = len(src) * (gen.num_beams if gen.strategy == "beam" else gen.num_return_sequences)
+    assert rows_seen and min(rows_seen) < rows, "rows that ended should have left the batch"
+    assert [[h.tokens for h in hs] for hs in leaving] == [[h.tokens for h in hs] for hs in generate(model, src, gen)]
+    if gen.strategy != "sample":  # a sample's random draws follow the rows there are
+        monkeypatch.setattr(search, "leaving", lambda live: None)
+        staying = rt.generate(src, gen)
+        assert [[(h.tokens, round(h.score, 5)) for h in hs] for hs in leaving] == \
+            [[(h.tokens, round(h.score, 5)) for h in hs] for hs in staying]
