@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,6 +30,7 @@ from edgeformer.runtime.encoder_decoder import (
     HEAD_INPUTS,
     HEAD_OUTPUTS,
     LOGITS_MASK,
+    SEARCH_HEAD,
     TOP_IDS,
     TOP_K_INPUT,
     TOP_LOG_PROBS,
@@ -89,13 +91,14 @@ def complete(name: str, proto: onnx.ModelProto) -> None:
     graph = proto.graph
     last = onnx.numpy_helper.from_array(np.array(-1, np.int64), "search_head.last")
     graph.initializer.append(last)
+    def node(op: str, inputs: list[str], outputs: list[str], **attributes: Any) -> onnx.NodeProto:
+        return h.make_node(op, inputs, outputs, name=SEARCH_HEAD + op, **attributes)
+
     graph.node.extend([
-        h.make_node("Gather", ["logits", last.name], ["search_head.last_logits"], name="search_head/Gather", axis=1),
-        h.make_node("LogSoftmax", ["search_head.last_logits"], ["search_head.log_probs"], name="search_head/LogSoftmax",
-                    axis=-1),
-        h.make_node("Add", ["search_head.log_probs", LOGITS_MASK], ["search_head.masked"], name="search_head/Add"),
-        h.make_node("TopK", ["search_head.masked", TOP_K_INPUT], [TOP_LOG_PROBS, TOP_IDS], name="search_head/TopK",
-                    axis=-1, largest=1, sorted=1),
+        node("Gather", ["logits", last.name], ["search_head.last_logits"], axis=1),
+        node("LogSoftmax", ["search_head.last_logits"], ["search_head.log_probs"], axis=-1),
+        node("Add", ["search_head.log_probs", LOGITS_MASK], ["search_head.masked"]),
+        node("TopK", ["search_head.masked", TOP_K_INPUT], [TOP_LOG_PROBS, TOP_IDS], axis=-1, largest=1, sorted=1),
     ])
     vocab = graph.output[0].type.tensor_type.shape.dim[2]
     graph.input.extend([h.make_tensor_value_info(LOGITS_MASK, onnx.TensorProto.FLOAT, [vocab.dim_value]),

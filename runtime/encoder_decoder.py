@@ -19,6 +19,7 @@ BATCH, SRC_LEN, TGT_LEN, PAST_LEN, TOP_K = "batch", "src_len", "tgt_len", "past_
 # torch.export: the exporter appends it in ONNX operators (export/encoder_decoder.py, search_head).
 LOGITS_MASK, TOP_K_INPUT, TOP_LOG_PROBS, TOP_IDS = "logits_mask", "top_k", "top_log_probs", "top_ids"
 HEAD_INPUTS, HEAD_OUTPUTS = (LOGITS_MASK, TOP_K_INPUT), (TOP_LOG_PROBS, TOP_IDS)
+SEARCH_HEAD = "search_head/"  # the prefix of its nodes' names (transforms keep them in float32)
 
 
 def past_name(layer: int, attention: str, kind: str) -> str:

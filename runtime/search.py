@@ -16,6 +16,7 @@ from edgeformer.runtime.options import GenerationConfig, Hypothesis
 
 class StepModel(Protocol):
     vocab: int  # the size of the target vocabulary
+    leaves: bool = True  # rows can leave (reorder to fewer rows) cheaply: on the host
 
     def log_probs(self, tokens: np.ndarray) -> np.ndarray:
         """tokens (rows,) -> log-probabilities of the next token (rows, V); the cache grows by one."""
@@ -35,12 +36,14 @@ class StepModel(Protocol):
 
 def top_k(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest values of each row of x and their indices, largest first, ties to the lower index (as
-    onnxruntime's TopK orders them)."""
+    onnxruntime's TopK orders them, at the k-th value too)."""
     if k == 1:
         ids = x.argmax(-1)[:, None]
     else:
-        ids = np.argpartition(-x, k - 1, axis=-1)[:, :k] if k < x.shape[-1] else np.tile(np.arange(x.shape[-1]),
-                                                                                          (len(x), 1))
+        kth = -np.partition(-x, k - 1, axis=-1)[:, k - 1: k]  # each row's k-th largest value
+        above, tied = x > kth, x == kth
+        taken = above | (tied & (np.cumsum(tied, axis=-1) <= k - above.sum(-1, keepdims=True)))
+        ids = np.nonzero(taken)[1].reshape(len(x), k)  # per row, in ascending index
         ids = np.take_along_axis(ids, np.lexsort((ids, -np.take_along_axis(x, ids, -1)), axis=-1), -1)
     return np.take_along_axis(x, ids, -1), ids
 
@@ -122,11 +125,11 @@ def filter_logits(logits: np.ndarray, gen: GenerationConfig) -> np.ndarray:
     return logits
 
 
-def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _sample(logits: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """One token a row, drawn with the uniform numbers `u` (one a row)."""
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(len(logits))[:, None] * cdf[:, -1:]
-    return np.minimum((cdf < u).sum(-1), logits.shape[-1] - 1)
+    return np.minimum((cdf < u[:, None] * cdf[:, -1:]).sum(-1), logits.shape[-1] - 1)
 
 
 def greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int,
@@ -151,7 +154,8 @@ def greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_id
             # shifted and in float64, so that a tiny temperature cannot turn every logit into -inf (or 0 / 0)
             shifted = (logp - logp.max(-1, keepdims=True)).astype(np.float64)
             with np.errstate(over="ignore"):  # a tiny temperature sends all but the best to -inf, as it should
-                tokens = _sample(filter_logits(shifted / gen.temperature, gen), rng)
+                # one draw for every row of the call, each row its own, whichever rows are still there
+                tokens = _sample(filter_logits(shifted / gen.temperature, gen), rng.random(batch * n)[rows])
             chosen = logp[np.arange(len(rows)), tokens]
         scores[rows] += np.where(alive[rows], chosen, 0.0)
         for i in np.flatnonzero(alive[rows]):
@@ -163,7 +167,7 @@ def greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_id
                 yield r, token
         if not alive.any():
             break
-        keep = leaving(alive[rows])
+        keep = leaving(alive[rows]) if steps.leaves else None
         if keep is not None:
             steps.reorder(keep)
             rows, tokens = rows[keep], tokens[keep]
@@ -227,7 +231,7 @@ def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_
         if done.all():
             break
         rows = np.array(next_rows)
-        keep = leaving(~done[inputs])  # inputs that are done leave with all their beams
+        keep = leaving(~done[inputs]) if steps.leaves else None  # done inputs leave with all their beams
         if keep is not None:
             kept_rows = (keep[:, None] * k + np.arange(k)).ravel()
             rows, tokens, beam_scores, inputs = rows[kept_rows], tokens[kept_rows], beam_scores[keep], inputs[keep]

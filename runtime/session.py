@@ -321,7 +321,7 @@ class _Steps(StepModel):
         self.presents = [n for n in runtime.decoder_outputs if n.startswith("present.")]
         self.present_to_past = [past_for(n) for n in self.presents]
         self.cache_device = StepBinding.device(runtime.device)
-        self.cache_on_host = runtime.device == "cpu"
+        self.cache_on_host = self.leaves = runtime.device == "cpu"  # on a device, rows leaving would go by the host
         self.host = StepBinding.device("cpu")
         # The tokens of each step are written into this bound array: onnxruntime reads it in place. The caches are
         # bound anew each step, since the ones a step returns are the next step's past.

@@ -114,8 +114,9 @@ def test_bench_writes_records_table_and_plot(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_throughput_grid_runs_every_system_on_the_same_weights_and_writes_its_results(tmp_path: Path) -> None:
-    """benchmarks/throughput.py on a tiny MarianMT: our runtime and PyTorch (CTranslate2 where installed), each in
-    a process of its own, the same forced lengths, a table with the ratios and the time outside onnxruntime."""
+    """benchmarks/throughput.py on a tiny MarianMT imported into each system: our runtime and PyTorch (CTranslate2
+    where installed), each in a process of its own, every hypothesis of the forced length (each run checks it), a
+    table with the ratios and the time outside onnxruntime."""
     import subprocess
     import sys
     from importlib.util import find_spec

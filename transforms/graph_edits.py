@@ -93,6 +93,34 @@ def _tied_projection(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeP
     return None
 
 
+def skip_float16_round_trips(model: onnx.ModelProto) -> int:
+    """Where a float32 value goes through Cast(float16) then Cast(float32) (onnxruntime's float16 converter puts
+    them between nodes it kept in float32), its readers read the float32 value itself. Returns how many."""
+    made_by = producers(model)
+
+    def source(name: str) -> str | None:
+        last = made_by.get(name)
+        if last is None or last.op_type != "Cast" or last.attribute[0].i != onnx.TensorProto.FLOAT:
+            return None
+        first = made_by.get(last.input[0])
+        if first is None or first.op_type != "Cast" or first.attribute[0].i != onnx.TensorProto.FLOAT16:
+            return None
+        return first.input[0]
+
+    skipped = 0
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if (found := source(name)) is not None:
+                node.input[i] = found
+                skipped += 1
+    for output in model.graph.output:
+        last = made_by.get(output.name)
+        if last is not None and (found := source(output.name)) is not None:
+            last.input[0] = found  # a float32 -> float32 Cast now: a copy onnxruntime removes
+            skipped += 1
+    return skipped
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     keep = [i for i in model.graph.initializer if i.name in used]

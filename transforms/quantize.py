@@ -11,11 +11,14 @@ import numpy as np
 import onnx
 
 from edgeformer.runtime.bundle import Manifest
+from edgeformer.runtime.encoder_decoder import SEARCH_HEAD
+from edgeformer.transforms.fusion import remove_dead_nodes
 from edgeformer.transforms.graph_edits import (
     OUTPUT_PROJECTION,
     GraphTransform,
     quantize_tied_projection_int8,
     resolve_keep,
+    skip_float16_round_trips,
     untie_projection,
     with_types,
 )
@@ -121,12 +124,15 @@ def fp16_transform(keep: list[str]) -> GraphTransform:
         model = onnx.load(str(path))
         excluded = resolve_keep(model, keep)
         # Inputs and outputs stay float32 where the runtime expects them; softmax, layer norm and the search head
-        # stay in float32, where fp16's range and precision hurt accuracy.
+        # (its Add too, which an op list would not catch) stay in float32, where fp16 hurts accuracy.
+        head = [n.name for n in model.graph.node if n.name.startswith(SEARCH_HEAD)]
         blocked_ops = [*DEFAULT_OP_BLOCK_LIST, "Softmax", "LayerNormalization", "LogSoftmax", "TopK"]
         converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked_ops,
-                                             node_block_list=excluded)
+                                             node_block_list=[*excluded, *head])
+        skip_float16_round_trips(converted)  # the head's outputs: float32 through, not rounded to float16 and back
+        remove_dead_nodes(converted)
         OnnxModel(converted).topological_sort()  # the converter appends its Cast nodes out of order
         return converted, {"kept_fp32_ops": ["Softmax", "LayerNormalization", "LogSoftmax", "TopK"],
-                           "kept_fp32": excluded}
+                           "kept_fp32": [*excluded, *head]}
 
     return transform
