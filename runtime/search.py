@@ -1,7 +1,9 @@
-"""Greedy, beam and sampled search in numpy, over any step model that returns next-token log-probabilities.
+"""Greedy, beam and sampled search in numpy, over any step model that returns next-token log-probabilities, or
+the k best of them (`StepModel.top`: the runtime's decoder graph computes them itself).
 
-It follows the PyTorch reference (model/generate.py) rule for rule, so that their outputs can be compared token
-for token: the same EOS and length handling, the same beam bookkeeping and length penalty.
+Both the runtime and the PyTorch reference (model/generate.py) run this one search, with Hugging Face's rules: the
+same EOS and length handling, the same beam bookkeeping and length penalty, so that their outputs can be compared
+token for token and what differs is the numerics of the graphs.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The caches are explicit values: the encoder's outputs (cross-attention keys and values) are computed once per
 source and bound to every decoder step; each step's `present.*` outputs are bound as the next step's `past_*`
-inputs as OrtValues, so on CUDA they stay on the device and on the CPU nothing is copied through numpy.
+inputs as OrtValues, so on CUDA they stay on the device and on the CPU nothing is copied through numpy. Greedy and
+beam steps read the decoder's search head (the k best tokens of each row), not the whole vocabulary.
 """
 
 from __future__ import annotations
