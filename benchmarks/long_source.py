@@ -14,18 +14,9 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from edgeformer.benchmarks.memory import peak_rss_mb
+from edgeformer.benchmarks.memory import peak_rss_mb, rss_mb
 from edgeformer.report.format import table
-
-
-def rss_mb() -> float:
-    """Resident memory now, in MiB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def measure(bundle: str, length: int) -> dict[str, float]:

@@ -20,17 +20,31 @@ from typing import Any
 SYSTEMS = ("onnx", "torch-kv", "torch-no-cache")
 
 
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in MiB, or None where there is no such file."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """This process's resident set now, in MiB (Linux; NaN elsewhere)."""
+    now = _status_mb("VmRSS")
+    return float("nan") if now is None else now
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set so far, in MiB (NaN where the platform tells neither way).
 
     Linux's VmHWM first: getrusage's ru_maxrss survives execve, so a child started from the benchmark's process
     would report the parent's peak, not its own."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
+    peak_mb = _status_mb("VmHWM")
+    if peak_mb is not None:
+        return peak_mb
     try:
         import resource
     except ImportError:  # Windows

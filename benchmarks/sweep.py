@@ -8,6 +8,7 @@ ONNX figure gets its ratio to PyTorch with its cache, measured in those same int
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ from edgeformer.runtime.encoder_decoder import ENCODER_DECODER
 from edgeformer.runtime.search import StepModel
 from edgeformer.runtime.session import Runtime
 from edgeformer.transforms.derive import build_variants
+from edgeformer.transforms.options import cpu_flags
 from edgeformer.transforms.registry import CPU_VARIANTS, TRANSFORMS
 
 TORCH_KV, TORCH_FULL = "pytorch-eager-kv", "pytorch-eager-no-cache"
@@ -64,14 +66,12 @@ def sweep_points(sweeps: Mapping[str, Sequence[int]], base: Point = Point(),
 
 
 def machine() -> dict[str, Any]:
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
         info = Path("/proc/cpuinfo").read_text()
         cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        present = set(next(line for line in info.splitlines() if line.startswith("flags")).split())
-        flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma") if f in present]
-    except (OSError, StopIteration):
-        pass
+    present = cpu_flags()
+    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma") if f in present]
     return {"cpu": cpu, "cores": os.cpu_count(), "flags": flags, "system": platform.platform(),
             "python": platform.python_version(), "providers": ort.get_available_providers(), **producer_versions()}
 

@@ -18,22 +18,24 @@ outside onnxruntime; then ratios against CTranslate2 int8, a table and a plot.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
+import platform
 import random
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from edgeformer.model.config import BASE_SIZE
+
 SYSTEMS = ("edgeformer-int8", "edgeformer-fp32", "ct2-int8", "ct2-fp32", "torch")
 EDGEFORMER = {"edgeformer-fp32": "edgeformer-opt", "edgeformer-int8": "edgeformer-int8"}  # system -> bundle folder
-BASE = {"d_model": 512, "layers": 6, "heads": 8, "ffn": 2048, "vocab": 32000}
+BASE = {"d_model": BASE_SIZE["d_model"], "layers": BASE_SIZE["n_encoder_layers"], "heads": BASE_SIZE["n_heads"],
+        "ffn": BASE_SIZE["d_ff"], "vocab": BASE_SIZE["src_vocab_size"]}
 SMALL = {"d_model": 64, "layers": 2, "heads": 4, "ffn": 128, "vocab": 1000}
 
 
@@ -93,13 +95,10 @@ def make(out: Path, seed: int, small: bool) -> None:
             ctranslate2.converters.TransformersConverter(str(hf)).convert(str(out / name),
                                                                           quantization=quantization, force=True)
     from edgeformer.export.onnx_export import export
-    from edgeformer.model.importers import importer
+    from edgeformer.model.importers.marian import import_marian
     from edgeformer.transforms.derive import optimize, quantize
 
-    marian = importer("marian")
-    parser = argparse.ArgumentParser()
-    marian.add_arguments(parser)
-    marian.run(parser.parse_args([str(hf)]), out / "edgeformer-ckpt", True, None)
+    import_marian(hf, out / "edgeformer-ckpt", force=True)
     export(out / "edgeformer-ckpt", out / "edgeformer-fp32", force=True)
     optimize(out / "edgeformer-fp32", out / "edgeformer-opt", force=True)
     quantize(out / "edgeformer-opt", out / "edgeformer-int8", to="int8", force=True)
@@ -164,27 +163,22 @@ def edgeformer_generator(path: Path, ids: list[list[int]], beams: int, new_token
     inside = [0.0]
     base_init, base_run = engine.StepBinding.__init__, session.Runtime._run
 
-    def timed(run: Callable[[], None]) -> Callable[[], None]:
-        def wrapped() -> None:
+    def timed(run: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any) -> Any:
             start = time.perf_counter()
-            run()
-            inside[0] += time.perf_counter() - start
+            try:
+                return run(*args)
+            finally:
+                inside[0] += time.perf_counter() - start
         return wrapped
 
     def init(self: Any, s: Any) -> None:
         base_init(self, s)
         self.run = timed(self.run)
 
-    def encoder_run(self: Any, *args: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return base_run(self, *args)
-        finally:
-            inside[0] += time.perf_counter() - start
-
     # wrapped here, in the benchmark's own process: the runtime itself keeps no clock
     setattr(engine.StepBinding, "__init__", init)  # noqa: B010
-    setattr(session.Runtime, "_run", encoder_run)  # noqa: B010
+    setattr(session.Runtime, "_run", timed(base_run))  # noqa: B010
     rt = Runtime(path, threads=threads)
     gen = GenerationConfig(strategy="beam" if beams > 1 else "greedy", num_beams=beams, max_new_tokens=new_tokens,
                            ignore_eos=True)
@@ -201,11 +195,10 @@ def edgeformer_generator(path: Path, ids: list[list[int]], beams: int, new_token
 
 
 def versions() -> dict[str, str]:
-    found = {"python": sys.version.split()[0]}
-    for name in ("ctranslate2", "torch", "transformers", "numpy"):
-        with contextlib.suppress(PackageNotFoundError):
-            found[name] = version(name)
-    return found
+    from edgeformer.runtime.bundle import producer_versions
+
+    return {"python": platform.python_version(), **producer_versions(("ctranslate2", "torch", "transformers",
+                                                                        "numpy"))}
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -266,18 +259,20 @@ def grid(a: argparse.Namespace) -> None:
 
 def write(rows: list[dict[str, Any]], out: Path) -> None:
     """results.json, results.md (ratios to CTranslate2 int8 at the same point) and tokens_per_s.png."""
-    from edgeformer.benchmarks.sweep import machine
+    from edgeformer.benchmarks.sweep import machine, replace_file
     from edgeformer.report.format import table
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine(), "records": rows}, indent=1) + "\n")
+    replace_file(out / "results.json",
+                 lambda p: p.write_text(json.dumps({"machine": machine(), "records": rows}, indent=1) + "\n"))
     peer = {(r["batch"], r["beams"]): r["tokens_per_s"] for r in rows if r["system"] == "ct2-int8"}
     lines = [[r["system"], f"{r['batch']}x{r['beams']}", f"{r['tokens_per_s']:.0f}",
               f"{r['tokens_per_s'] / peer[(r['batch'], r['beams'])]:.2f}x" if (r["batch"], r["beams"]) in peer
               else "", f"{r['ms_per_step']:.1f}", f"{r['peak_rss_mb']:.0f}",
               "" if r["outside_onnxruntime"] is None else f"{r['outside_onnxruntime']:.0%}"] for r in rows]
-    (out / "results.md").write_text(table(["system", "batch x beams", "tokens/s", "vs ct2-int8", "ms/step",
-                                           "peak MB", "outside onnxruntime"], lines) + "\n")
+    replace_file(out / "results.md", lambda p: p.write_text(table(
+        ["system", "batch x beams", "tokens/s", "vs ct2-int8", "ms/step", "peak MB", "outside onnxruntime"], lines)
+        + "\n"))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,7 +291,7 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set_ylabel("tokens / s")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "tokens_per_s.png", dpi=120)
+    replace_file(out / "tokens_per_s.png", lambda p: fig.savefig(p, dpi=120, format="png"))
     print(f"results in {out}")
 
 

@@ -218,9 +218,7 @@ def _show_variant_parity(m: Any) -> None:
         judged = v.get("judged_on", {}).get("inputs", "inputs")
         print(f"\n{m.variant} against the {v['against']} on {v['inputs']} {judged}: max |log-prob diff| "
               f"{v['max_abs_logprob_diff']:.2e}, greedy token agreement {v['greedy_token_agreement']:.2%}"
-              + (f", {v['metric']} {v['metric_source']:.2f} -> {v['metric_variant']:.2f}" if "metric" in v else "")
-              + (f", exact match {v['exact_match_source']:.2%} -> {v['exact_match']:.2%}" if "exact_match" in v
-                 else ""))  # bundles written before metrics were named
+              + (f", {v['metric']} {v['metric_source']:.2f} -> {v['metric_variant']:.2f}" if "metric" in v else ""))
         if v.get("misses"):
             print("WARNING: written with --allow-drop; misses its target: " + "; ".join(v["misses"]))
 

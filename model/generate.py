@@ -47,10 +47,7 @@ class TorchSteps(StepModel):
         return logits[:, -1].float().log_softmax(dim=-1).numpy()
 
     def reorder(self, rows: np.ndarray) -> None:
-        index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        if len(index) != len(self.src_mask):  # rows that ended leave: what is fixed per row follows
-            self.src_mask = self.src_mask.index_select(0, index)
-            self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+        index = _keep_rows(self, rows)
         self.past = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.past]
 
 
@@ -75,11 +72,16 @@ class TorchFullSteps(StepModel):
         return logits[:, -1].float().log_softmax(dim=-1).numpy()
 
     def reorder(self, rows: np.ndarray) -> None:
-        index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        if len(index) != len(self.src_mask):
-            self.src_mask = self.src_mask.index_select(0, index)
-            self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
-        self.prefix = self.prefix[index]
+        self.prefix = self.prefix[_keep_rows(self, rows)]
+
+
+def _keep_rows(steps: TorchSteps | TorchFullSteps, rows: np.ndarray) -> Tensor:
+    """`rows` as an index; where rows that ended leave (fewer rows), what is fixed per row follows them."""
+    index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    if len(index) != len(steps.src_mask):
+        steps.src_mask = steps.src_mask.index_select(0, index)
+        steps.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in steps.cross]
+    return index
 
 
 @torch.no_grad()

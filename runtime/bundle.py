@@ -174,10 +174,14 @@ def _flush_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def producer_versions() -> dict[str, str]:
-    """The versions of the packages that make bundles, as the manifest records them (those installed)."""
+PRODUCERS = ("edgeformer", "torch", "onnx", "onnxruntime", "onnxscript", "numpy")
+
+
+def producer_versions(packages: tuple[str, ...] = PRODUCERS) -> dict[str, str]:
+    """The versions of the packages that make bundles (or of `packages`), as the manifest records them: those
+    installed."""
     versions = {}
-    for package in ("edgeformer", "torch", "onnx", "onnxruntime", "onnxscript", "numpy"):
+    for package in packages:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return versions
@@ -370,7 +374,11 @@ class Manifest:
         folder = Path(folder)
         self.files = {p.name: Listed(sha256_file(p), p.stat().st_size) for p in sorted(folder.iterdir())
                       if p.is_file() and p.name != MANIFEST_FILE}
-        (folder / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        self.write(folder)
+
+    def write(self, folder: Path) -> None:
+        """Write the manifest as it is, its list of files included (after `save` listed them)."""
+        (Path(folder) / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, folder: Path, verify: bool = True) -> Manifest:

@@ -66,8 +66,13 @@ def available() -> list[str]:
     return [p for p in ort.get_available_providers() if p in BY_NAME]
 
 
-def resolve_providers(requested: Sequence[str]) -> list[str]:
-    """Map names (short or onnxruntime's) to the available providers, in the order asked, CPU last as fallback."""
+def resolve_providers(requested: Sequence[str] | str) -> list[str]:
+    """Map names (short or onnxruntime's; a list, or one comma-separated string) to the available providers, in the
+    order asked, CPU last as fallback."""
+    if isinstance(requested, str):
+        requested = requested.split(",")
+    if not isinstance(requested, Sequence) or not all(isinstance(p, str) for p in requested):
+        raise InputError(f"providers must be names, such as ['cuda', 'cpu'], not {requested!r}")
     chosen = []
     for name in requested:
         full = provider(name).name
@@ -84,6 +89,8 @@ def session_options(optimization: str = "all", threads: int | None = None, spin:
     spinning until the next run: the runtime's encoder stops, its decoder keeps spinning between the steps of a
     generate call, where waking a sleeping thread cost a scheduler tick (README: Benchmarks, "Threads").
     optimized_path: where onnxruntime saves the graph as optimized for the session's provider."""
+    if not isinstance(optimization, str):
+        raise InputError(f"optimization must be a level's name, not {optimization!r}")
     if optimization not in OPTIMIZATION_LEVELS:
         raise InputError(f"unknown optimization level {optimization!r}; choose one of "
                          f"{', '.join(OPTIMIZATION_LEVELS)}")

@@ -75,24 +75,19 @@ class Runtime:
             if value is not None and (not is_int(value) or not 1 <= value <= MAX_THREADS):
                 raise InputError(f"{name}={value!r}: give a number of threads in [1, {MAX_THREADS}], or None for "
                                  "the default")
-        if isinstance(providers, str):
-            providers = providers.split(",")
-        if not isinstance(providers, Sequence) or not all(isinstance(p, str) for p in providers):
-            raise InputError(f"providers must be names, such as ['cuda', 'cpu'], not {providers!r}")
-        if not isinstance(optimization, str):
-            raise InputError(f"optimization must be a level's name, not {optimization!r}")
         if limits is not None and not isinstance(limits, Limits):
             raise InputError(f"limits must be a Limits, not {type(limits).__name__}")
         if not isinstance(bundle, (str, PathLike)):
             raise InputError(f"bundle must be a folder's path, not {type(bundle).__name__}")
         self.limits = limits or Limits()
+        self.requested_providers = resolve_providers(providers)
+        session_options(optimization)  # an unknown level is refused before the bundle is read
         self.path = Path(bundle)
         self.manifest = Manifest.load(self.path, verify=verify)
         if self.manifest.family != ENCODER_DECODER.name:
             raise BundleError(f"{self.path}: a {self.manifest.family} bundle; Runtime generates with "
                               f"{ENCODER_DECODER.name} bundles")
         self.config = self.manifest.config
-        self.requested_providers = resolve_providers(providers)
         self.decoder_threads = decoder_threads or threads
 
         def open_graph(graph: str, threads: int | None) -> ort.InferenceSession:
@@ -316,13 +311,13 @@ class _Steps(StepModel):
         # the binding does not keep numpy arrays alive: these references do, as long as they are bound
         self.held: dict[str, Any] = {}
         self.k = np.ones(1, np.int64)  # the search head's k, written in place
-        self.mask = np.zeros(self.vocab, np.float32)
-        for name, value in {**self.fixed, **self.past, TOP_K_INPUT: self.k, LOGITS_MASK: self.mask}.items():
+        free = np.zeros(self.vocab, np.float32)  # the head's mask until the rules bind theirs
+        for name, value in {**self.fixed, **self.past, TOP_K_INPUT: self.k, LOGITS_MASK: free}.items():
             self._bind(name, value)
         self.presents = [n for n in runtime.decoder_outputs if n.startswith("present.")]
         self.present_to_past = [past_for(n) for n in self.presents]
         self.cache_device = StepBinding.device(runtime.device)
-        self.cache_on_host = self.leaves = runtime.device == "cpu"  # on a device, rows leaving would go by the host
+        self.on_host = self.leaves = on_host  # on a device, rows leaving would go through the host
         self.host = StepBinding.device("cpu")
         # The tokens of each step are written into this bound array: onnxruntime reads it in place. The caches are
         # bound anew each step, since the ones a step returns are the next step's past.
@@ -340,7 +335,7 @@ class _Steps(StepModel):
         """Run one step, returning the outputs `wanted` (to the host) and keeping the cache for the next."""
         self.tokens[:, 0] = tokens
         binding = self.binding
-        binding.clear_outputs()
+        binding.clear_outputs()  # bound anew each step: outputs bound once would be reused, and must keep a shape
         for name in wanted:
             binding.bind_output(name, self.host)
         for name in self.presents:
@@ -372,7 +367,7 @@ class _Steps(StepModel):
         """Keep the cache rows `rows`. A permutation (beam search) on the host rewrites, in place, the rows that
         change in the caches the last step returned (already bound as the next step's past). Fewer rows (those
         that ended leave) take new arrays: the caches, and the source's mask and keys and values too."""
-        if self.cache_on_host and len(rows) == len(self.tokens):
+        if self.on_host and len(rows) == len(self.tokens):
             moved = np.flatnonzero(rows != np.arange(len(rows)))
             if len(moved):
                 sources = rows[moved]

@@ -17,7 +17,7 @@ from edgeformer.export.onnx_export import export
 from edgeformer.export.parity import TOLERANCES, ParityError
 from edgeformer.model.checkpoint import CheckpointError, save_checkpoint
 from edgeformer.runtime.bundle import FORMAT_VERSION, MANIFEST_FILE, Manifest
-from tests.helpers import graph_sessions, tiny_model
+from tests.helpers import graph_sessions, search_head_feed, tiny_model
 
 # (batch, source length): batch 1 and 64, sources of 1 and 500 tokens; every case starts from an empty past.
 SHAPE_GRID = [(1, 1), (1, 500), (64, 1), (64, 500), (3, 17)]
@@ -45,8 +45,7 @@ def test_decoder_takes_a_whole_prefix_in_one_step(exported) -> None:
     tgt = torch.randint(4, 29, (2, 5))
     cross = dict(zip(m.graphs["encoder"].output_names, sessions["encoder"].run(None, {"input_ids": src.numpy(),
                                                                      "attention_mask": mask.numpy()}), strict=True))
-    feed = {"input_ids": tgt.numpy(), "encoder_attention_mask": mask.numpy(), "top_k": np.array([3]),
-            "logits_mask": np.zeros(29, np.float32)}
+    feed = {"input_ids": tgt.numpy(), "encoder_attention_mask": mask.numpy(), **search_head_feed(29, 3)}
     for t in m.graphs["decoder"].inputs:
         if t.name.startswith("past_key_values."):
             feed[t.name] = (cross[t.name.replace("past_key_values", "present")] if ".encoder." in t.name

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.encoder_decoder import is_self_cache
 from edgeformer.transforms.fusion import MS_DOMAIN, fuse_attention, remove_dead_nodes
-from tests.helpers import session_of
+from tests.helpers import search_head_feed, session_of
 
 
 def feeds(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -22,10 +22,8 @@ def feeds(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndar
     for i in model.graph.input:
         if i.name in ("attention_mask", "encoder_attention_mask"):
             out[i.name] = np.array([[1] * 5, [1] * 3 + [0] * 2], np.int64)
-        elif i.name == "logits_mask":
-            out[i.name] = np.zeros(i.type.tensor_type.shape.dim[0].dim_value, np.float32)
-        elif i.name == "top_k":
-            out[i.name] = np.array([3], np.int64)
+        elif i.name in ("logits_mask", "top_k"):
+            out[i.name] = search_head_feed(model.graph.output[0].type.tensor_type.shape.dim[2].dim_value, 3)[i.name]
         elif i.name == "input_ids":
             out[i.name] = rng.integers(4, 20, (2, 5 if "attention_mask" in [x.name for x in model.graph.input]
                                               else 1))

@@ -231,8 +231,6 @@ def test_the_auto_preset_follows_the_cpu(flags: set[str], machine: str, preset: 
 def test_every_variant_keeps_the_search_head_in_float32_and_its_answers(demo_variants) -> None:
     """The head's k best of each step equal numpy's top-k of the same bundle's log-probabilities, fp16 too: its
     LogSoftmax, mask Add and TopK are kept out of the conversion."""
-    import numpy as np
-
     from edgeformer.runtime.search import pad, top_k
 
     decoder = onnx.load(str(demo_variants["fp16"] / "decoder.onnx"))
@@ -243,7 +241,7 @@ def test_every_variant_keeps_the_search_head_in_float32_and_its_answers(demo_var
                                       for n in head for i in n.input)
     for variant in ("fp32", "fp32-optimized", "int8", "int4", "fp16"):
         rt = Runtime(demo_variants[variant])
-        ids, mask = pad(random_sources(8, 37, seed=1), int(rt.config["pad_id"]))
+        ids, mask = pad(random_sources(8, int(rt.config["src_vocab_size"]), seed=1), int(rt.config["pad_id"]))
         a, b = rt.step_model(ids, mask, 1), rt.step_model(ids, mask, 1)
         tokens = np.full(len(ids), int(rt.config["bos_id"]), dtype=np.int64)
         free = np.zeros(a.vocab, np.float32)

@@ -91,7 +91,7 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
                 raise ParityError(f"{made} bundle misses its target against its source bundle: {'; '.join(missed)}. "
                                   "Nothing was written; pass --allow-drop (allow_drop=True) to write it anyway")
             manifest.variant_parity = {**figures, "target": asdict(gate), "misses": missed}
-            manifest.save(tmp)
+            manifest.write(tmp)  # the files are those the first save listed and hashed
             size = manifest.bytes(tmp)
     return VariantReport(made, time.perf_counter() - start, size, source.bytes(bundle), figures, missed)
 

@@ -35,6 +35,14 @@ INT8_PRESETS = {
 AUTO = "auto"  # the preset of the CPU that quantizes (`cpu_preset`)
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU, as Linux's /proc/cpuinfo lists them (none elsewhere)."""
+    with contextlib.suppress(OSError, StopIteration):
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        return set(next(line for line in info if line.startswith("flags")).split())
+    return set()
+
+
 def cpu_preset(flags: set[str] | None = None, machine: str | None = None) -> str:
     """The int8 preset for this CPU: without VNNI (AVX2 alone), u8 x s8 products can saturate their 16-bit sums,
     so weights keep 7 bits (reduce_range); with VNNI (AVX-512 or AVX) or on ARM64 they need not."""
@@ -42,10 +50,7 @@ def cpu_preset(flags: set[str] | None = None, machine: str | None = None) -> str
     if machine in ("arm64", "aarch64"):
         return "arm64"
     if flags is None:
-        flags = set()
-        with contextlib.suppress(OSError, StopIteration):
-            info = Path("/proc/cpuinfo").read_text().splitlines()
-            flags = set(next(line for line in info if line.startswith("flags")).split())
+        flags = cpu_flags()
     return "avx512-vnni" if flags & {"avx512_vnni", "avx_vnni"} else "avx2"
 INT8_METHODS = ("dynamic", "static")
 

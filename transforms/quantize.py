@@ -116,6 +116,9 @@ def int4_weight_only(block_size: int, keep: list[str]) -> GraphTransform:
     return transform
 
 
+FP32_OPS = ("Softmax", "LayerNormalization", "LogSoftmax", "TopK")  # kept in float32 by the fp16 transform
+
+
 def fp16_transform(keep: list[str]) -> GraphTransform:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -126,13 +129,12 @@ def fp16_transform(keep: list[str]) -> GraphTransform:
         # Inputs and outputs stay float32 where the runtime expects them; softmax, layer norm and the search head
         # (its Add too, which an op list would not catch) stay in float32, where fp16 hurts accuracy.
         head = [n.name for n in model.graph.node if n.name.startswith(SEARCH_HEAD)]
-        blocked_ops = [*DEFAULT_OP_BLOCK_LIST, "Softmax", "LayerNormalization", "LogSoftmax", "TopK"]
+        blocked_ops = [*DEFAULT_OP_BLOCK_LIST, *FP32_OPS]
         converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked_ops,
                                              node_block_list=[*excluded, *head])
         skip_float16_round_trips(converted)  # the head's outputs: float32 through, not rounded to float16 and back
         remove_dead_nodes(converted)
         OnnxModel(converted).topological_sort()  # the converter appends its Cast nodes out of order
-        return converted, {"kept_fp32_ops": ["Softmax", "LayerNormalization", "LogSoftmax", "TopK"],
-                           "kept_fp32": [*excluded, *head]}
+        return converted, {"kept_fp32_ops": list(FP32_OPS), "kept_fp32": [*excluded, *head]}
 
     return transform
