@@ -143,8 +143,9 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     from edgeformer.transforms.derive import optimize
 
     attention = {"auto": None, "yes": True, "no": False}[args.fuse_attention]
+    cache = None if args.cache == "auto" else args.cache
     _show_variant(optimize(args.bundle, args.out, level=args.level, provider=args.provider, fuse_attention=attention,
-                           **_derive_options(args)), args.json)
+                           cache=cache, **_derive_options(args)), args.json)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the allowed values of options, from the modules that own them (none of them needs torch or onnx)
     from edgeformer.model.importers import IMPORTERS
     from edgeformer.model.metrics import METRICS
+    from edgeformer.runtime.encoder_decoder import CACHES
     from edgeformer.runtime.options import Limits
     from edgeformer.transforms.options import AUTO, INT8_METHODS, INT8_PRESETS, OFFLINE_LEVELS
     from edgeformer.transforms.registry import QUANTIZED
@@ -436,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-attention", default="auto", choices=["auto", "yes", "no"],
                    help="attention -> com.microsoft.MultiHeadAttention; auto: where the provider runs the fused "
                         "kernel (CPU, CUDA, TensorRT, ROCm)")
+    p.add_argument("--cache", default="auto", choices=["auto", *CACHES],
+                   help="the decoder's self-attention cache: 'buffer' (preallocated, written in place: "
+                        "GroupQueryAttention) or 'concat' (a new tensor each step, as exported); auto: buffer on "
+                        "the CPU")
 
     p = bundle_to_bundle("quantize", "int8 (dynamic), int4 (weight-only) or fp16 -> new bundle", cmd_quantize)
     p.add_argument("--to", required=True, choices=QUANTIZED)

@@ -41,10 +41,13 @@ from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.session import Runtime
 from edgeformer.runtime.spec import GraphSpec
 
-# Trace with sizes of at least 2 and a non-empty past: torch.export specializes sizes 0 and 1 into constants.
-EXAMPLE_BATCH, EXAMPLE_SRC, EXAMPLE_TGT, EXAMPLE_PAST = 2, 5, 3, 4
-# (source lengths of one batch, decoding steps): batch 1 with a one-token source, then a padded mixed batch.
-PARITY_CASES: tuple[tuple[tuple[int, ...], int], ...] = (((1,), 6), ((7, 2, 5), 8), ((16, 16), 6))
+# Trace with sizes of at least 2 and a non-empty past: torch.export specializes sizes 0 and 1 into constants. The
+# decoder's rows are EXAMPLE_GROUP per source, so that its two batch axes are traced as the two sizes they are.
+EXAMPLE_BATCH, EXAMPLE_GROUP, EXAMPLE_SRC, EXAMPLE_TGT, EXAMPLE_PAST = 2, 2, 5, 3, 4
+# (source lengths of one batch, decoding steps, rows per source): batch 1 with a one-token source, a padded mixed
+# batch, then sources whose rows (as beams) share their cross-attention cache, each fed a different token.
+PARITY_CASES: tuple[tuple[tuple[int, ...], int, int], ...] = (
+    ((1,), 6, 1), ((7, 2, 5), 8, 1), ((16, 16), 6, 1), ((9, 3), 6, 3))
 
 
 class EncoderGraph(nn.Module):
@@ -61,7 +64,8 @@ class EncoderGraph(nn.Module):
 
 class DecoderGraph(nn.Module):
     """One decoding step (or a whole prefix): logits and the grown self-attention cache. Its inputs are the
-    declared ones, in order: tokens, source mask, the self-attention cache, then the cross-attention cache."""
+    declared ones, in order: tokens, source mask, the self-attention cache, then the cross-attention cache; the
+    tokens and self-attention cache have rows, a whole number per source of the mask and cross-attention cache."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
@@ -116,20 +120,23 @@ def example_inputs(model: Transformer) -> dict[str, tuple[Tensor, ...]]:
     c = model.config
     g = torch.Generator().manual_seed(0)
     b, s, t, p = EXAMPLE_BATCH, EXAMPLE_SRC, EXAMPLE_TGT, EXAMPLE_PAST
+    rows = b * EXAMPLE_GROUP
     src = torch.randint(3, c.src_vocab_size, (b, s), generator=g)
     mask = torch.ones(b, s, dtype=torch.long)
-    past = [torch.randn(b, c.n_heads, p, c.head_dim, generator=g) for _ in range(2 * c.n_decoder_layers)]
+    past = [torch.randn(rows, c.n_heads, p, c.head_dim, generator=g) for _ in range(2 * c.n_decoder_layers)]
     cross = [torch.randn(b, c.n_heads, s, c.head_dim, generator=g) for _ in range(2 * c.n_decoder_layers)]
-    tgt = torch.randint(3, c.tgt_vocab_size, (b, t), generator=g)
+    tgt = torch.randint(3, c.tgt_vocab_size, (rows, t), generator=g)
     return {ENCODER: (src, mask), DECODER: (tgt, mask, *past, *cross)}
 
 
 @torch.no_grad()
 def compare_case(model: Transformer, sessions: dict[str, ort.InferenceSession], specs: dict[str, GraphSpec],
-                 src: Sequence[Sequence[int]], steps: int, tolerance: Tolerance) -> dict[str, float]:
-    """One batch through both systems; raises ParityError on the first output out of tolerance."""
+                 src: Sequence[Sequence[int]], steps: int, tolerance: Tolerance, group: int = 1) -> dict[str, float]:
+    """One batch through both systems, `group` decoder rows per source; raises ParityError on the first output
+    out of tolerance. PyTorch's decoder reads the cross-attention cache copied to every row, ONNX's once per
+    source; row g of each source is fed its g-th best token, so a source's rows differ."""
     cfg = model.config
-    where = f"batch of {len(src)} with source lengths {[len(s) for s in src]}"
+    where = f"batch of {len(src)} with source lengths {[len(s) for s in src]}, {group} rows each"
     ids, mask = pad_batch([list(s) for s in src], cfg.pad_id)
     cross = model.decoder.cross_kv(model.encoder(ids, mask))
     enc_out = dict(zip(specs[ENCODER].output_names, sessions[ENCODER].run(
@@ -143,14 +150,18 @@ def compare_case(model: Transformer, sessions: dict[str, ort.InferenceSession], 
     feed: dict[str, np.ndarray] = {"encoder_attention_mask": mask.numpy(), TOP_K_INPUT: np.array([k], np.int64),
                                    LOGITS_MASK: np.zeros(cfg.tgt_vocab_size, np.float32)}
     feed.update({past_for(name): value for name, value in enc_out.items()})
-    past = model.decoder.empty_past(len(src))
+    rows = len(src) * group
+    row_mask, row_cross = mask.repeat_interleave(group, 0), [(k.repeat_interleave(group, 0),
+                                                               v.repeat_interleave(group, 0)) for k, v in cross]
+    past = model.decoder.empty_past(rows)
     for t in specs[DECODER].inputs:
         if is_self_cache(t.name):
-            feed[t.name] = np.zeros((len(src), cfg.n_heads, 0, cfg.head_dim), np.float32)
-    tokens = torch.full((len(src), 1), cfg.bos_id, dtype=torch.long)
+            feed[t.name] = np.zeros((rows, cfg.n_heads, 0, cfg.head_dim), np.float32)
+    tokens = torch.full((rows, 1), cfg.bos_id, dtype=torch.long)
+    rank = torch.arange(rows) % group  # row g of a source takes its g-th best token
     dec_diff, agree = 0.0, 0
     for step in range(steps):
-        logits, past = model.decoder(tokens, mask, cross, past)
+        logits, past = model.decoder(tokens, row_mask, row_cross, past)
         feed["input_ids"] = tokens.numpy()
         outputs = dict(zip(specs[DECODER].output_names, sessions[DECODER].run(None, feed), strict=True))
         want = logits.numpy()
@@ -166,8 +177,8 @@ def compare_case(model: Transformer, sessions: dict[str, ort.InferenceSession], 
         for name, value in outputs.items():
             if name.startswith("present."):
                 feed[past_for(name)] = value
-        tokens = logits[:, -1:].argmax(-1)
-    return {ENCODER: enc_diff, DECODER: dec_diff, "agree": agree, "tokens": steps * len(src)}
+        tokens = logits[:, -1].topk(group).indices[torch.arange(rows), rank][:, None]
+    return {ENCODER: enc_diff, DECODER: dec_diff, "agree": agree, "tokens": steps * rows}
 
 
 def check_parity(model: Transformer, sessions: dict[str, ort.InferenceSession], specs: dict[str, GraphSpec],
@@ -176,16 +187,17 @@ def check_parity(model: Transformer, sessions: dict[str, ort.InferenceSession], 
     rng = np.random.default_rng(0)
     worst = {ENCODER: 0.0, DECODER: 0.0}
     agree = tokens = 0
-    for lengths, steps in PARITY_CASES:
+    for lengths, steps, group in PARITY_CASES:
         src = [rng.integers(4, model.config.src_vocab_size, n).tolist() for n in lengths]
-        r = compare_case(model, sessions, specs, src, steps, tolerance)
+        r = compare_case(model, sessions, specs, src, steps, tolerance, min(group, model.config.tgt_vocab_size))
         worst = {g: max(worst[g], r[g]) for g in worst}
         agree += int(r["agree"])
         tokens += int(r["tokens"])
     if agree != tokens:
         raise ParityError(f"decoder graph: greedy tokens differ from PyTorch's at {tokens - agree} of {tokens} steps")
     return {"max_abs_diff": worst, "greedy_token_agreement": agree / tokens, "tokens_compared": tokens,
-            "cases": [{"source_lengths": list(lengths), "steps": steps} for lengths, steps in PARITY_CASES]}
+            "cases": [{"source_lengths": list(lengths), "steps": steps, "rows_per_source": group}
+                      for lengths, steps, group in PARITY_CASES]}
 
 
 def runtime_parity(bundle: Path, checkpoint: Path | str | None = None, n: int = 200, eval: Path | str | None = None,

@@ -4,6 +4,11 @@ Shapes: B batch, S source length, T target length (new tokens), P past length, D
 The self-attention cache is an explicit value: `past` in, `present` out, one (key, value) pair per decoder layer,
 each (B, H, P, Dh). The cross-attention keys and values depend only on the encoder output, so they are computed
 once per source (`Decoder.cross_kv`) and handed to every step.
+
+The decoder's rows may be G per source (G beams or samples): rows g*N' .. are grouped, source n's G rows next to
+each other, and the cross-attention keys and values are held once per source (N, H, S, Dh) and read by all its
+rows, never copied to them. Cross-attention has no mask between queries, so a source's G rows attend as one query
+sequence of length G*T: (B, T, D) -> (N, G*T, D), the same numbers as G copies of the source.
 """
 
 from __future__ import annotations
@@ -101,14 +106,14 @@ class MultiHeadAttention(nn.Module):
     def project_kv(self, x: Tensor) -> KV:
         return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))  # (B, H, S, Dh) each
 
-    def forward(self, x: Tensor, kv: KV, bias: Tensor) -> Tensor:
+    def forward(self, x: Tensor, kv: KV, bias: Tensor, shape: torch.Size | None = None) -> Tensor:
+        """shape: the output's, when it is not x's (a source's rows grouped as one query, DecoderLayer)."""
         q = self.split_heads(self.q_proj(x))  # (B, H, T, Dh)
         k, v = kv  # (B, H, S, Dh)
         scores = (q @ k.transpose(-2, -1)) * self.scale + bias  # (B, H, T, S)
         attn = self.dropout(scores.softmax(dim=-1))
-        out = attn @ v  # (B, H, T, Dh)
-        b, _, t, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # (B, T, D)
+        out = (attn @ v).transpose(1, 2)  # (B, T, H, Dh)
+        return self.out_proj(out.reshape(shape if shape is not None else x.shape))  # (B, T, D)
 
 
 class FeedForward(nn.Module):
@@ -169,8 +174,9 @@ class DecoderLayer(nn.Module):
         k, v = self.self_attn.project_kv(h)  # (B, H, T, Dh)
         present = (torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2))  # (B, H, P+T, Dh)
         x = self.self_attn_block.output(x, self.self_attn(h, present, self_bias))
-        h = self.cross_attn_block.input(x)
-        x = self.cross_attn_block.output(x, self.cross_attn(h, cross, cross_bias))
+        h = self.cross_attn_block.input(x)  # (B, T, D), B = N*G rows for N sources
+        grouped = h.reshape(cross[0].shape[0], -1, h.shape[-1])  # (N, G*T, D): a source's rows as one query
+        x = self.cross_attn_block.output(x, self.cross_attn(grouped, cross, cross_bias, h.shape))
         x = self.ffn_block.output(x, self.ffn(self.ffn_block.input(x)))
         return x, present
 
@@ -213,6 +219,9 @@ class Decoder(nn.Module):
                 past: list[KV], target_mask: Tensor | None = None) -> tuple[Tensor, list[KV]]:
         """input_ids (B, T) -> logits (B, T, V) and the grown cache.
 
+        encoder_attention_mask (N, S) and cross (N, H, S, Dh) are per source; B = N*G rows, source n's G rows
+        next to each other (G beams or samples share their source's keys and values).
+
         target_mask (B, P+T), 1 for tokens and 0 for padding, is only needed when targets are padded on the
         left; right padding is already hidden by the causal mask.
         """
@@ -221,7 +230,7 @@ class Decoder(nn.Module):
         self_bias = causal_bias(input_ids.shape[1], past_len, input_ids.device)  # (1, 1, T, P+T)
         if target_mask is not None:
             self_bias = self_bias + padding_bias(target_mask)  # (B, 1, T, P+T)
-        cross_bias = padding_bias(encoder_attention_mask)  # (B, 1, 1, S)
+        cross_bias = padding_bias(encoder_attention_mask)  # (N, 1, 1, S)
         present = []
         for layer, layer_past, layer_cross in zip(self.layers, past, cross, strict=True):
             x, layer_present = layer(x, self_bias, layer_past, layer_cross, cross_bias)

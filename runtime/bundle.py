@@ -30,9 +30,11 @@ __all__ = ["FORMAT_VERSION", "MANIFEST_FILE", "BundleError", "Listed", "Manifest
 
 MANIFEST_FILE = "edgeformer.json"
 FORMAT_NAME = "edgeformer-bundle"
-# 3: the decoder has a search head (logits_mask, top_k -> top_log_probs, top_ids); 2: every listed file has its
-# size, checked before it is hashed; 1: sha256 alone
-FORMAT_VERSION = 3
+# 4: the decoder's cross-attention cache and source mask are per source, its other inputs and outputs per row
+# (a source's beams share them), and `cache` says how the self-attention cache is passed; 3: the decoder has a
+# search head (logits_mask, top_k -> top_log_probs, top_ids); 2: every listed file has its size, checked before it
+# is hashed; 1: sha256 alone
+FORMAT_VERSION = 4
 MANIFEST_LIMIT = 16 << 20  # bytes: a manifest is a few kB; a larger one is not read at all
 GRAPH_LIMIT = 2 << 30  # bytes: protobuf's limit, so no ONNX graph file is larger (weights beyond it are external)
 
@@ -257,6 +259,7 @@ class Manifest:
     variant_parity: dict[str, Any] = field(default_factory=dict)  # a derived variant against its fp32 source
     generation: dict[str, Any] = field(default_factory=dict)  # default GenerationConfig settings (an importer's)
     family: str = DEFAULT_FAMILY  # the model family (runtime/families.py), which declares the graphs
+    cache: str = "concat"  # how the graphs pass a cache: one of the family's `caches` (runtime/encoder_decoder.py)
     task: str | None = None  # the built-in task the model was trained on, if it was: variants are judged on it
     format_version: int = FORMAT_VERSION
 
@@ -286,6 +289,7 @@ class Manifest:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "family": self.family,
+            "cache": self.cache,
             "variant": self.variant,
             "task": self.task,
             "config": self.config,
@@ -322,6 +326,10 @@ class Manifest:
         problems = family.check_config(config)
         if problems:
             raise BundleError(f"{where}: the model config is not usable: {'; '.join(problems)}")
+        cache = _expect(d.get("cache", family.caches[0]), str, "cache", where)
+        if cache not in family.caches:
+            raise BundleError(f"{where}: cache {cache!r} is not one a {family.name} bundle may have "
+                              f"({', '.join(family.caches)})")
         graphs, graph_files = {}, {}
         for name, g in _expect(d.get("graphs"), dict, "graphs", where).items():
             _expect(g, dict, f"graphs.{name}", where)
@@ -330,7 +338,7 @@ class Manifest:
                 graphs[name] = GraphSpec.from_dict(name, g)
             except (KeyError, TypeError, ValueError) as e:
                 raise BundleError(f"{where}: malformed manifest: graph {name}'s inputs or outputs ({e})") from None
-        expected = family.graphs(config)
+        expected = family.graphs(config, cache=cache)
         if set(graphs) != set(expected):
             raise BundleError(f"{where}: a {family.name} bundle has the graphs {', '.join(expected)}; this manifest "
                               f"declares {', '.join(graphs) or 'none'}")
@@ -367,6 +375,7 @@ class Manifest:
                    parity=_expect(d.get("parity", {}), dict, "parity", where),
                    exporter=str(d.get("exporter", "")), transforms=transforms, variant_parity=variant_parity,
                    generation=_expect(d.get("generation", {}), dict, "generation", where), family=family.name,
+                   cache=cache,
                    task=_expect(d.get("task"), (str, type(None)), "task", where), format_version=version)
 
     def save(self, folder: Path) -> None:

@@ -3,6 +3,10 @@
 Names follow Hugging Face Optimum's seq2seq convention so that tools that know it also know ours. The encoder
 graph emits the cross-attention keys and values of every decoder layer (computed once per source), and one
 decoder graph serves every step, the first with an empty past.
+
+Two batch axes: `batch` counts sources (the encoder's inputs, the source mask and cross-attention cache the decoder
+reads), `rows` the decoder's rows, a whole multiple of them: each source's beams or samples, next to each other,
+share its cross-attention keys and values (model/transformer.py), which are never copied per row.
 """
 
 from __future__ import annotations
@@ -13,7 +17,13 @@ from typing import Any
 from edgeformer.runtime.spec import Family, GraphSpec, TensorSpec
 
 ENCODER, DECODER = "encoder", "decoder"
-BATCH, SRC_LEN, TGT_LEN, PAST_LEN, TOP_K = "batch", "src_len", "tgt_len", "past_len", "k"
+BATCH, ROWS, SRC_LEN, TGT_LEN, PAST_LEN, TOP_K = "batch", "rows", "src_len", "tgt_len", "past_len", "k"
+# How the decoder's self-attention cache is passed: "concat", each step's present a new tensor, past and the step's
+# keys and values concatenated (every exported bundle); "buffer", one preallocated buffer per tensor, up to
+# `capacity` positions, that each step reads as its past and writes its new position into, in place (onnxruntime's
+# GroupQueryAttention; made by `optimize` for the CPU): the step is told the past's length in `past_length`.
+CACHES = ("concat", "buffer")
+CAPACITY, PAST_LENGTH = "capacity", "past_length"
 # The decoder's search head: what greedy and beam search need of a step, computed in the graph (LogSoftmax, the
 # mask added, TopK) so that a step returns k values a row instead of the whole vocabulary. Not traced by
 # torch.export: the exporter appends it in ONNX operators (export/encoder_decoder.py, search_head).
@@ -45,7 +55,8 @@ def is_self_cache(name: str) -> bool:
 
 def _cache(names: Callable[[int, str, str], str], layers: int, attention: str, heads: int, head_dim: int,
            length: str, dtype: str) -> list[TensorSpec]:
-    return [TensorSpec(names(i, attention, kind), dtype, (BATCH, heads, length, head_dim))
+    batch = ROWS if attention == "decoder" else BATCH  # the self-attention cache is per row, the cross one per source
+    return [TensorSpec(names(i, attention, kind), dtype, (batch, heads, length, head_dim))
             for i in range(layers) for kind in ("key", "value")]
 
 
@@ -56,26 +67,31 @@ def encoder_spec(layers: int, heads: int, head_dim: int, dtype: str = "float32")
     return GraphSpec(ENCODER, inputs, outputs)
 
 
-def decoder_spec(layers: int, heads: int, head_dim: int, vocab: int, dtype: str = "float32") -> GraphSpec:
-    inputs = (TensorSpec("input_ids", "int64", (BATCH, TGT_LEN)),
+def decoder_spec(layers: int, heads: int, head_dim: int, vocab: int, dtype: str = "float32",
+                 cache: str = "concat") -> GraphSpec:
+    buffered = cache == "buffer"
+    inputs = (TensorSpec("input_ids", "int64", (ROWS, TGT_LEN)),
               TensorSpec("encoder_attention_mask", "int64", (BATCH, SRC_LEN)),
-              *_cache(past_name, layers, "decoder", heads, head_dim, PAST_LEN, dtype),
+              *_cache(past_name, layers, "decoder", heads, head_dim, CAPACITY if buffered else PAST_LEN, dtype),
               *_cache(past_name, layers, "encoder", heads, head_dim, SRC_LEN, dtype),
               TensorSpec(LOGITS_MASK, "float32", (vocab,)),  # added to the last step's log-probabilities
-              TensorSpec(TOP_K_INPUT, "int64", (1,)))  # k
-    outputs = (TensorSpec("logits", "float32", (BATCH, TGT_LEN, vocab)),
-               *_cache(present_name, layers, "decoder", heads, head_dim, f"{PAST_LEN}+{TGT_LEN}", dtype),
-               TensorSpec(TOP_LOG_PROBS, "float32", (BATCH, TOP_K)),  # best first; ties: the lower id first
-               TensorSpec(TOP_IDS, "int64", (BATCH, TOP_K)))
+              TensorSpec(TOP_K_INPUT, "int64", (1,)),  # k
+              *((TensorSpec(PAST_LENGTH, "int64", (1,)),) if buffered else ()))  # positions filled in the buffers
+    outputs = (TensorSpec("logits", "float32", (ROWS, TGT_LEN, vocab)),
+               *_cache(present_name, layers, "decoder", heads, head_dim,
+                       CAPACITY if buffered else f"{PAST_LEN}+{TGT_LEN}", dtype),
+               TensorSpec(TOP_LOG_PROBS, "float32", (ROWS, TOP_K)),  # best first; ties: the lower id first
+               TensorSpec(TOP_IDS, "int64", (ROWS, TOP_K)))
     return GraphSpec(DECODER, inputs, outputs)
 
 
-def graphs(config: Mapping[str, Any]) -> dict[str, GraphSpec]:
-    """The graphs of a model with this config (config.json's fields)."""
+def graphs(config: Mapping[str, Any], cache: str = "concat") -> dict[str, GraphSpec]:
+    """The graphs of a model with this config (config.json's fields), its self-attention cache passed as `cache`
+    (CACHES)."""
     layers, heads = int(config["n_decoder_layers"]), int(config["n_heads"])
     head_dim = int(config["d_model"]) // heads
     return {ENCODER: encoder_spec(layers, heads, head_dim),
-            DECODER: decoder_spec(layers, heads, head_dim, int(config["tgt_vocab_size"]))}
+            DECODER: decoder_spec(layers, heads, head_dim, int(config["tgt_vocab_size"]), cache=cache)}
 
 
 # The largest value each size may have in a manifest: far beyond any model this runtime serves, and small enough
@@ -111,4 +127,5 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
 
 
 ENCODER_DECODER = Family(name="encoder-decoder", graph_files={ENCODER: "encoder.onnx", DECODER: "decoder.onnx"},
-                         axes=(BATCH, SRC_LEN, TGT_LEN, PAST_LEN, TOP_K), graphs=graphs, check_config=check_config)
+                         axes=(BATCH, ROWS, SRC_LEN, TGT_LEN, PAST_LEN, TOP_K, CAPACITY), graphs=graphs,
+                         check_config=check_config, caches=CACHES)

@@ -135,6 +135,7 @@ class StepBinding:
         self.bind_input: Callable[[str, Any], None] = binding.bind_input  # (name, numpy array), read in place
         self.bind_value: Callable[[str, Any], None] = binding.bind_ortvalue_input  # (name, raw(value))
         self.bind_output: Callable[[str, Any], None] = binding.bind_output  # (name, device(kind))
+        self.bind_value_output: Callable[[str, Any], None] = binding.bind_ortvalue_output  # written in place
         self.clear_outputs: Callable[[], None] = binding.clear_binding_outputs
         self.outputs: Callable[[], Any] = binding.get_outputs  # index them: iterating costs 0.05 ms
         self.run: Callable[[], None] = functools.partial(session._sess.run_with_iobinding, binding, None)

@@ -1,9 +1,11 @@
 """Load a bundle and generate with onnxruntime: numpy and onnxruntime only, never torch.
 
-The caches are explicit values: the encoder's outputs (cross-attention keys and values) are computed once per
-source and bound to every decoder step; each step's `present.*` outputs are bound as the next step's `past_*`
-inputs as OrtValues, so on CUDA they stay on the device and on the CPU nothing is copied through numpy. Greedy and
-beam steps read the decoder's search head (the k best tokens of each row), not the whole vocabulary.
+The caches are explicit values. The encoder's outputs (cross-attention keys and values) are computed once per
+source and bound to every decoder step, read in place by all of the source's beams. The self-attention cache is
+either buffers bound as each step's past and present both, written in place (a bundle optimized for the CPU), or
+the `present.*` outputs of a step bound as the next step's `past_*` inputs as OrtValues, so that on CUDA they stay
+on the device. Greedy and beam steps read the decoder's search head (the k best tokens of each row), not the whole
+vocabulary.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from edgeformer.runtime.encoder_decoder import (
     ENCODER,
     ENCODER_DECODER,
     LOGITS_MASK,
+    PAST_LENGTH,
     TOP_IDS,
     TOP_K_INPUT,
     TOP_LOG_PROBS,
@@ -48,6 +51,9 @@ MAX_THREADS = 1024  # onnxruntime takes an int32; no machine this runs on has mo
 # A decoder step that reads fewer weights than this, over all its rows, runs on one intra-op thread: handing its
 # small operators to a second thread costs more than it saves (README: Benchmarks, "Threads").
 SMALL_STEP_WEIGHTS = 2_000_000
+# A buffered self-attention cache starts with room for the steps a call asks for, at most this many, and doubles
+# when they run out: a call that asks for many new tokens and ends early does not hold memory for all of them.
+INITIAL_CAPACITY = 128
 
 
 def step_weights(config: dict[str, Any]) -> int:
@@ -218,8 +224,11 @@ class Runtime:
             return self.one_thread_decoder, 1
         return self.sessions[DECODER], self.decoder_threads
 
-    def step_model(self, input_ids: np.ndarray, attention_mask: np.ndarray, rows_per_input: int) -> _Steps:
-        return _Steps(self, input_ids, attention_mask, rows_per_input)
+    def step_model(self, input_ids: np.ndarray, attention_mask: np.ndarray, rows_per_input: int,
+                   steps: int = INITIAL_CAPACITY) -> _Steps:
+        """The decoder over `rows_per_input` rows per input; `steps`: how many it is expected to run (a buffered
+        cache is sized for them, up to INITIAL_CAPACITY, and grows if more run)."""
+        return _Steps(self, input_ids, attention_mask, rows_per_input, steps)
 
     # -- generation --------------------------------------------------------------------------------------------
 
@@ -229,7 +238,8 @@ class Runtime:
         greedy and sampled tokens as they are produced."""
         gen = self.generation if gen is None else gen
         ids, mask = pad(self.check_inputs(src, gen), int(self.config["pad_id"]))
-        return search(lambda rows: self.step_model(ids, mask, rows), len(ids), gen, int(self.config["bos_id"]),
+        return search(lambda rows: self.step_model(ids, mask, rows, gen.max_new_tokens), len(ids), gen,
+                      int(self.config["bos_id"]),
                       int(self.config["eos_id"]), int(self.config["pad_id"]), on_token)
 
     def stream(self, src: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
@@ -241,8 +251,8 @@ class Runtime:
             raise InputError("streaming yields one sequence as it grows; use strategy='greedy' or 'sample' with "
                              "num_return_sequences=1")
         ids, mask = pad(self.check_inputs([src], gen), int(self.config["pad_id"]))
-        produced = greedy_or_sample(self.step_model(ids, mask, 1), 1, gen, int(self.config["bos_id"]),
-                                    int(self.config["eos_id"]))
+        produced = greedy_or_sample(self.step_model(ids, mask, 1, gen.max_new_tokens), 1, gen,
+                                    int(self.config["bos_id"]), int(self.config["eos_id"]))
         return (token for _row, token in produced)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -293,27 +303,36 @@ class _Steps(StepModel):
     the search head's k are bound once; each step rebinds only the new tokens (written into a bound array), the
     head's mask when the rules change it, and, as the next step's past, the present values the step returned."""
 
-    def __init__(self, runtime: Runtime, input_ids: np.ndarray, attention_mask: np.ndarray, rows: int) -> None:
+    def __init__(self, runtime: Runtime, input_ids: np.ndarray, attention_mask: np.ndarray, rows: int,
+                 steps: int = INITIAL_CAPACITY) -> None:
         self.path, self.vocab = runtime.path, int(runtime.config["tgt_vocab_size"])
         on_host = runtime.device == "cpu"
-        if rows > 1 and not on_host:  # a device's caches stay there: its encoder runs on every beam's row
-            input_ids, attention_mask = input_ids.repeat(rows, axis=0), attention_mask.repeat(rows, axis=0)
-        cross: dict[str, Any] = runtime.encode(input_ids, attention_mask)
-        if rows > 1 and on_host:  # the encoder runs once per input; its keys and values are copied to the beams
-            cross = {n: np.repeat(v.numpy(), rows, axis=0) for n, v in cross.items()}
-            attention_mask = attention_mask.repeat(rows, axis=0)
-        self.fixed: dict[str, Any] = {
-            "encoder_attention_mask": np.ascontiguousarray(attention_mask),
-            **{n: v if isinstance(v, np.ndarray) else StepBinding.raw(v) for n, v in cross.items()}}
-        self.past: dict[str, Any] = dict(runtime.empty_past(len(attention_mask)))
-        self.session, _ = runtime.decoder(len(attention_mask))
+        # The encoder runs once per source; its keys and values stay where it computed them, read by the source's
+        # `group` rows (beams or samples) in place: nothing is copied per row.
+        self.group = rows
+        cross = runtime.encode(input_ids, attention_mask)
+        self.fixed: dict[str, Any] = {"encoder_attention_mask": np.ascontiguousarray(attention_mask),
+                                      **{n: StepBinding.raw(v) for n, v in cross.items()}}
+        batch = len(attention_mask) * rows
+        self.session, _ = runtime.decoder(batch)
         self.binding = StepBinding(self.session)
         # the binding does not keep numpy arrays alive: these references do, as long as they are bound
         self.held: dict[str, Any] = {}
         self.k = np.ones(1, np.int64)  # the search head's k, written in place
         free = np.zeros(self.vocab, np.float32)  # the head's mask until the rules bind theirs
-        for name, value in {**self.fixed, **self.past, TOP_K_INPUT: self.k, LOGITS_MASK: free}.items():
+        for name, value in {**self.fixed, TOP_K_INPUT: self.k, LOGITS_MASK: free}.items():
             self._bind(name, value)
+        # A buffered cache: one array per tensor, bound as the step's past and present, `filled` positions of it
+        # written. A concatenated one: the present values each step returns, bound as the next step's past.
+        self.buffered = runtime.manifest.cache == "buffer"
+        self.filled = np.zeros(1, np.int64)  # the buffers' past_length, written in place
+        if self.buffered:
+            self._bind(PAST_LENGTH, self.filled)
+            capacity = max(1, min(steps, INITIAL_CAPACITY))
+            self._set_past({t.name: np.zeros((batch, int(t.shape[1]), capacity, int(t.shape[3])), runtime.cache_dtype)
+                            for t in runtime.self_cache_inputs})
+        else:
+            self._set_past(runtime.empty_past(batch))
         self.presents = [n for n in runtime.decoder_outputs if n.startswith("present.")]
         self.present_to_past = [past_for(n) for n in self.presents]
         self.cache_device = StepBinding.device(runtime.device)
@@ -321,7 +340,7 @@ class _Steps(StepModel):
         self.host = StepBinding.device("cpu")
         # The tokens of each step are written into this bound array: onnxruntime reads it in place. The caches are
         # bound anew each step, since the ones a step returns are the next step's past.
-        self.tokens = np.zeros((len(attention_mask), 1), np.int64)
+        self.tokens = np.zeros((batch, 1), np.int64)
         self._bind("input_ids", self.tokens)
 
     def _bind(self, name: str, value: Any) -> None:
@@ -331,6 +350,27 @@ class _Steps(StepModel):
         else:
             self.binding.bind_value(name, value)
 
+    def _set_past(self, past: dict[str, Any]) -> None:
+        """Bind `past` (numpy arrays or OrtValues) as the next step's past; buffers as its present too."""
+        self.past = past
+        self.buffer_values = {}
+        for name, value in past.items():
+            if self.buffered:  # an OrtValue over the array's memory: onnxruntime reads and writes it in place
+                self.held[name] = value
+                self.buffer_values[name] = raw = StepBinding.raw(ort.OrtValue.ortvalue_from_numpy(value))
+                self.binding.bind_value(name, raw)
+            else:
+                self._bind(name, value)
+
+    def _grow(self) -> None:
+        """Twice the buffers' positions, those filled copied."""
+        filled = int(self.filled[0])
+        grown = {}
+        for name, value in self.past.items():
+            grown[name] = np.zeros((*value.shape[:2], 2 * value.shape[2], value.shape[3]), value.dtype)
+            grown[name][:, :, :filled] = value[:, :, :filled]
+        self._set_past(grown)
+
     def _step(self, tokens: np.ndarray, wanted: tuple[str, ...]) -> Any:
         """Run one step, returning the outputs `wanted` (to the host) and keeping the cache for the next."""
         self.tokens[:, 0] = tokens
@@ -338,13 +378,22 @@ class _Steps(StepModel):
         binding.clear_outputs()  # bound anew each step: outputs bound once would be reused, and must keep a shape
         for name in wanted:
             binding.bind_output(name, self.host)
-        for name in self.presents:
-            binding.bind_output(name, self.cache_device)
+        if self.buffered:
+            if self.filled[0] == next(iter(self.past.values())).shape[2]:
+                self._grow()
+            for present, past in zip(self.presents, self.present_to_past, strict=True):
+                binding.bind_value_output(present, self.buffer_values[past])
+        else:
+            for name in self.presents:
+                binding.bind_output(name, self.cache_device)
         try:
             binding.run()
         except ORT_ERRORS as e:  # only onnxruntime's: a caller's on_token is not in this try
             raise EngineError(f"{self.path}: onnxruntime failed running the decoder graph: {e}") from e
         outputs = binding.outputs()
+        if self.buffered:
+            self.filled[0] += 1
+            return outputs
         self.past = {}
         for i, name in enumerate(self.present_to_past, start=len(wanted)):
             self.past[name] = value = outputs[i]
@@ -364,30 +413,42 @@ class _Steps(StepModel):
         return outputs[0].numpy(), outputs[1].numpy()
 
     def reorder(self, rows: np.ndarray) -> None:
-        """Keep the cache rows `rows`. A permutation (beam search) on the host rewrites, in place, the rows that
-        change in the caches the last step returned (already bound as the next step's past). Fewer rows (those
-        that ended leave) take new arrays: the caches, and the source's mask and keys and values too."""
-        if self.on_host and len(rows) == len(self.tokens):
-            moved = np.flatnonzero(rows != np.arange(len(rows)))
-            if len(moved):
-                sources = rows[moved]
-                for value in self.past.values():
-                    cache = value.numpy()  # a view of the OrtValue's memory
-                    cache[moved] = cache[sources]  # the right side is copied first: overlaps are safe
-            return
-        if len(rows) != len(self.tokens):
-            self.fixed = {n: np.ascontiguousarray(host(v)[rows]) for n, v in self.fixed.items()}
-            self.tokens = np.zeros((len(rows), 1), np.int64)
-            for name, value in {**self.fixed, "input_ids": self.tokens}.items():
-                self._bind(name, value)
-        self.past = {n: np.ascontiguousarray(host(v)[rows]) for n, v in self.past.items()}
-        for name, value in self.past.items():
+        """Keep the cache rows `rows`. Beams that move within their sources (beam search), on the host, rewrite in
+        place the rows that change in the caches the last step returned (already bound as the next step's past).
+        Fewer rows (those that ended leave) take new arrays: the caches, and the sources' mask and keys and values
+        for the sources whose rows remain."""
+        sources = rows // self.group
+        filled = slice(None, int(self.filled[0]) if self.buffered else None)  # the positions written
+        if len(rows) == len(self.tokens) and np.array_equal(sources, np.arange(len(rows)) // self.group):
+            if self.on_host:
+                moved = np.flatnonzero(rows != np.arange(len(rows)))
+                if len(moved):
+                    for value in self.past.values():
+                        cache = host(value)  # a view of the OrtValue's memory
+                        # the right side is copied first: overlaps are safe
+                        cache[moved, :, filled] = cache[rows[moved], :, filled]
+                return
+        else:
+            self._regroup(sources)
+        self._set_past({n: np.ascontiguousarray(host(v)[rows]) for n, v in self.past.items()})
+
+    def _regroup(self, sources: np.ndarray) -> None:
+        """The rows left read `sources` (each row's source): the per-source values keep the sources that remain,
+        once each where every one keeps the same number of rows next to each other, else once per row."""
+        counts = np.bincount(sources)
+        counts = counts[counts > 0]
+        grouped = bool(np.all(np.diff(sources) >= 0)) and bool(np.all(counts == counts[0]))
+        self.group = int(counts[0]) if grouped else 1
+        index = sources[:: self.group]
+        self.fixed = {n: np.ascontiguousarray(host(v)[index]) for n, v in self.fixed.items()}
+        self.tokens = np.zeros((len(sources), 1), np.int64)
+        for name, value in {**self.fixed, "input_ids": self.tokens}.items():
             self._bind(name, value)
 
     def inputs(self) -> dict[str, np.ndarray]:
         """The inputs of the next step but the tokens, on the host (for calibration)."""
         return {**{n: host(v) for n, v in {**self.fixed, **self.past}.items()}, TOP_K_INPUT: self.k.copy(),
-                LOGITS_MASK: self.held[LOGITS_MASK]}
+                LOGITS_MASK: self.held[LOGITS_MASK], **({PAST_LENGTH: self.filled.copy()} if self.buffered else {})}
 
 
 def host(value: Any) -> np.ndarray:

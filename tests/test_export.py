@@ -62,13 +62,15 @@ def test_decoder_takes_a_whole_prefix_in_one_step(exported) -> None:
 def test_manifest_declares_names_axes_and_parity(exported) -> None:
     _, bundle = exported("post-sinusoidal")
     d = json.loads((bundle / MANIFEST_FILE).read_text())
-    assert d["format_version"] == FORMAT_VERSION == 3 and d["variant"] == "fp32" and d["opset"] >= 17
+    assert d["format_version"] == FORMAT_VERSION == 4 and d["variant"] == "fp32" and d["opset"] >= 17
     dec = d["graphs"]["decoder"]
     names = [t["name"] for t in dec["inputs"]]
     assert names[:2] == ["input_ids", "encoder_attention_mask"]
     assert "past_key_values.1.decoder.value" in names and "past_key_values.0.encoder.key" in names
     assert dec["outputs"][1] == {"name": "present.0.decoder.key", "dtype": "float32",
-                                 "shape": ["batch", 4, "past_len+tgt_len", 8]}
+                                 "shape": ["rows", 4, "past_len+tgt_len", 8]}
+    cross = next(t for t in dec["inputs"] if t["name"] == "past_key_values.0.encoder.key")
+    assert cross["shape"] == ["batch", 4, "src_len", 8]  # once per source, shared by its rows
     assert d["parity"]["max_abs_diff"]["decoder"] <= 1e-4
     assert d["parity"]["greedy_token_agreement"] == 1.0
     assert set(d["files"]) == {"encoder.onnx", "decoder.onnx"}
@@ -78,7 +80,8 @@ def test_manifest_declares_names_axes_and_parity(exported) -> None:
     graph = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False).graph
     assert [i.name for i in graph.input] == names
     dims = [d.dim_param for d in graph.input[2].type.tensor_type.shape.dim]
-    assert dims[0] == "batch" and dims[2] == "past_len"
+    assert dims[0] == "rows" and dims[2] == "past_len"
+    assert graph.input[1].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
 @pytest.mark.parametrize("variant", ["post-sinusoidal", "shared-untied", "marian-like"])

@@ -96,6 +96,21 @@ def test_cached_decoding_equals_full_recompute_on_padded_batches(overrides: dict
     assert past[0][0].shape == (3, 4, 9, 8)  # (B, H, T, Dh)
 
 
+def test_rows_grouped_by_source_read_its_cross_cache_as_copies_of_it_would() -> None:
+    model = tiny_model()
+    src_ids, src_mask = pad_batch([[5, 6, 7, 8, 9, 10, 11], [12, 13]], 0)
+    tgt = torch.randint(4, 29, (6, 4))  # three rows per source, each its own tokens
+    with torch.no_grad():
+        cross = model.decoder.cross_kv(model.encode(src_ids, src_mask))  # (2, H, S, Dh)
+        copied = [(k.repeat_interleave(3, 0), v.repeat_interleave(3, 0)) for k, v in cross]
+        shared, _ = model.decoder(tgt, src_mask, cross, model.decoder.empty_past(6))
+        per_row, _ = model.decoder(tgt, src_mask.repeat_interleave(3, 0), copied, model.decoder.empty_past(6))
+        swapped = [(k.flip(0), v.flip(0)) for k, v in cross]  # source 0's rows reading source 1's cache
+        wrong, _ = model.decoder(tgt, src_mask.flip(0), swapped, model.decoder.empty_past(6))
+    assert torch.allclose(shared, per_row, atol=1e-5)
+    assert not torch.allclose(wrong, per_row, atol=1e-3)  # each source's rows read that source's cache
+
+
 def test_tied_output_projection_is_the_target_embedding() -> None:
     model = tiny_model()
     assert model.decoder.output_projection is None

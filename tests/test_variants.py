@@ -157,35 +157,75 @@ def test_static_calibration_takes_the_users_texts(demo_variants, tmp_path: Path)
     assert report.figures["metric_variant"] > 90
 
 
-def test_attention_fuses_into_multihead_attention_and_stays_exact(exported, demo_variants, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", ["concat", "buffer"])
+def test_attention_fuses_into_multihead_attention_and_stays_exact(exported, demo_variants, tmp_path: Path,
+                                                                   cache: str) -> None:
     model, _ = exported("demo")
-    report = optimize(demo_variants["fp32"], tmp_path / "mha", fuse_attention=True)
+    report = optimize(demo_variants["fp32"], tmp_path / "mha", fuse_attention=True, cache=cache)
     assert not report.misses and report.figures["max_abs_logprob_diff"] <= 1e-4
-    graphs = Manifest.load(tmp_path / "mha").transforms[-1]["graphs"]
+    manifest = Manifest.load(tmp_path / "mha")
+    graphs = manifest.transforms[-1]["graphs"]
+    assert manifest.cache == cache
     assert graphs["encoder"]["fused_operators"]["MultiHeadAttention"] == 2  # one self-attention a layer
-    assert graphs["decoder"]["fused_operators"]["MultiHeadAttention"] == 4  # self and cross, two layers
+    fused = graphs["decoder"]["fused_operators"]
+    if cache == "concat":
+        assert fused["MultiHeadAttention"] == 4  # self and cross, two layers
+    else:  # the self-attention on the buffers, the cross-attention as it was
+        assert fused["GroupQueryAttention"] == 2 and fused["MultiHeadAttention"] == 2
+        assert manifest.graphs["decoder"].input_names[-1] == "past_length"
     rt = Runtime(tmp_path / "mha")
     src = random_sources(60, model.config.src_vocab_size, seed=6)
     gen = GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=12)
     assert [h[0].tokens for h in rt.generate(src, gen)] == [h[0].tokens for h in generate(model, src, gen)]
 
 
-def test_attention_is_fused_on_cpu_by_default(demo_variants) -> None:
-    settings = Manifest.load(demo_variants["fp32-optimized"]).transforms[-1]
-    assert settings["fuse_attention"] is True
-    assert settings["graphs"]["decoder"]["fused_operators"]["MultiHeadAttention"] == 4
+def test_attention_is_fused_and_the_cache_buffered_on_cpu_by_default(demo_variants) -> None:
+    manifest = Manifest.load(demo_variants["fp32-optimized"])
+    settings = manifest.transforms[-1]
+    assert settings["fuse_attention"] is True and manifest.cache == "buffer"
+    assert settings["graphs"]["decoder"]["fused_operators"]["GroupQueryAttention"] == 2
     ops = settings["graphs"]["decoder"]["operators"]
-    # the causal mask and the q, k, v biases went into the kernel: no Softmax, no Greater, 5 Adds left (the
-    # embedding's positions, the feed-forward's first bias of each layer, the rest in SkipLayerNormalization, and
-    # the search head's mask)
-    assert "Softmax" not in ops and "Greater" not in ops and ops.get("Add", 0) <= 5
+    # The causal mask went into the kernels: no Softmax, no Greater. A layer's MatMuls: its self-attention's query,
+    # key and value packed in one, its output, the cross-attention's query and output, the feed-forward's two;
+    # then the output projection. 8 Adds left: the positions (2: the past's length, the embedding), per layer the
+    # packed q, k, v bias and the feed-forward's first bias (the rest are in SkipLayerNormalization), the length
+    # the step reaches, the search head's mask.
+    assert "Softmax" not in ops and "Greater" not in ops
+    assert ops["MatMul"] == 2 * 6 + 1 and ops["Add"] <= 8
+
+
+def test_a_buffered_cache_grows_and_gives_the_results_of_a_concatenated_one(exported, demo_variants,
+                                                                              monkeypatch) -> None:
+    import edgeformer.runtime.session as session
+
+    model, _ = exported("demo")
+    buffered, concat = Runtime(demo_variants["fp32-optimized"]), Runtime(demo_variants["fp32"])
+    assert (buffered.manifest.cache, concat.manifest.cache) == ("buffer", "concat")
+    grown: list[int] = []
+    grow = session._Steps._grow
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        grow(self)
+        grown.append(next(iter(self.past.values())).shape[2])
+
+    monkeypatch.setattr(session._Steps, "_grow", spy)
+    monkeypatch.setattr(session, "INITIAL_CAPACITY", 3)  # 3 positions, then 6, 12
+    src = random_sources(12, model.config.src_vocab_size, seed=4)
+    for gen in (GenerationConfig(max_new_tokens=20),
+                GenerationConfig(strategy="beam", num_beams=4, num_return_sequences=2, max_new_tokens=20),
+                GenerationConfig(strategy="sample", num_return_sequences=3, seed=2, max_new_tokens=20)):
+        a, b = buffered.generate(src, gen), concat.generate(src, gen)
+        assert [[h.tokens for h in hs] for hs in a] == [[h.tokens for h in hs] for hs in b]
+        assert max(abs(x.score - y.score) for p, q in zip(a, b, strict=True)
+                   for x, y in zip(p, q, strict=True)) < 1e-4
+    assert grown[:2] == [6, 12]  # it grew, twice, what was filled carried over
 
 
 @pytest.mark.parametrize("name", ["post-sinusoidal", "pre-learned-gelu"])
 def test_fused_attention_keeps_the_causal_mask_over_a_past(exported, name: str, tmp_path: Path) -> None:
     """A prefix fed in two chunks (3 tokens, then 2 more over that past) gives PyTorch's logits for all 5."""
     model, bundle = exported(name)
-    optimize(bundle, tmp_path / "mha", fuse_attention=True)
+    optimize(bundle, tmp_path / "mha", fuse_attention=True, cache="concat")
     m = Manifest.load(tmp_path / "mha")
     sessions = graph_sessions(tmp_path / "mha")
     src = torch.randint(4, 37, (2, 6))

@@ -19,6 +19,7 @@ from typing import Any
 from edgeformer.export.graph_store import dedupe_initializers, save_graph, share_across_graphs
 from edgeformer.export.parity import ParityError
 from edgeformer.runtime.bundle import Manifest, atomic_folder, producer_versions
+from edgeformer.runtime.families import get_family
 from edgeformer.runtime.tokenizer import tokenizer_files
 from edgeformer.transforms.graph_edits import quiet
 from edgeformer.transforms.judge import misses
@@ -81,8 +82,15 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
             # The check needs a loadable bundle: write a provisional manifest first, the final one after.
             record = {"step": step.step, "variant": made, **settings, "keep": list(getattr(options, "keep", [])),
                       "graphs": details, "producer": producer_versions()}
+            # a transform that changed how the graphs pass their cache says so in its graphs' details
+            cache = next((d["cache"] for d in details.values() if "cache" in d), source.cache)
+            if settings.get("cache_asked") not in (None, cache):
+                raise ValueError(f"the graphs of {bundle} cannot pass their cache as {settings['cache_asked']!r}: "
+                                 "their attention is not in the form the rewrite knows (fused, as exported)")
+            graphs = (source.graphs if cache == source.cache
+                      else get_family(source.family).graphs(source.config, cache=cache))
             manifest = dataclasses.replace(source, variant=made, transforms=[*source.transforms, record],
-                                           variant_parity={}, files={})
+                                           variant_parity={}, files={}, cache=cache, graphs=graphs)
             manifest.save(tmp)
             figures = family.judge(bundle, tmp, inputs, provider=provider)
             gate = TRANSFORMS[made].gate
@@ -97,11 +105,12 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
 
 
 def optimize(bundle: Path | str, out: Path | str, level: str = "extended", provider: str = "cpu",
-             fuse_attention: bool | None = None, **kwargs: Any) -> VariantReport:
+             fuse_attention: bool | None = None, cache: str | None = None, **kwargs: Any) -> VariantReport:
     """Transformer fusions, then onnxruntime's offline graph optimization for a provider, saved.
 
-    fuse_attention: None fuses attention into MultiHeadAttention for the providers that run it."""
-    return derive(bundle, out, "fp32-optimized", OptimizeOptions(level, provider, fuse_attention), **kwargs)
+    fuse_attention: None fuses attention into MultiHeadAttention for the providers that run it. cache: how the
+    decoder passes its self-attention cache ("buffer" or "concat"; None: buffer on the CPU)."""
+    return derive(bundle, out, "fp32-optimized", OptimizeOptions(level, provider, fuse_attention, cache), **kwargs)
 
 
 def quantize(bundle: Path | str, out: Path | str, to: str, preset: str = "avx2", block_size: int = 32,

@@ -36,7 +36,7 @@ def judge(source: Path, candidate: Path, inputs: EvalSet, provider: str = "cpu",
     for i in range(0, len(inputs.sources), 50):
         chunk = inputs.sources[i: i + 50]
         ids, mask = pad(chunk, int(ref.config["pad_id"]))
-        a, b = ref.step_model(ids, mask, 1), new.step_model(ids, mask, 1)
+        a, b = ref.step_model(ids, mask, 1, steps), new.step_model(ids, mask, 1, steps)
         tokens = np.full(len(chunk), int(ref.config["bos_id"]), dtype=np.int64)
         for _ in range(steps):
             la, lb = a.log_probs(tokens), b.log_probs(tokens)
@@ -61,7 +61,7 @@ def calibration_feeds(bundle: Path, inputs: EvalSet, steps: int = 12) -> dict[st
     for i in range(0, len(inputs.sources), 16):
         ids, mask = pad(inputs.sources[i: i + 16], int(rt.config["pad_id"]))
         feeds[ENCODER].append({"input_ids": ids, "attention_mask": mask})
-        state = rt.step_model(ids, mask, 1)
+        state = rt.step_model(ids, mask, 1, steps)
         tokens = np.full(len(ids), int(rt.config["bos_id"]), dtype=np.int64)
         for _ in range(steps):
             feeds[DECODER].append({"input_ids": tokens[:, None], **state.inputs()})

@@ -8,10 +8,11 @@ graphs have one fixed shape, so we match it here:
 
 where K and V are the layer's projections (encoder self-attention), the past cache concatenated with them
 (decoder self-attention, whose Concat outputs are the `present.*` outputs), or the cross-attention cache inputs
-(decoder cross-attention). Each match becomes one MultiHeadAttention node: past and present go through its
-past_key/past_value inputs and present_key/present_value outputs; padding masks become its key_padding_mask, the
-causal mask its `unidirectional` attribute, and the projections' biases its `bias` input. Node count is what a
-decoding step of a small model costs, so every node the kernel can absorb goes.
+(decoder cross-attention, whose query is a source's rows grouped: the final Reshape, which ungroups them, stays).
+Each match becomes one MultiHeadAttention node: past and present go through its past_key/past_value inputs and
+present_key/present_value outputs; padding masks become its key_padding_mask, the causal mask its
+`unidirectional` attribute, and the projections' biases its `bias` input. Node count is what a decoding step of a
+small model costs, so every node the kernel can absorb goes.
 
 A block is fused only where the kernel computes what the nodes did: softmax over the last axis, a constant scalar
 scale (passed on as the kernel's `scale`), heads split by Reshape to (num_heads, head_dim) with the transposes
@@ -159,7 +160,7 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
         bias = add.input[1]
         inputs: list[str]
         outputs = [reshape_out.output[0]]
-        unidirectional = 0
+        unidirectional, cross = 0, False
         query, q_bias = g.unbiased(query)
         concat_k, concat_v = g.op(k_src, "Concat"), g.op(v_src, "Concat")
         if concat_k is not None and concat_v is not None:  # decoder self-attention with its cache
@@ -179,6 +180,7 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
                 continue
             k_bias = v_bias = None  # already in the cache
             inputs = [query, k_src, v_src, "", _mask_int32(model, mask, masks)]
+            cross = True
         else:  # encoder self-attention: K^T came from one Transpose of the split heads
             reshape_k = g.op(k_src, "Reshape")
             new_v = _split_heads_source(g, v_src, num_heads)
@@ -191,10 +193,14 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
         biases = [q_bias, k_bias, v_bias]
         if any(b is not None for b in biases):
             inputs[3] = _qkv_bias(model, f"/attention_{fused}/qkv_bias", biases)
+        removed = [reshape_out, t_out, context, softmax, add, mul, scores, k_node]
+        if cross:  # the heads' merge also ungroups the rows (model/transformer.py): it stays, reading the kernel's
+            outputs[0] = reshape_out.input[0] = f"/attention_{fused}/grouped"
+            removed.remove(reshape_out)
         model.graph.node.append(helper.make_node(
             "MultiHeadAttention", inputs, outputs, name=f"/attention_{fused}/MultiHeadAttention",
             domain=MS_DOMAIN, num_heads=num_heads, unidirectional=unidirectional, scale=scale))
-        for node in (reshape_out, t_out, context, softmax, add, mul, scores, k_node):
+        for node in removed:
             model.graph.node.remove(node)
         if len(outputs) == 3 and concat_k is not None and concat_v is not None:
             model.graph.node.remove(concat_k)

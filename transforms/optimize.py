@@ -14,6 +14,7 @@ from edgeformer.runtime.engine import available, open_session, provider, session
 from edgeformer.transforms.fusion import fuse_attention
 from edgeformer.transforms.graph_edits import GraphTransform
 from edgeformer.transforms.options import OptimizeOptions
+from edgeformer.transforms.self_cache import buffer_self_cache
 
 
 def optimize_transform(options: OptimizeOptions, bundle: Path) -> tuple[GraphTransform, dict]:
@@ -24,11 +25,15 @@ def optimize_transform(options: OptimizeOptions, bundle: Path) -> tuple[GraphTra
                          f"{available()}; optimize on a machine with that provider (for CUDA: "
                          "onnxruntime-gpu and a GPU)")
     attention = chosen.fused_attention if options.fuse_attention is None else options.fuse_attention
-    return fuse(options.level, chosen.name, attention), {"level": options.level, "provider": chosen.name,
-                                                         "fuse_attention": attention}
+    cache = options.cache or ("buffer" if attention and chosen.name == "CPUExecutionProvider" else "concat")
+    if cache == "buffer" and not attention:
+        raise ValueError("the buffered cache (--cache buffer) needs the fused attention; drop --fuse-attention no")
+    return fuse(options.level, chosen.name, attention, cache), {"level": options.level, "provider": chosen.name,
+                                                                "fuse_attention": attention, "cache": cache,
+                                                                "cache_asked": options.cache}
 
 
-def fuse(level: str, provider_name: str, attention: bool) -> GraphTransform:
+def fuse(level: str, provider_name: str, attention: bool, cache: str = "concat") -> GraphTransform:
     from onnxruntime.transformers.optimizer import optimize_model
 
     def transform(path: Path, graph: str, manifest: Manifest) -> tuple[onnx.ModelProto, dict]:
@@ -39,12 +44,17 @@ def fuse(level: str, provider_name: str, attention: bool) -> GraphTransform:
         stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
         if attention:  # the BART rules never match our attention; our own pass does
             stats["MultiHeadAttention"] = fuse_attention(fused.model, c["n_heads"])
+        buffered = cache == "buffer" and manifest.cache != "buffer" and buffer_self_cache(fused.model, c["n_heads"])
+        if buffered:
+            stats["GroupQueryAttention"] = buffered
+            stats["MultiHeadAttention"] -= buffered
         with tempfile.TemporaryDirectory() as tmp:
             fused.save_model_to_file(str(Path(tmp) / "fused.onnx"))
             open_session(Path(tmp) / "fused.onnx", session_options(level, optimized_path=Path(tmp) / "optimized.onnx"),
                          [provider_name])
             proto = onnx.load(str(Path(tmp) / "optimized.onnx"))
         ops = Counter(n.op_type for n in proto.graph.node)
-        return proto, {"fused_operators": stats, "operators": dict(ops.most_common())}
+        return proto, {"fused_operators": stats, "operators": dict(ops.most_common()),
+                       **({"cache": "buffer"} if buffered else {})}
 
     return transform

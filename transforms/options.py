@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeformer.export.evaluation import EvalSet
+from edgeformer.runtime.encoder_decoder import CACHES
 from edgeformer.runtime.engine import OPTIMIZATION_LEVELS
 
 OFFLINE_LEVELS = tuple(level for level in OPTIMIZATION_LEVELS if level != "disable")
@@ -19,10 +20,13 @@ class OptimizeOptions:
     level: str = "extended"  # onnxruntime's level saved offline; "all" adds layout changes tied to the machine
     provider: str = "cpu"  # the execution provider the graphs are optimized for
     fuse_attention: bool | None = None  # None: where the provider runs the fused kernel
+    cache: str | None = None  # the decoder's self-attention cache, "concat" or "buffer"; None: buffer on the CPU
 
     def __post_init__(self) -> None:
         if self.level not in OFFLINE_LEVELS:
             raise ValueError(f"unknown optimization level {self.level!r}; choose one of {', '.join(OFFLINE_LEVELS)}")
+        if self.cache not in (None, *CACHES):
+            raise ValueError(f"unknown cache {self.cache!r}; choose one of {', '.join(CACHES)}")
 
 
 # int8 presets: what suits each instruction set (onnxruntime's quantization guide). On AVX2 and AVX-512 without
