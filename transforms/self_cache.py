@@ -68,8 +68,8 @@ def buffer_self_cache(model: onnx.ModelProto, num_heads: int) -> int:
             return 0
     packed = []
     for block in blocks:
-        matmuls = [made_by.get(x) for x in block.input[:3]]
-        if any(m is None or m.op_type != "MatMul" for m in matmuls) or len({m.input[0] for m in matmuls}) != 1:
+        matmuls = [m for x in block.input[:3] if (m := made_by.get(x)) is not None and m.op_type == "MatMul"]
+        if len(matmuls) != 3 or len({m.input[0] for m in matmuls}) != 1:  # q, k, v projections of one input
             return 0
         weights = [w for m in matmuls if (w := _weight(m.input[1], initializers, made_by)) is not None]
         if len(weights) != 3:
