@@ -1,18 +1,22 @@
 """Batched generation throughput, side by side with the engines users would pick instead, on the same weights.
 
     .venv/bin/pip install ctranslate2 'edgeformer[hf]'                  # the peers (optional)
-    .venv/bin/python benchmarks/throughput.py make /tmp/tp              # a random Transformer-base MarianMT, as
+    edgeformer bench throughput make /tmp/tp                            # a random Transformer-base MarianMT, as
                                                                         # Hugging Face, CTranslate2 and our bundles
-    .venv/bin/python benchmarks/throughput.py grid /tmp/tp --out benchmarks/results/throughput
+    edgeformer bench throughput grid /tmp/tp --out benchmarks/results/throughput
+
+(or `.venv/bin/python benchmarks/throughput.py MODE ...`, the same.)
 
 `make` builds one random MarianMT (d_model 512, 6+6 layers, 8 heads, ffn 2048, vocabulary 32,000, OPUS-MT's
 layout) and every system's form of it: Hugging Face (`hf/`), CTranslate2 fp32 and int8 (`ct2-*`), and ours,
 imported with `edgeformer import marian`, exported, optimized and quantized as `edgeformer bench` chains them
-(`edgeformer-fp32` is the optimized fp32 bundle). `grid` runs each (system, batch x beams) point in a process of
+(`edgeformer-fp32` is the optimized fp32 bundle); with `--optimum-python`, Optimum's export and int8 quantization
+too (`optimum-*`, run by benchmarks/optimum_peer.py in an environment of their own). `grid` runs each (system, batch x beams) point in a process of
 its own (a peer's thread pool slows whatever runs after it in the same process), one warm-up then `--repeats`
 timed calls, every hypothesis exactly `--new-tokens` long (EOS ignored). It reports tokens/s (the best hypothesis
 of each input), ms per decoding step, peak resident memory, and for our runtime the share of wall time spent
-outside onnxruntime; then ratios against CTranslate2 int8, a table and a plot.
+outside onnxruntime; then ratios against CTranslate2 int8, a table and a plot. `--rounds N` runs the whole grid N
+times over and reports the median run of each point.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgeformer.benchmarks.optimum_peer import SYSTEMS as OPTIMUM
+from edgeformer.benchmarks.optimum_peer import sources
 from edgeformer.model.config import BASE_SIZE
 
 SYSTEMS = ("edgeformer-int8", "edgeformer-fp32", "ct2-int8", "ct2-fp32", "torch")
+OPTIMUM_PEER = Path(__file__).with_name("optimum_peer.py")  # run by another environment's Python
 EDGEFORMER = {"edgeformer-fp32": "edgeformer-opt", "edgeformer-int8": "edgeformer-int8"}  # system -> bundle folder
 BASE = {"d_model": BASE_SIZE["d_model"], "layers": BASE_SIZE["n_encoder_layers"], "heads": BASE_SIZE["n_heads"],
         "ffn": BASE_SIZE["d_ff"], "vocab": BASE_SIZE["src_vocab_size"]}
@@ -64,7 +71,7 @@ def write_tokenizer(hf: Path, vocab_size: int, seed: int) -> None:
     (hf / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(vocab)}))
 
 
-def make(out: Path, seed: int, small: bool) -> None:
+def make(out: Path, seed: int, small: bool, optimum_python: str | None = None) -> None:
     import torch
     import transformers
     size = SMALL if small else BASE
@@ -102,17 +109,13 @@ def make(out: Path, seed: int, small: bool) -> None:
     export(out / "edgeformer-ckpt", out / "edgeformer-fp32", force=True)
     optimize(out / "edgeformer-fp32", out / "edgeformer-opt", force=True)
     quantize(out / "edgeformer-opt", out / "edgeformer-int8", to="int8", force=True)
+    if optimum_python:
+        subprocess.run([optimum_python, str(OPTIMUM_PEER), "make", str(hf), str(out)], check=True)
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: hf ({params / 1e6:.1f}M parameters), edgeformer-opt, edgeformer-int8, and ct2-* if there")
 
 
 # -- run --------------------------------------------------------------------------------------------------------
-
-def sources(vocab_size: int, batch: int, src_len: int, seed: int) -> list[list[int]]:
-    """`batch` sequences of `src_len` ids: src_len-1 ids in [1, vocab-2] (never eos 0 or pad vocab-1), then eos."""
-    rng = random.Random(seed)
-    return [[rng.randint(1, vocab_size - 2) for _ in range(src_len - 1)] + [0] for _ in range(batch)]
-
 
 def ct2_generator(path: Path, ids: list[list[int]], beams: int, new_tokens: int, threads: int,
                   ) -> tuple[Callable[[], None], str]:
@@ -236,23 +239,34 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 # -- grid -------------------------------------------------------------------------------------------------------
 
 def grid(a: argparse.Namespace) -> None:
-    """Every system at every point, each run in a process of its own, the systems side by side point by point."""
+    """Every system at every point, each run in a process of its own, the systems side by side point by point;
+    with --rounds N the whole grid N times over, each figure the median run of its N (a shared machine's speed
+    drifts by more than the differences measured: alternating rounds spread the drift over every system)."""
     points = [tuple(int(x) for x in p.lower().split("x")) for p in a.points.split(",")]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
-    rows: list[dict[str, Any]] = []
-    for batch, beams in points:
-        for system in a.systems.split(","):
-            cmd = [sys.executable, __file__, "run", str(a.folder), "--system", system, "--batch", str(batch),
+    systems = a.systems.split(",") if a.systems else [*SYSTEMS, *(OPTIMUM if a.optimum_python else ())]
+    if any(s in OPTIMUM for s in systems) and not a.optimum_python:
+        raise SystemExit("the optimum-* systems run in an environment of their own: pass --optimum-python "
+                         "(benchmarks/optimum_peer.py says how to make one)")
+    runs: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for _round, (batch, beams) in ((r, p) for r in range(a.rounds) for p in points):
+        for system in systems:
+            where = [a.optimum_python, str(OPTIMUM_PEER)] if system in OPTIMUM else [sys.executable, __file__]
+            cmd = [*where, "run", str(a.folder), "--system", system, "--batch", str(batch),
                    "--beams", str(beams), "--src-len", str(a.src_len), "--new-tokens", str(a.new_tokens),
                    "--threads", str(a.threads), "--repeats", str(a.repeats), "--seed", str(a.seed)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout, check=False)
             if proc.returncode != 0:
                 print(f"{system} {batch}x{beams} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs.setdefault((system, batch, beams), []).append(r)
             print(f"{system:<16} batch {batch:>3} beams {beams}: {r['tokens_per_s']:>8.1f} tokens/s, "
                   f"{r['peak_rss_mb']:.0f} MB", flush=True)
+    rows = []
+    for found in runs.values():  # the median run by speed; every round's tokens/s beside it
+        middle = sorted(found, key=lambda r: r["tokens_per_s"])[(len(found) - 1) // 2]
+        rows.append({**middle, "rounds_tokens_per_s": [r["tokens_per_s"] for r in found]})
     if a.out:
         write(rows, a.out)
 
@@ -295,13 +309,16 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
     print(f"results in {out}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """`edgeformer bench throughput MODE ...` (cli) or `python benchmarks/throughput.py MODE ...`."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
     m = sub.add_parser("make")
     m.add_argument("folder", type=Path)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--small", action="store_true", help="d_model 64, 2+2 layers, vocabulary 1000: for tests")
+    m.add_argument("--optimum-python", default=None,
+                   help="a Python with optimum-onnx: also export and quantize the model with Optimum")
     for name in ("run", "grid"):
         s = sub.add_parser(name)
         s.add_argument("folder", type=Path)
@@ -311,17 +328,20 @@ def main() -> None:
         s.add_argument("--repeats", type=int, default=3)
         s.add_argument("--seed", type=int, default=0)
     r = sub.choices["run"]
-    r.add_argument("--system", choices=SYSTEMS, required=True)
+    r.add_argument("--system", choices=SYSTEMS, required=True)  # Optimum's run in benchmarks/optimum_peer.py
     r.add_argument("--batch", type=int, required=True)
     r.add_argument("--beams", type=int, required=True)
     g = sub.choices["grid"]
-    g.add_argument("--systems", default=",".join(SYSTEMS))
+    g.add_argument("--systems", default=None, help=f"comma-separated, of {', '.join((*SYSTEMS, *OPTIMUM))}; "
+                   "default: all, Optimum's with --optimum-python")
+    g.add_argument("--optimum-python", default=None, help="the Python that runs the optimum-* systems")
     g.add_argument("--points", default="1x1,8x1,16x1,32x1,1x4,8x4,16x4,32x4", help="BATCHxBEAMS,...")
     g.add_argument("--out", type=Path, default=None, help="folder for results.json, results.md, tokens_per_s.png")
     g.add_argument("--timeout", type=float, default=None, help="seconds per run")
-    a = p.parse_args()
+    g.add_argument("--rounds", type=int, default=1, help="run the grid this many times; report each median")
+    a = p.parse_args(argv)
     if a.mode == "make":
-        make(a.folder, a.seed, a.small)
+        make(a.folder, a.seed, a.small, a.optimum_python)
     elif a.mode == "run":
         print(json.dumps(run(a)))
     else:

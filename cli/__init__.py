@@ -456,7 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="append", default=[], metavar="NODE|OP|output_projection",
                    help="keep in full precision, by node name, operator type, or output_projection; repeatable")
 
-    p = verbs.add_parser("bench", help="latency and throughput across variants, providers, sizes, vs PyTorch")
+    p = verbs.add_parser("bench", help="latency and throughput across variants, providers, sizes, vs PyTorch",
+                         epilog="edgeformer bench throughput {make,run,grid} ...: batched generation (batch x "
+                                "beams) against CTranslate2 and PyTorch on one Transformer-base model; "
+                                "`edgeformer bench throughput -h` for its options")
     p.add_argument("checkpoint", nargs="?", default=None, help="default: the shipped model")
     p.add_argument("--variants", default=None,
                    help="comma-separated; default: fp32,fp32-optimized,int8,int4, and fp16 with a GPU provider")
@@ -504,6 +507,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     from edgeformer.runtime.errors import EdgeformerError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "throughput"]:  # the batched-throughput grid against the peers has modes of its own
+        _need_export_extra()
+        from edgeformer.benchmarks.throughput import main as throughput
+
+        throughput(argv[2:], prog="edgeformer bench throughput")
+        return
     args = parse(argv)
     try:
         args.func(args)

@@ -239,8 +239,7 @@ class Runtime:
         gen = self.generation if gen is None else gen
         ids, mask = pad(self.check_inputs(src, gen), int(self.config["pad_id"]))
         return search(lambda rows: self.step_model(ids, mask, rows, gen.max_new_tokens), len(ids), gen,
-                      int(self.config["bos_id"]),
-                      int(self.config["eos_id"]), int(self.config["pad_id"]), on_token)
+                      int(self.config["bos_id"]), int(self.config["eos_id"]), int(self.config["pad_id"]), on_token)
 
     def stream(self, src: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
         """Yield the tokens of one input as they are produced (greedy, or one sample). The search runs in the
@@ -301,7 +300,8 @@ def _token_ids(seq: Any, i: int) -> list[int]:
 class _Steps(StepModel):
     """The decoder of one generate call. One IO binding lives as long as the call: the mask, the cross cache and
     the search head's k are bound once; each step rebinds only the new tokens (written into a bound array), the
-    head's mask when the rules change it, and, as the next step's past, the present values the step returned."""
+    head's mask when the rules change it, and the self-attention cache: the buffers as its present (bound as past
+    already), or as the next step's past, the present values the step returned."""
 
     def __init__(self, runtime: Runtime, input_ids: np.ndarray, attention_mask: np.ndarray, rows: int,
                  steps: int = INITIAL_CAPACITY) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -114,9 +115,9 @@ def test_bench_writes_records_table_and_plot(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_throughput_grid_runs_every_system_on_the_same_weights_and_writes_its_results(tmp_path: Path) -> None:
-    """benchmarks/throughput.py on a tiny MarianMT imported into each system: our runtime and PyTorch (CTranslate2
-    where installed), each in a process of its own, every hypothesis of the forced length (each run checks it), a
-    table with the ratios and the time outside onnxruntime."""
+    """`edgeformer bench throughput` (benchmarks/throughput.py) on a tiny MarianMT imported into each system: our
+    runtime and PyTorch (CTranslate2 where installed), each in a process of its own, every hypothesis of the forced
+    length (each run checks it), a table with the ratios and the time outside onnxruntime."""
     import subprocess
     import sys
     from importlib.util import find_spec
@@ -124,13 +125,18 @@ def test_throughput_grid_runs_every_system_on_the_same_weights_and_writes_its_re
     pytest.importorskip("transformers")
     pytest.importorskip("sentencepiece")
     script = str(Path(__file__).parents[1] / "benchmarks" / "throughput.py")
-    made = subprocess.run([sys.executable, script, "make", str(tmp_path / "tp"), "--small"], capture_output=True,
-                          text=True, check=False)
+    verb = [sys.executable, "-m", "edgeformer.cli", "bench", "throughput"]
+    # Optimum's peer needs an environment of its own (benchmarks/optimum_peer.py): measured where one is named
+    optimum = os.environ.get("EDGEFORMER_OPTIMUM_PYTHON")
+    peer = ["--optimum-python", optimum] if optimum else []
+    made = subprocess.run([*verb, "make", str(tmp_path / "tp"), "--small", *peer], capture_output=True, text=True,
+                          check=False)
     assert made.returncode == 0, made.stderr[-2000:]
     systems = ["edgeformer-int8", "edgeformer-fp32", "torch"] + (["ct2-int8"] if find_spec("ctranslate2") else [])
+    systems += ["optimum-fp32", "optimum-int8"] if optimum else []
     out = subprocess.run([sys.executable, script, "grid", str(tmp_path / "tp"), "--systems", ",".join(systems),
-                          "--points", "2x1,2x3", "--new-tokens", "5", "--repeats", "1", "--out", str(tmp_path / "r")],
-                         capture_output=True, text=True, check=False)
+                          "--points", "2x1,2x3", "--new-tokens", "5", "--repeats", "1", "--out", str(tmp_path / "r"),
+                          *peer], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     records = json.loads((tmp_path / "r" / "results.json").read_text())["records"]
     assert {(r["system"], r["batch"], r["beams"]) for r in records} == {(s, 2, k) for s in systems for k in (1, 3)}
@@ -138,3 +144,12 @@ def test_throughput_grid_runs_every_system_on_the_same_weights_and_writes_its_re
     assert all(0 <= r["outside_onnxruntime"] < 1 and r["tokens_per_s"] > 0 for r in ours)
     assert (tmp_path / "r" / "tokens_per_s.png").stat().st_size > 0
     assert "outside onnxruntime" in (tmp_path / "r" / "results.md").read_text()
+
+
+def test_optimums_peer_is_refused_without_an_environment_to_run_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "edgeformer.cli", "bench", "throughput", "grid", str(tmp_path),
+                          "--systems", "edgeformer-int8,optimum-int8"], capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "pass --optimum-python" in out.stderr
