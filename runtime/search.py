@@ -221,9 +221,9 @@ def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_
                     if len(chosen) == k:
                         break
                 done[b] = _beam_done(finished[b], chosen[0][2], step + 1, gen)
-            if done[b]:  # keep the shapes until its rows leave; they are never read again
-                chosen = [(j * k, pad_id, -np.inf)] * k
-            for row, tok, score in chosen:
+            if done[b]:  # keep the shapes until its rows leave; they are never read again, nor moved
+                chosen = [(j * k + i, pad_id, -np.inf) for i in range(k)]
+            for row, tok, score in in_place(chosen, j * k):
                 next_rows.append(row)
                 next_tokens.append(tok)
                 next_scores.append(score)
@@ -245,6 +245,24 @@ def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_
                 row = j * k + i
                 finished[b].append(Hypothesis(seqs[row], penalized(float(beam_scores[j, i]), len(seqs[row]))))
     return [sorted(f, key=lambda h: -h.score)[: gen.num_return_sequences] for f in finished]
+
+
+def in_place(chosen: list[tuple[int, int, float]], first: int) -> list[tuple[int, int, float]]:
+    """An input's next beams (row, token, score), placed on its rows first..first+K-1 so that each row's first child
+    stays on it: only the second and later children of a row are moved, to the rows whose beams ended. A beam's
+    place among its input's rows changes nothing the search computes, and the step model copies a cache row only
+    for a beam that moved (`reorder`): fewer moves copy less (README: Runtime, "Batches and beams")."""
+    placed: list[tuple[int, int, float] | None] = [None] * len(chosen)
+    extra = []
+    for beam in chosen:
+        if placed[beam[0] - first] is None:
+            placed[beam[0] - first] = beam
+        else:
+            extra.append(beam)
+    free = (i for i, beam in enumerate(placed) if beam is None)
+    for beam in extra:
+        placed[next(free)] = beam
+    return [beam for beam in placed if beam is not None]
 
 
 def _beam_done(finished: list[Hypothesis], best_running: float, length: int, gen: GenerationConfig) -> bool:

@@ -9,7 +9,7 @@ import pytest
 
 from edgeformer.model.generate import generate
 from edgeformer.runtime.options import GenerationConfig
-from edgeformer.runtime.search import StepModel, search
+from edgeformer.runtime.search import StepModel, in_place, search
 from tests.helpers import tiny_model
 
 SRC = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
@@ -138,3 +138,20 @@ def test_mixed_length_batch_equals_each_input_alone() -> None:
 def test_bad_generation_settings_fail_clearly(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GenerationConfig(**kwargs)
+
+
+def test_a_beams_first_child_stays_on_its_row_and_where_beams_sit_changes_no_result(monkeypatch) -> None:
+    import edgeformer.runtime.search as search_module
+
+    # row 5 has two children: the first stays on row 5, the second takes row 7, whose beam ended; row 4 keeps 4
+    assert in_place([(5, 1, -1.0), (4, 2, -2.0), (5, 3, -3.0), (6, 4, -4.0)], 4) == \
+        [(4, 2, -2.0), (5, 1, -1.0), (6, 4, -4.0), (5, 3, -3.0)]
+    model = tiny_model(seed=3)
+    src = [[4 + (i * 7 + j) % 30 for j in range(3 + i % 5)] for i in range(8)]
+    gen = GenerationConfig(strategy="beam", num_beams=4, num_return_sequences=3, max_new_tokens=12)
+    placed = generate(model, src, gen)
+    monkeypatch.setattr(search_module, "in_place", lambda chosen, first: chosen)  # beams in rank order, as before
+    ranked = generate(model, src, gen)
+    assert [[h.tokens for h in hs] for hs in placed] == [[h.tokens for h in hs] for hs in ranked]
+    assert max(abs(a.score - b.score) for x, y in zip(placed, ranked, strict=True)
+               for a, b in zip(x, y, strict=True)) < 1e-5
