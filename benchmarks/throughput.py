@@ -7,16 +7,16 @@
 
 (or `.venv/bin/python benchmarks/throughput.py MODE ...`, the same.)
 
-`make` builds one random MarianMT (d_model 512, 6+6 layers, 8 heads, ffn 2048, vocabulary 32,000, OPUS-MT's
-layout) and every system's form of it: Hugging Face (`hf/`), CTranslate2 fp32 and int8 (`ct2-*`), and ours,
-imported with `edgeformer import marian`, exported, optimized and quantized as `edgeformer bench` chains them
-(`edgeformer-fp32` is the optimized fp32 bundle); with `--optimum-python`, Optimum's export and int8 quantization
-too (`optimum-*`, run by benchmarks/optimum_peer.py in an environment of their own). `grid` runs each (system, batch x beams) point in a process of
-its own (a peer's thread pool slows whatever runs after it in the same process), one warm-up then `--repeats`
-timed calls, every hypothesis exactly `--new-tokens` long (EOS ignored). It reports tokens/s (the best hypothesis
-of each input), ms per decoding step, peak resident memory, and for our runtime the share of wall time spent
-outside onnxruntime; then ratios against CTranslate2 int8, a table and a plot. `--rounds N` runs the whole grid N
-times over and reports the median run of each point.
+`make` builds one random MarianMT (d_model 512, 6+6 layers, 8 heads, ffn 2048, vocabulary 32,000, OPUS-MT's layout)
+and every system's form of it: Hugging Face (`hf/`), CTranslate2 fp32 and int8 (`ct2-*`), and ours, imported with
+`edgeformer import marian`, exported, optimized and quantized as `edgeformer bench` chains them (`edgeformer-fp32`
+is the optimized fp32 bundle); with `--optimum-python`, Optimum's export and int8 quantization too (`optimum-*`, run
+by benchmarks/optimum_peer.py in an environment of their own). `grid` runs each (system, batch x beams) point in a
+process of its own (a peer's thread pool slows whatever runs after it in the same process), one warm-up then
+`--repeats` timed calls, every hypothesis exactly `--new-tokens` long (EOS ignored). It reports tokens/s (the best
+hypothesis of each input), ms per decoding step, peak resident memory, and for our runtime the share of wall time
+spent outside onnxruntime; then ratios against CTranslate2 int8, a table and a plot. `--rounds N` runs the whole
+grid N times over and reports the median run of each point.
 """
 
 from __future__ import annotations

@@ -194,6 +194,14 @@ def test_attention_is_fused_and_the_cache_buffered_on_cpu_by_default(demo_varian
     assert ops["MatMul"] == 2 * 6 + 1 and ops["Add"] <= 8
 
 
+def test_a_buffered_cache_is_refused_where_it_cannot_be_made(demo_variants, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs the fused attention"):
+        optimize(demo_variants["fp32"], tmp_path / "x", fuse_attention=False, cache="buffer")
+    with pytest.raises(ValueError, match="unknown cache 'ring'; choose one of concat, buffer"):
+        optimize(demo_variants["fp32"], tmp_path / "x", cache="ring")
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_buffered_cache_grows_and_gives_the_results_of_a_concatenated_one(exported, demo_variants,
                                                                               monkeypatch) -> None:
     import edgeformer.runtime.session as session
