@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import resource
 import statistics
 import sys
@@ -49,13 +50,13 @@ def make(hf: Path, out: Path) -> None:
 def sources(vocab_size: int, batch: int, src_len: int, seed: int) -> list[list[int]]:
     """The inputs every system of the throughput grid is fed (defined here, where nothing of ours is imported):
     `batch` sequences of `src_len` ids, src_len-1 ids in [1, vocab-2] (never eos 0 or pad vocab-1), then eos."""
-    import random
     rng = random.Random(seed)
     return [[rng.randint(1, vocab_size - 2) for _ in range(src_len - 1)] + [0] for _ in range(batch)]
 
 
 def run(a: argparse.Namespace) -> dict:
     import onnxruntime as ort
+    import optimum.version
     import torch
     import transformers
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
@@ -90,7 +91,6 @@ def run(a: argparse.Namespace) -> dict:
         call()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    import optimum.version
     return {"system": a.system, "batch": a.batch, "beams": a.beams, "src_len": a.src_len, "new_tokens": a.new_tokens,
             "threads": a.threads, "compute_type": a.system.removeprefix("optimum-"),
             "seconds_median": round(seconds, 6), "seconds_all": [round(t, 6) for t in times],

@@ -249,8 +249,8 @@ def grid(a: argparse.Namespace) -> None:
         raise SystemExit("the optimum-* systems run in an environment of their own: pass --optimum-python "
                          "(benchmarks/optimum_peer.py says how to make one)")
     runs: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
-    for _round, (batch, beams) in ((r, p) for r in range(a.rounds) for p in points):
-        for system in systems:
+    for _round in range(a.rounds):
+        for batch, beams, system in ((b, k, s) for b, k in points for s in systems):
             where = [a.optimum_python, str(OPTIMUM_PEER)] if system in OPTIMUM else [sys.executable, __file__]
             cmd = [*where, "run", str(a.folder), "--system", system, "--batch", str(batch),
                    "--beams", str(beams), "--src-len", str(a.src_len), "--new-tokens", str(a.new_tokens),
@@ -264,7 +264,7 @@ def grid(a: argparse.Namespace) -> None:
             print(f"{system:<16} batch {batch:>3} beams {beams}: {r['tokens_per_s']:>8.1f} tokens/s, "
                   f"{r['peak_rss_mb']:.0f} MB", flush=True)
     rows = []
-    for found in runs.values():  # the median run by speed; every round's tokens/s beside it
+    for found in runs.values():  # the median run by speed (of an even count, the slower middle one)
         middle = sorted(found, key=lambda r: r["tokens_per_s"])[(len(found) - 1) // 2]
         rows.append({**middle, "rounds_tokens_per_s": [r["tokens_per_s"] for r in found]})
     if a.out:
@@ -309,6 +309,12 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
     print(f"results in {out}")
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return int(text)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """`edgeformer bench throughput MODE ...` (cli) or `python benchmarks/throughput.py MODE ...`."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -338,7 +344,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     g.add_argument("--points", default="1x1,8x1,16x1,32x1,1x4,8x4,16x4,32x4", help="BATCHxBEAMS,...")
     g.add_argument("--out", type=Path, default=None, help="folder for results.json, results.md, tokens_per_s.png")
     g.add_argument("--timeout", type=float, default=None, help="seconds per run")
-    g.add_argument("--rounds", type=int, default=1, help="run the grid this many times; report each median")
+    g.add_argument("--rounds", type=_at_least_one, default=1,
+                   help="run the grid this many times; report each point's median run")
     a = p.parse_args(argv)
     if a.mode == "make":
         make(a.folder, a.seed, a.small, a.optimum_python)

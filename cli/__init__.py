@@ -301,6 +301,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo(threads=args.threads)
 
 
+def _throughput(args: argparse.Namespace) -> None:
+    _need_export_extra()
+    from edgeformer.benchmarks.throughput import main as throughput
+
+    throughput(args.rest, prog="edgeformer bench throughput")
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
 
@@ -509,12 +516,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["bench", "throughput"]:  # the batched-throughput grid against the peers has modes of its own
-        _need_export_extra()
-        from edgeformer.benchmarks.throughput import main as throughput
-
-        throughput(argv[2:], prog="edgeformer bench throughput")
-        return
-    args = parse(argv)
+        args = argparse.Namespace(verb="bench throughput", func=_throughput, rest=argv[2:])
+    else:
+        args = parse(argv)
     try:
         args.func(args)
     except BrokenPipeError:  # the reader went away (`edgeformer info B | head`): nothing more to say

@@ -5,9 +5,9 @@ The self-attention cache is an explicit value: `past` in, `present` out, one (ke
 each (B, H, P, Dh). The cross-attention keys and values depend only on the encoder output, so they are computed
 once per source (`Decoder.cross_kv`) and handed to every step.
 
-The decoder's rows may be G per source (G beams or samples): rows g*N' .. are grouped, source n's G rows next to
-each other, and the cross-attention keys and values are held once per source (N, H, S, Dh) and read by all its
-rows, never copied to them. Cross-attention has no mask between queries, so a source's G rows attend as one query
+The decoder's rows may be G per source (G beams or samples), source n's G rows next to each other (rows n*G to
+n*G+G-1); the cross-attention keys and values are held once per source (N, H, S, Dh) and read by all its rows,
+never copied to them. Cross-attention has no mask between queries, so a source's G rows attend as one query
 sequence of length G*T: (B, T, D) -> (N, G*T, D), the same numbers as G copies of the source.
 """
 
@@ -175,7 +175,10 @@ class DecoderLayer(nn.Module):
         present = (torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2))  # (B, H, P+T, Dh)
         x = self.self_attn_block.output(x, self.self_attn(h, present, self_bias))
         h = self.cross_attn_block.input(x)  # (B, T, D), B = N*G rows for N sources
-        grouped = h.reshape(cross[0].shape[0], -1, h.shape[-1])  # (N, G*T, D): a source's rows as one query
+        sources = cross[0].shape[0]
+        if not torch.compiler.is_exporting() and h.shape[0] % sources:  # the graph's caller is the runtime
+            raise ValueError(f"{h.shape[0]} decoder rows for {sources} sources: give each source as many rows")
+        grouped = h.reshape(sources, -1, h.shape[-1])  # (N, G*T, D): a source's rows as one query
         x = self.cross_attn_block.output(x, self.cross_attn(grouped, cross, cross_bias, h.shape))
         x = self.ffn_block.output(x, self.ffn(self.ffn_block.input(x)))
         return x, present

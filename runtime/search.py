@@ -250,8 +250,9 @@ def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_
 def in_place(chosen: list[tuple[int, int, float]], first: int) -> list[tuple[int, int, float]]:
     """An input's next beams (row, token, score), placed on its rows first..first+K-1 so that each row's first child
     stays on it: only the second and later children of a row are moved, to the rows whose beams ended. A beam's
-    place among its input's rows changes nothing the search computes, and the step model copies a cache row only
-    for a beam that moved (`reorder`): fewer moves copy less (README: Runtime, "Batches and beams")."""
+    place among its input's rows changes nothing the search computes but the order of exactly tied scores, and the
+    step model copies a cache row only for a beam that moved (`reorder`): fewer moves copy less (README: Runtime,
+    "Batches and beams")."""
     placed: list[tuple[int, int, float] | None] = [None] * len(chosen)
     extra = []
     for beam in chosen:

@@ -326,6 +326,7 @@ class _Steps(StepModel):
         # written. A concatenated one: the present values each step returns, bound as the next step's past.
         self.buffered = runtime.manifest.cache == "buffer"
         self.filled = np.zeros(1, np.int64)  # the buffers' past_length, written in place
+        self.buffer_values: dict[str, Any] = {}  # each buffer's OrtValue, bound as past and present
         if self.buffered:
             self._bind(PAST_LENGTH, self.filled)
             capacity = max(1, min(steps, INITIAL_CAPACITY))
@@ -338,8 +339,7 @@ class _Steps(StepModel):
         self.cache_device = StepBinding.device(runtime.device)
         self.on_host = self.leaves = on_host  # on a device, rows leaving would go through the host
         self.host = StepBinding.device("cpu")
-        # The tokens of each step are written into this bound array: onnxruntime reads it in place. The caches are
-        # bound anew each step, since the ones a step returns are the next step's past.
+        # The tokens of each step are written into this bound array: onnxruntime reads it in place.
         self.tokens = np.zeros((batch, 1), np.int64)
         self._bind("input_ids", self.tokens)
 
@@ -365,7 +365,7 @@ class _Steps(StepModel):
     def _grow(self) -> None:
         """Twice the buffers' positions, those filled copied."""
         filled = int(self.filled[0])
-        grown = {}
+        grown: dict[str, np.ndarray] = {}
         for name, value in self.past.items():
             grown[name] = np.zeros((*value.shape[:2], 2 * value.shape[2], value.shape[3]), value.dtype)
             grown[name][:, :, :filled] = value[:, :, :filled]
@@ -420,13 +420,13 @@ class _Steps(StepModel):
         sources = rows // self.group
         filled = slice(None, int(self.filled[0]) if self.buffered else None)  # the positions written
         if len(rows) == len(self.tokens) and np.array_equal(sources, np.arange(len(rows)) // self.group):
-            if self.on_host:
-                moved = np.flatnonzero(rows != np.arange(len(rows)))
-                if len(moved):
-                    for value in self.past.values():
-                        cache = host(value)  # a view of the OrtValue's memory
-                        # the right side is copied first: overlaps are safe
-                        cache[moved, :, filled] = cache[rows[moved], :, filled]
+            moved = np.flatnonzero(rows != np.arange(len(rows)))
+            if not len(moved):
+                return
+            if self.on_host or self.buffered:  # buffers are host memory whatever the provider
+                for value in self.past.values():
+                    cache = host(value)  # a view of the OrtValue's memory
+                    cache[moved, :, filled] = cache[rows[moved], :, filled]  # the right side is copied first
                 return
         else:
             self._regroup(sources)

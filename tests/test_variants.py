@@ -199,6 +199,8 @@ def test_a_buffered_cache_is_refused_where_it_cannot_be_made(demo_variants, tmp_
         optimize(demo_variants["fp32"], tmp_path / "x", fuse_attention=False, cache="buffer")
     with pytest.raises(ValueError, match="unknown cache 'ring'; choose one of concat, buffer"):
         optimize(demo_variants["fp32"], tmp_path / "x", cache="ring")
+    with pytest.raises(ValueError, match="passes its cache in buffers, and nothing turns them back"):
+        optimize(demo_variants["fp32-optimized"], tmp_path / "x", cache="concat")
     assert not (tmp_path / "x").exists()
 
 

@@ -84,9 +84,11 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
                       "graphs": details, "producer": producer_versions()}
             # a transform that changed how the graphs pass their cache says so in its graphs' details
             cache = next((d["cache"] for d in details.values() if "cache" in d), source.cache)
-            if settings.get("cache_asked") not in (None, cache):
-                raise ValueError(f"the graphs of {bundle} cannot pass their cache as {settings['cache_asked']!r}: "
-                                 "their attention is not in the form the rewrite knows (fused, as exported)")
+            if record.pop("cache_asked", None) not in (None, cache):
+                raise ValueError(f"the graphs of {bundle} cannot pass their cache in buffers: their attention is not "
+                                 "in the form the rewrite knows (fused float32, as `optimize` makes of an export)")
+            if "cache" in record:  # what the graphs do, which may not be what was asked by default
+                record["cache"] = cache
             graphs = (source.graphs if cache == source.cache
                       else get_family(source.family).graphs(source.config, cache=cache))
             manifest = dataclasses.replace(source, variant=made, transforms=[*source.transforms, record],

@@ -194,7 +194,7 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
         if any(b is not None for b in biases):
             inputs[3] = _qkv_bias(model, f"/attention_{fused}/qkv_bias", biases)
         removed = [reshape_out, t_out, context, softmax, add, mul, scores, k_node]
-        if cross:  # the heads' merge also ungroups the rows (model/transformer.py): it stays, reading the kernel's
+        if cross:  # the heads' merge also ungroups the rows (model/transformer.py): it stays, on the kernel's output
             outputs[0] = reshape_out.input[0] = f"/attention_{fused}/grouped"
             removed.remove(reshape_out)
         model.graph.node.append(helper.make_node(

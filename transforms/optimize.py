@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 
 from edgeformer.runtime.bundle import Manifest
-from edgeformer.runtime.engine import available, open_session, provider, session_options
+from edgeformer.runtime.engine import CPU, available, open_session, provider, session_options
 from edgeformer.transforms.fusion import fuse_attention
 from edgeformer.transforms.graph_edits import GraphTransform
 from edgeformer.transforms.options import OptimizeOptions
@@ -25,9 +25,15 @@ def optimize_transform(options: OptimizeOptions, bundle: Path) -> tuple[GraphTra
                          f"{available()}; optimize on a machine with that provider (for CUDA: "
                          "onnxruntime-gpu and a GPU)")
     attention = chosen.fused_attention if options.fuse_attention is None else options.fuse_attention
-    cache = options.cache or ("buffer" if attention and chosen.name == "CPUExecutionProvider" else "concat")
+    cache = options.cache or ("buffer" if attention and chosen.name == CPU else "concat")
     if cache == "buffer" and not attention:
         raise ValueError("the buffered cache (--cache buffer) needs the fused attention; drop --fuse-attention no")
+    if cache == "buffer" and chosen.name != CPU:
+        raise ValueError(f"the buffered cache runs on the CPU only (onnxruntime's GroupQueryAttention on "
+                         f"{chosen.name} takes no float32); optimize for it with --cache concat")
+    if cache == "concat" and Manifest.load(bundle, verify=False).cache == "buffer":
+        raise ValueError(f"{bundle} passes its cache in buffers, and nothing turns them back: optimize the bundle "
+                         "it was made from (the exported one) with --cache concat")
     return fuse(options.level, chosen.name, attention, cache), {"level": options.level, "provider": chosen.name,
                                                                 "fuse_attention": attention, "cache": cache,
                                                                 "cache_asked": options.cache}
@@ -47,7 +53,7 @@ def fuse(level: str, provider_name: str, attention: bool, cache: str = "concat")
         buffered = cache == "buffer" and manifest.cache != "buffer" and buffer_self_cache(fused.model, c["n_heads"])
         if buffered:
             stats["GroupQueryAttention"] = buffered
-            stats["MultiHeadAttention"] -= buffered
+            stats["MultiHeadAttention"] = sum(n.op_type == "MultiHeadAttention" for n in fused.model.graph.node)
         with tempfile.TemporaryDirectory() as tmp:
             fused.save_model_to_file(str(Path(tmp) / "fused.onnx"))
             open_session(Path(tmp) / "fused.onnx", session_options(level, optimized_path=Path(tmp) / "optimized.onnx"),

@@ -51,13 +51,16 @@ def buffer_self_cache(model: onnx.ModelProto, num_heads: int) -> int:
     made_by = producers(model)
     initializers = {i.name: i for i in graph.initializer}
     self_cache = {i.name for i in graph.input if is_self_cache(i.name)}
+    # GroupQueryAttention is causal and takes no mask: only a causal block without one is rewritten
     blocks = [n for n in graph.node if n.op_type == "MultiHeadAttention" and len(n.input) >= 8
-              and n.input[6] in self_cache and n.input[7] in self_cache]
+              and n.input[6] in self_cache and n.input[7] in self_cache and not n.input[4] and not n.input[5]
+              and _attribute(n, "unidirectional") == 1]
     if not blocks or 2 * len(blocks) != len(self_cache):
         return 0
+    rewritten = {id(n) for n in blocks}
     lengths = []  # Shape nodes that read the past's length
     for reader in graph.node:
-        if reader in blocks or not any(i in self_cache for i in reader.input):
+        if id(reader) in rewritten or not any(i in self_cache for i in reader.input):
             continue
         if reader.op_type != "Shape":
             return 0
@@ -72,9 +75,9 @@ def buffer_self_cache(model: onnx.ModelProto, num_heads: int) -> int:
         if len(matmuls) != 3 or len({m.input[0] for m in matmuls}) != 1:  # q, k, v projections of one input
             return 0
         weights = [w for m in matmuls if (w := _weight(m.input[1], initializers, made_by)) is not None]
-        if len(weights) != 3:
+        if len(weights) != 3 or any(w.dtype != np.float32 for w in weights):  # a float32 graph, as optimize has
             return 0
-        packed.append((matmuls[0].input[0], np.concatenate(weights, axis=1).astype(np.float32)))
+        packed.append((matmuls[0].input[0], np.concatenate(weights, axis=1)))
 
     def node(op: str, inputs: list[str], output: str, **attributes: Any) -> str:
         graph.node.append(helper.make_node(op, inputs, [output], name=f"/self_cache/{output}", **attributes))
