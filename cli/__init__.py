@@ -166,7 +166,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         return
     c = m.config
     print(f"bundle {args.bundle}: {m.family}, variant {m.variant}, format v{m.format_version}, opset {m.opset}, "
-          f"{m.bytes(Path(args.bundle)) / 1e6:.2f} MB" + (f", trained on the built-in task {m.task}" if m.task else ""))
+          f"{m.bytes(Path(args.bundle)) / 1e6:.2f} MB, cache {m.cache}"
+          + (f", trained on the built-in task {m.task}" if m.task else ""))
     print(f"model: d_model {c['d_model']}, {c['n_heads']} heads, {c['n_encoder_layers']}+{c['n_decoder_layers']} "
           f"layers, d_ff {c['d_ff']}, vocab {c['src_vocab_size']}/{c['tgt_vocab_size']}, {c['activation']}, "
           f"{c['position']} positions" + (f" (at most {m.max_positions})" if m.max_positions else " (unbounded)")

@@ -17,6 +17,7 @@ def test_info_shows_the_bundle_as_a_person_reads_it(exported) -> None:
     out = edgeformer("info", str(bundle))
     assert out.returncode == 0, out.stderr
     assert "variant fp32" in out.stdout and "sinusoidal positions (unbounded)" in out.stdout
+    assert "cache concat" in out.stdout and "(rows, 4, past_len, 32)" in out.stdout
     assert "past_key_values.{i}.decoder.key" in out.stdout and "greedy token agreement: 100.00%" in out.stdout
     data = json.loads(edgeformer("info", str(bundle), "--json").stdout)
     assert data["graphs"]["encoder"]["file"] == "encoder.onnx"
