@@ -206,8 +206,10 @@ class Runtime:
                            self.encoder_outputs)
         return {past_for(name): v for name, v in zip(self.encoder_outputs, values, strict=True)}
 
-    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        return {t.name: np.zeros((batch, int(t.shape[1]), 0, int(t.shape[3])), self.cache_dtype)
+    def empty_past(self, batch: int, positions: int = 0) -> dict[str, np.ndarray]:
+        """The self-attention cache before the first step: no position (concatenated), or room for `positions`
+        (buffers)."""
+        return {t.name: np.zeros((batch, int(t.shape[1]), positions, int(t.shape[3])), self.cache_dtype)
                 for t in self.self_cache_inputs}
 
     def generation_config(self, **overrides: Any) -> GenerationConfig:
@@ -329,11 +331,7 @@ class _Steps(StepModel):
         self.buffer_values: dict[str, Any] = {}  # each buffer's OrtValue, bound as past and present
         if self.buffered:
             self._bind(PAST_LENGTH, self.filled)
-            capacity = max(1, min(steps, INITIAL_CAPACITY))
-            self._set_past({t.name: np.zeros((batch, int(t.shape[1]), capacity, int(t.shape[3])), runtime.cache_dtype)
-                            for t in runtime.self_cache_inputs})
-        else:
-            self._set_past(runtime.empty_past(batch))
+        self._set_past(runtime.empty_past(batch, max(1, min(steps, INITIAL_CAPACITY)) if self.buffered else 0))
         self.presents = [n for n in runtime.decoder_outputs if n.startswith("present.")]
         self.present_to_past = [past_for(n) for n in self.presents]
         self.cache_device = StepBinding.device(runtime.device)
@@ -354,6 +352,7 @@ class _Steps(StepModel):
         """Bind `past` (numpy arrays or OrtValues) as the next step's past; buffers as its present too."""
         self.past = past
         self.buffer_values = {}
+        self.capacity = next(iter(past.values())).shape[2]  # a buffer's positions
         for name, value in past.items():
             if self.buffered:  # an OrtValue over the array's memory: onnxruntime reads and writes it in place
                 self.held[name] = value
@@ -379,7 +378,7 @@ class _Steps(StepModel):
         for name in wanted:
             binding.bind_output(name, self.host)
         if self.buffered:
-            if self.filled[0] == next(iter(self.past.values())).shape[2]:
+            if self.filled[0] == self.capacity:
                 self._grow()
             for present, past in zip(self.presents, self.present_to_past, strict=True):
                 binding.bind_value_output(present, self.buffer_values[past])

@@ -31,9 +31,6 @@ def optimize_transform(options: OptimizeOptions, bundle: Path) -> tuple[GraphTra
     if cache == "buffer" and chosen.name != CPU:
         raise ValueError(f"the buffered cache runs on the CPU only (onnxruntime's GroupQueryAttention on "
                          f"{chosen.name} takes no float32); optimize for it with --cache concat")
-    if cache == "concat" and Manifest.load(bundle, verify=False).cache == "buffer":
-        raise ValueError(f"{bundle} passes its cache in buffers, and nothing turns them back: optimize the bundle "
-                         "it was made from (the exported one) with --cache concat")
     return fuse(options.level, chosen.name, attention, cache), {"level": options.level, "provider": chosen.name,
                                                                 "fuse_attention": attention, "cache": cache,
                                                                 "cache_asked": options.cache}
@@ -43,6 +40,9 @@ def fuse(level: str, provider_name: str, attention: bool, cache: str = "concat")
     from onnxruntime.transformers.optimizer import optimize_model
 
     def transform(path: Path, graph: str, manifest: Manifest) -> tuple[onnx.ModelProto, dict]:
+        if cache == "concat" and manifest.cache == "buffer":
+            raise ValueError(f"{path.parent} passes its cache in buffers, and nothing turns them back: optimize the "
+                             "bundle it was made from (the exported one) with --cache concat")
         c = manifest.config
         # opt_level=0: only the transformer fusions here; onnxruntime's own passes run next, for the provider.
         fused = optimize_model(str(path), model_type="bart", num_heads=c["n_heads"], hidden_size=c["d_model"],
