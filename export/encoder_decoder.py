@@ -87,22 +87,27 @@ def traced(spec: GraphSpec) -> GraphSpec:
 
 
 def complete(name: str, proto: onnx.ModelProto) -> None:
-    """Append to a traced graph what the tracer does not make: the decoder's search head, last step's logits ->
-    LogSoftmax -> + logits_mask -> TopK(top_k), in ONNX operators (onnxruntime's TopK runs on every provider)."""
+    """Append to a traced graph what the tracer does not make: the decoder's search head, logits -> LogSoftmax ->
+    + logits_mask -> TopK(top_k) -> the last position, in ONNX operators (onnxruntime's TopK runs on every
+    provider). The last position is taken of the k values, not of the logits, which a step would copy whole for
+    its one position (README: Export)."""
     if name != DECODER:
         return
     h = onnx.helper
     graph = proto.graph
     last = onnx.numpy_helper.from_array(np.array(-1, np.int64), "search_head.last")
     graph.initializer.append(last)
-    def node(op: str, inputs: list[str], outputs: list[str], **attributes: Any) -> onnx.NodeProto:
-        return h.make_node(op, inputs, outputs, name=SEARCH_HEAD + op, **attributes)
 
-    graph.node.extend([
-        node("Gather", ["logits", last.name], ["search_head.last_logits"], axis=1),
-        node("LogSoftmax", ["search_head.last_logits"], ["search_head.log_probs"], axis=-1),
-        node("Add", ["search_head.log_probs", LOGITS_MASK], ["search_head.masked"]),
-        node("TopK", ["search_head.masked", TOP_K_INPUT], [TOP_LOG_PROBS, TOP_IDS], axis=-1, largest=1, sorted=1),
+    def node(label: str, op: str, inputs: list[str], outputs: list[str], **attributes: Any) -> onnx.NodeProto:
+        return h.make_node(op, inputs, outputs, name=SEARCH_HEAD + label, **attributes)
+
+    graph.node.extend([  # (rows, tgt_len, V) until TopK, (rows, tgt_len, k) after
+        node("LogSoftmax", "LogSoftmax", ["logits"], ["search_head.log_probs"], axis=-1),
+        node("Add", "Add", ["search_head.log_probs", LOGITS_MASK], ["search_head.masked"]),
+        node("TopK", "TopK", ["search_head.masked", TOP_K_INPUT], ["search_head.top", "search_head.ids"], axis=-1,
+             largest=1, sorted=1),
+        node("LastLogProbs", "Gather", ["search_head.top", last.name], [TOP_LOG_PROBS], axis=1),  # (rows, k)
+        node("LastIds", "Gather", ["search_head.ids", last.name], [TOP_IDS], axis=1),
     ])
     vocab = graph.output[0].type.tensor_type.shape.dim[2]
     graph.input.extend([h.make_tensor_value_info(LOGITS_MASK, onnx.TensorProto.FLOAT, [vocab.dim_value]),

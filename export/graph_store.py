@@ -1,11 +1,16 @@
-"""Storing ONNX graphs in a bundle: each weight once (within a graph and across graphs), external data only past
-protobuf's limit, every graph checked by onnx.checker as it is saved. onnx and numpy only: the exporter and the
+"""Storing ONNX graphs in a bundle: each weight once (within a graph and across graphs), every weight of some size
+as external data, every graph checked by onnx.checker as it is saved. onnx and numpy only: the exporter and the
 transforms both write through here.
+
+External data is what onnxruntime memory-maps instead of copying: a weight that a kernel prepacks is mapped, packed,
+then unmapped, and a table that Gather reads stays on disk but for the rows read. Inline, the same weights sat in
+memory twice at load (README: Export).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -13,7 +18,9 @@ from onnx import numpy_helper
 from onnx.external_data_helper import set_external_data
 
 SHARED_WEIGHTS = "shared.weights"  # weights that both graphs use, stored once
-EXTERNAL_DATA_BYTES = 2 << 30  # protobuf's limit; larger graphs keep their weights beside them
+WEIGHTS_SUFFIX = ".weights"  # a graph's own weights: encoder.onnx -> encoder.weights
+EXTERNAL_MIN_BYTES = 4096  # smaller tensors (biases, norms, shapes) stay inside the graph: a page is not worth it
+ALIGNMENT = 64  # every tensor in a weights file starts at a multiple of this
 
 
 def dedupe_initializers(model: onnx.ModelProto) -> int:
@@ -68,22 +75,31 @@ def share_across_graphs(protos: list[onnx.ModelProto], folder: Path) -> list[str
     shared = [inits for inits in owners.values() if len({g for g, _ in inits}) > 1]
     if not shared:
         return []
-    moved = []
     with open(folder / SHARED_WEIGHTS, "wb") as f:
         for inits in shared:
-            data = inits[0][1].raw_data
-            offset = f.tell()
-            f.write(data)
-            f.write(b"\0" * (-len(data) % 64))  # keep every tensor 64-byte aligned for memory mapping
-            for _, init in inits:
-                set_external_data(init, SHARED_WEIGHTS, offset, len(data))
-                init.data_location = onnx.TensorProto.EXTERNAL
-                init.ClearField("raw_data")
-                moved.append(init.name)
-    return moved
+            _write_external(f, SHARED_WEIGHTS, [init for _, init in inits])
+    return [init.name for inits in shared for _, init in inits]
 
 
 def save_graph(proto: onnx.ModelProto, path: Path) -> None:
-    large = sum(i.ByteSize() for i in proto.graph.initializer) > EXTERNAL_DATA_BYTES
-    onnx.save_model(proto, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    """Write a graph, its weights of EXTERNAL_MIN_BYTES or more beside it in `<name>.weights` (none if it has
+    none), and check it."""
+    weights = path.with_suffix(WEIGHTS_SUFFIX)
+    large = [i for i in proto.graph.initializer if i.HasField("raw_data") and len(i.raw_data) >= EXTERNAL_MIN_BYTES]
+    if large:
+        with open(weights, "wb") as f:
+            for init in large:
+                _write_external(f, weights.name, [init])
+    onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def _write_external(f: BinaryIO, location: str, inits: list[onnx.TensorProto]) -> None:
+    """Append the data of `inits` (all equal) to `f` once, aligned, and make each of them refer to it."""
+    f.write(b"\0" * (-f.tell() % ALIGNMENT))
+    offset, data = f.tell(), inits[0].raw_data
+    f.write(data)
+    for init in inits:
+        set_external_data(init, location, offset, len(data))
+        init.data_location = onnx.TensorProto.EXTERNAL
+        init.ClearField("raw_data")

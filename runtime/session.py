@@ -340,6 +340,11 @@ class _Steps(StepModel):
         # The tokens of each step are written into this bound array: onnxruntime reads it in place.
         self.tokens = np.zeros((batch, 1), np.int64)
         self._bind("input_ids", self.tokens)
+        # Which step and row computed each row's cache positions (one id each). Two rows whose position j came
+        # from one computation hold the same bits up to j (beams of a source share a prefix, copied from one
+        # parent), so a beam moving onto a row copies only the positions after what the two rows share.
+        self.lineage = np.zeros((batch, 0), np.int64)
+        self.computed = 0
 
     def _bind(self, name: str, value: Any) -> None:
         if isinstance(value, np.ndarray):
@@ -390,6 +395,9 @@ class _Steps(StepModel):
         except ORT_ERRORS as e:  # only onnxruntime's: a caller's on_token is not in this try
             raise EngineError(f"{self.path}: onnxruntime failed running the decoder graph: {e}") from e
         outputs = binding.outputs()
+        rows = len(self.tokens)
+        self.lineage = np.concatenate([self.lineage, np.arange(self.computed, self.computed + rows)[:, None]], 1)
+        self.computed += rows
         if self.buffered:
             self.filled[0] += 1
             return outputs
@@ -417,19 +425,32 @@ class _Steps(StepModel):
         Fewer rows (those that ended leave) take new arrays: the caches, and the sources' mask and keys and values
         for the sources whose rows remain."""
         sources = rows // self.group
-        filled = slice(None, int(self.filled[0]) if self.buffered else None)  # the positions written
         if len(rows) == len(self.tokens) and np.array_equal(sources, np.arange(len(rows)) // self.group):
             moved = np.flatnonzero(rows != np.arange(len(rows)))
             if not len(moved):
                 return
             if self.on_host or self.buffered:  # buffers are host memory whatever the provider
-                for value in self.past.values():
-                    cache = host(value)  # a view of the OrtValue's memory
-                    cache[moved, :, filled] = cache[rows[moved], :, filled]  # the right side is copied first
+                self._move(moved, rows[moved])
                 return
         else:
             self._regroup(sources)
+        self.lineage = self.lineage[rows]
         self._set_past({n: np.ascontiguousarray(host(v)[rows]) for n, v in self.past.items()})
+
+    def _move(self, moved: np.ndarray, sources: np.ndarray) -> None:
+        """Rewrite rows `moved` of the host caches, in place, with rows `sources`."""
+        caches = [host(value) for value in self.past.values()]  # views of the OrtValues' memory
+        end = self.lineage.shape[1]  # the positions written
+        if np.intersect1d(moved, sources).size:  # a row both read and overwritten: copy the right side first
+            for cache in caches:
+                cache[moved, :, :end] = cache[sources, :, :end]
+        else:  # row by row: one pass over the memory, where fancy indexing makes two
+            for to, source in zip(moved.tolist(), sources.tolist(), strict=True):
+                apart = np.flatnonzero(self.lineage[to] != self.lineage[source])
+                start = int(apart[0]) if len(apart) else end  # the positions before it are the same bits
+                for cache in caches:
+                    cache[to, :, start:end] = cache[source, :, start:end]
+        self.lineage[moved] = self.lineage[sources]
 
     def _regroup(self, sources: np.ndarray) -> None:
         """The rows left read `sources` (each row's source): the per-source values keep the sources that remain,

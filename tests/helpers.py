@@ -30,6 +30,7 @@ VARIANTS = {
     "post-sinusoidal": {},
     "pre-learned-gelu": {"norm": "pre", "position": "learned", "max_positions": 64, "activation": "gelu"},
     "shared-untied": {"share_embeddings": True, "tgt_vocab_size": 37, "tie_output": False, "n_decoder_layers": 3},
+    "shared-tied": {"share_embeddings": True, "tgt_vocab_size": 37},  # one table: both embeddings and the logits
     # What imported models need: Marian's layout of sines, SiLU, a logits bias, the decoder starting from pad, and
     # nn.Transformer's final norm after post-norm layers.
     "marian-like": {"sinusoid": "halves", "activation": "silu", "output_bias": True, "final_norm": True,

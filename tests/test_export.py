@@ -73,7 +73,8 @@ def test_manifest_declares_names_axes_and_parity(exported) -> None:
     assert cross["shape"] == ["batch", 4, "src_len", 8]  # once per source, shared by its rows
     assert d["parity"]["max_abs_diff"]["decoder"] <= 1e-4
     assert d["parity"]["greedy_token_agreement"] == 1.0
-    assert set(d["files"]) == {"encoder.onnx", "decoder.onnx"}
+    # each graph's weights beside it, where onnxruntime memory-maps them
+    assert set(d["files"]) == {"encoder.onnx", "encoder.weights", "decoder.onnx", "decoder.weights"}
     assert d["files"]["decoder.onnx"]["bytes"] == (bundle / "decoder.onnx").stat().st_size
     assert {"torch", "onnx", "onnxruntime"} <= set(d["producer"])
     # the graphs carry exactly the declared names, with symbolic batch and length axes
@@ -84,19 +85,25 @@ def test_manifest_declares_names_axes_and_parity(exported) -> None:
     assert graph.input[1].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
-@pytest.mark.parametrize("variant", ["post-sinusoidal", "shared-untied", "marian-like"])
+@pytest.mark.parametrize("variant", ["post-sinusoidal", "shared-untied", "shared-tied", "marian-like"])
 def test_no_weight_is_stored_twice(exported, variant: str) -> None:
     model, bundle = exported(variant)
-    inline = []
+    stored: dict[tuple, np.ndarray] = {}  # each stored tensor once: by its place in a weights file, or inline
     for graph in ("encoder.onnx", "decoder.onnx"):
         for init in onnx.load(str(bundle / graph), load_external_data=False).graph.initializer:
-            if init.data_location != onnx.TensorProto.EXTERNAL:
-                inline.append(numpy_helper.to_array(init))
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                where = {e.key: e.value for e in init.external_data}
+                data = (bundle / where["location"]).read_bytes()[int(where["offset"]):][:int(where["length"])]
+                array = np.frombuffer(data, numpy_helper.helper.tensor_dtype_to_np_dtype(init.data_type))
+                stored[(where["location"], where["offset"])] = array.reshape(tuple(init.dims))
+            else:
+                array = numpy_helper.to_array(init)
+                assert array.nbytes < 4096  # every weight of a page or more is external, memory-mapped
+                stored[(graph, init.name)] = array
     shared = bundle / "shared.weights"
     assert shared.exists() == model.config.share_embeddings  # the table both graphs use, stored once there
-    stored = sum(a.nbytes for a in inline if a.size >= 64) + (shared.stat().st_size if shared.exists() else 0)
-    assert stored <= sum(p.numel() * 4 for p in model.parameters())
-    big = [a for a in inline if a.size >= 64]
+    assert sum(p.stat().st_size for p in bundle.glob("*.weights")) <= sum(p.numel() * 4 for p in model.parameters())
+    big = [a for a in stored.values() if a.size >= 64]
     contents = [(a.shape, a.tobytes()) for a in big]
     contents += [(a.T.shape, np.ascontiguousarray(a.T).tobytes()) for a in big if a.ndim == 2]
     assert len(contents) == len(set(contents))  # no copy, not even a transposed one

@@ -119,6 +119,35 @@ def test_output_projection_can_be_kept_in_full_precision(exported, tmp_path: Pat
     assert "MatMulInteger" in nodes.values()
 
 
+@pytest.mark.parametrize("preset", ["avx2", "avx512-vnni"])
+def test_int8_matmuls_read_signed_weights_and_the_tied_table_stays_one_file(exported, tmp_path: Path,
+                                                                            preset: str) -> None:
+    """u8s8 kernels for every MatMulInteger, the tied output projection's too: its table, which the quantizer
+    stores as uint8, is made int8, in both graphs, which still share it; in 7 bits for the avx2 preset, whose
+    kernels add pairs of u8 x s8 products in int16."""
+    _, bundle = exported("shared-tied")
+    quantize(bundle, tmp_path / "int8", to="int8", preset=preset, allow_drop=True)
+    manifest = Manifest.load(tmp_path / "int8")
+    assert manifest.config["tie_output"] and manifest.config["share_embeddings"]
+    for graph in ("encoder", "decoder"):
+        model = onnx.load(str(tmp_path / "int8" / f"{graph}.onnx"), load_external_data=False)
+        inits = {i.name: i for i in model.graph.initializer}
+        made_by = {o: n for n in model.graph.node for o in n.output}
+        for node in model.graph.node:
+            if node.op_type == "MatMulInteger":
+                weight = node.input[1]
+                while weight not in inits:  # through the Transpose of the tied table
+                    weight = made_by[weight].input[0]
+                assert inits[weight].data_type == onnx.TensorProto.INT8, (graph, node.name)
+        table = inits["decoder.embed.tokens.weight_quantized"]
+        assert table.data_type == onnx.TensorProto.INT8 and table.data_location == onnx.TensorProto.EXTERNAL
+        assert {e.key: e.value for e in table.external_data}["location"] == "shared.weights"
+    loaded = {i.name: i for i in onnx.load(str(tmp_path / "int8" / "decoder.onnx")).graph.initializer}
+    values = onnx.numpy_helper.to_array(loaded["decoder.embed.tokens.weight_quantized"]).astype(int)
+    assert (np.abs(values).max() <= 64) == (preset == "avx2")
+    assert manifest.transforms[-1]["graphs"]["decoder"]["tied_projection_int8"]
+
+
 def test_bad_quantization_settings_fail_clearly(demo_variants, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown quantization 'int2'"):
         quantize(demo_variants["fp32"], tmp_path / "x", to="int2")
@@ -231,6 +260,38 @@ def test_a_buffered_cache_grows_and_gives_the_results_of_a_concatenated_one(expo
     assert grown[:2] == [6, 12]  # it grew, twice, what was filled carried over
 
 
+@pytest.mark.parametrize("variant", ["fp32", "fp32-optimized", "int8"])  # concat, buffers, int8 activations
+def test_a_moving_beam_copies_only_the_positions_its_rows_do_not_share(demo_variants, monkeypatch,
+                                                                        variant: str) -> None:
+    """The same tokens and scores, to the bit, as copying every position of every moved row; fewer copied."""
+    import edgeformer.runtime.session as session
+
+    rt = Runtime(demo_variants[variant])
+    src = random_sources(6, int(rt.config["src_vocab_size"]), seed=7)
+    gen = GenerationConfig(strategy="beam", num_beams=4, num_return_sequences=4, max_new_tokens=24,
+                           ignore_eos=True)
+    move = session._Steps._move
+    counts = {"positions": 0, "shared": 0}
+
+    def counted(self, moved, sources):  # type: ignore[no-untyped-def]
+        same = self.lineage[moved] == self.lineage[sources]
+        counts["positions"] += same.size
+        counts["shared"] += int(np.cumprod(same, axis=1).sum())  # each row's shared prefix
+        move(self, moved, sources)
+
+    monkeypatch.setattr(session._Steps, "_move", counted)
+    partial = rt.generate(src, gen)
+
+    def everything(self, moved, sources):  # type: ignore[no-untyped-def]
+        self.lineage[moved] = -1  # nothing shared: every position written is copied
+        move(self, moved, sources)
+
+    monkeypatch.setattr(session._Steps, "_move", everything)
+    full = rt.generate(src, gen)
+    assert [[(h.tokens, h.score) for h in hs] for hs in partial] == [[(h.tokens, h.score) for h in hs] for hs in full]
+    assert 0 < counts["shared"] < counts["positions"]  # what the rows shared was not copied
+
+
 @pytest.mark.parametrize("name", ["post-sinusoidal", "pre-learned-gelu"])
 def test_fused_attention_keeps_the_causal_mask_over_a_past(exported, name: str, tmp_path: Path) -> None:
     """A prefix fed in two chunks (3 tokens, then 2 more over that past) gives PyTorch's logits for all 5."""
@@ -286,7 +347,7 @@ def test_every_variant_keeps_the_search_head_in_float32_and_its_answers(demo_var
     decoder = onnx.load(str(demo_variants["fp16"] / "decoder.onnx"))
     head = [n for n in decoder.graph.node if n.name.startswith("search_head/")]
     produced = {o: n for n in decoder.graph.node for o in n.output}
-    assert len(head) == 4 and not any(produced.get(i) is not None and produced[i].op_type == "Cast"
+    assert len(head) == 5 and not any(produced.get(i) is not None and produced[i].op_type == "Cast"
                                       and produced[i].attribute[0].i == onnx.TensorProto.FLOAT16
                                       for n in head for i in n.input)
     for variant in ("fp32", "fp32-optimized", "int8", "int4", "fp16"):

@@ -141,6 +141,60 @@ def untie_projection(model: onnx.ModelProto) -> None:
     model.graph.node.remove(transpose)
 
 
+def signed_tables(model: onnx.ModelProto, seven_bits: bool = False) -> list[str]:
+    """onnxruntime's quantizer stores a Gather's table as uint8 around zero point 128. Make each such table int8
+    (data and zero point less 128: the same values, exactly), so that the tied output projection reading it runs
+    onnxruntime's u8s8 kernels, not the far slower u8u8 ones (README: Optimize and quantize).
+    seven_bits (the avx2 preset's reduce_range): the table is quantized again, symmetric, into [-64, 64], since
+    AVX2's u8s8 kernels add pairs of products in int16, which full 8-bit weights can overflow.
+    Returns the tables changed."""
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, slot))
+
+    def dequantizers(table: str) -> list[onnx.NodeProto] | None:
+        """The DequantizeLinear nodes of `table` (directly or after its Gather), or None if it is read otherwise."""
+        found = []
+        for node, slot in readers.get(table, []):
+            nodes = [node] if node.op_type == "DequantizeLinear" else []
+            if node.op_type == "Gather" and slot == 0:
+                nodes = [n for n, _ in readers.get(node.output[0], [])]
+            if slot != 0 or not nodes or any(n.op_type != "DequantizeLinear" or len(n.input) < 3 for n in nodes):
+                return None
+            found += nodes
+        return found
+
+    def only_dequantizes(name: str) -> bool:
+        return name in inits and {n.op_type for n, _ in readers[name]} == {"DequantizeLinear"}
+
+    changed = []
+    for name, init in inits.items():
+        nodes = dequantizers(name) if init.data_type == onnx.TensorProto.UINT8 and len(init.dims) == 2 else None
+        if not nodes or not all(only_dequantizes(n.input[1]) and only_dequantizes(n.input[2]) for n in nodes):
+            continue
+        zeros, scales = {n.input[2] for n in nodes}, {n.input[1] for n in nodes}
+        if len(zeros) != 1 or len(scales) != 1:
+            continue
+        zero, scale = inits[zeros.pop()], inits[scales.pop()]
+        if zero.data_type != onnx.TensorProto.UINT8 or numpy_helper.to_array(scale).size != 1:
+            continue  # per-tensor quantization only, as the quantizer does a Gather's table
+        q = numpy_helper.to_array(init).astype(np.int16)
+        z, step = int(numpy_helper.to_array(zero)), float(numpy_helper.to_array(scale))
+        if seven_bits:  # quantized again, symmetric, into [-64, 64]
+            w = (q - z) * step
+            step = float(np.abs(w).max()) / 64 or 1.0
+            q, z = np.round(w / step), 0
+        else:  # the same values
+            q, z = q - 128, z - 128
+        init.CopyFrom(numpy_helper.from_array(q.astype(np.int8), init.name))
+        zero.CopyFrom(numpy_helper.from_array(np.array(z, np.int8).reshape(tuple(zero.dims)), zero.name))
+        scale.CopyFrom(numpy_helper.from_array(np.array(step, np.float32).reshape(tuple(scale.dims)), scale.name))
+        changed.append(name)
+    return changed
+
+
 def quantize_tied_projection_int8(model: onnx.ModelProto) -> bool:
     """After dynamic quantization quantized the embedding's Gather, let the tied output projection read the same
     int8 table: MatMulInteger(quantize(x), Transpose(table_int8)), one table on disk for both uses."""

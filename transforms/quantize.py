@@ -18,6 +18,7 @@ from edgeformer.transforms.graph_edits import (
     GraphTransform,
     quantize_tied_projection_int8,
     resolve_keep,
+    signed_tables,
     skip_float16_round_trips,
     untie_projection,
     with_types,
@@ -63,8 +64,11 @@ def int8_dynamic(preset: str, keep: list[str]) -> GraphTransform:
                              extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
                              **INT8_PRESETS[preset])
             proto = onnx.load(str(Path(tmp) / "q.onnx"))
+        # in every graph, so that a table both graphs hold stays one file
+        signed = signed_tables(proto, seven_bits=INT8_PRESETS[preset]["reduce_range"])
         tied = OUTPUT_PROJECTION not in keep and quantize_tied_projection_int8(proto)
-        return proto, {"preset": preset, **INT8_PRESETS[preset], "kept_fp32": excluded, "tied_projection_int8": tied}
+        return proto, {"preset": preset, **INT8_PRESETS[preset], "kept_fp32": excluded, "tied_projection_int8": tied,
+                       "signed_tables": signed}
 
     return transform
 
