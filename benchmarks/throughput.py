@@ -10,13 +10,18 @@
 `make` builds one random MarianMT (d_model 512, 6+6 layers, 8 heads, ffn 2048, vocabulary 32,000, OPUS-MT's layout)
 and every system's form of it: Hugging Face (`hf/`), CTranslate2 fp32 and int8 (`ct2-*`), and ours, imported with
 `edgeformer import marian`, exported, optimized and quantized as `edgeformer bench` chains them (`edgeformer-fp32`
-is the optimized fp32 bundle); with `--optimum-python`, Optimum's export and int8 quantization too (`optimum-*`, run
-by benchmarks/optimum_peer.py in an environment of their own). `grid` runs each (system, batch x beams) point in a
-process of its own (a peer's thread pool slows whatever runs after it in the same process), one warm-up then
-`--repeats` timed calls, every hypothesis exactly `--new-tokens` long (EOS ignored). It reports tokens/s (the best
-hypothesis of each input), ms per decoding step, peak resident memory, and for our runtime the share of wall time
-spent outside onnxruntime; then ratios against CTranslate2 int8, a table and a plot. `--rounds N` runs the whole
-grid N times over and reports the median run of each point.
+is the optimized fp32 bundle, `edgeformer-int8` int8 with the preset of the CPU that makes it, as CTranslate2 picks
+its kernels for the CPU it runs on); with `--optimum-python`, Optimum's export and int8 quantization too
+(`optimum-*`, run by benchmarks/optimum_peer.py in an environment of their own). `grid` runs each (system, batch x
+beams) point in a process of its own (a peer's thread pool slows whatever runs after it in the same process), one
+warm-up then `--repeats` timed calls, every hypothesis exactly `--new-tokens` long (EOS ignored). It reports
+tokens/s (the best hypothesis of each input), ms per decoding step, peak resident memory, and for our runtime the
+share of wall time spent outside onnxruntime; then ratios against `--peer` (CTranslate2 int8), a table and a plot.
+`--rounds N` runs the whole grid N times over and reports the median run of each point.
+
+On a GPU (scripts/gpu_check.sh): `make --device cuda` builds our bundle optimized for CUDA and its fp16 variant, and
+`grid --systems edgeformer-cuda-fp32,edgeformer-cuda-fp16,torch-cuda-fp32,torch-cuda-fp16 --peer torch-cuda-fp32`
+runs them against Hugging Face's model on the same GPU.
 """
 
 from __future__ import annotations
@@ -38,9 +43,15 @@ from edgeformer.benchmarks.optimum_peer import SYSTEMS as OPTIMUM
 from edgeformer.benchmarks.optimum_peer import sources
 from edgeformer.model.config import BASE_SIZE
 
-SYSTEMS = ("edgeformer-int8", "edgeformer-fp32", "ct2-int8", "ct2-fp32", "torch")
+# system -> (bundle folder, provider); (device, dtype) of Hugging Face's model
+EDGEFORMER = {"edgeformer-int8": ("edgeformer-int8", "cpu"), "edgeformer-fp32": ("edgeformer-opt", "cpu"),
+              "edgeformer-cuda-fp32": ("edgeformer-cuda", "cuda"),
+              "edgeformer-cuda-fp16": ("edgeformer-cuda-fp16", "cuda")}
+TORCH = {"torch": ("cpu", "float32"), "torch-cuda-fp32": ("cuda", "float32"), "torch-cuda-fp16": ("cuda", "float16")}
+CT2 = ("ct2-int8", "ct2-fp32")
+SYSTEMS = (*EDGEFORMER, *CT2, *TORCH)
+CPU_SYSTEMS = tuple(s for s in SYSTEMS if "cuda" not in s)  # grid's default
 OPTIMUM_PEER = Path(__file__).with_name("optimum_peer.py")  # run by another environment's Python
-EDGEFORMER = {"edgeformer-fp32": "edgeformer-opt", "edgeformer-int8": "edgeformer-int8"}  # system -> bundle folder
 BASE = {"d_model": BASE_SIZE["d_model"], "layers": BASE_SIZE["n_encoder_layers"], "heads": BASE_SIZE["n_heads"],
         "ffn": BASE_SIZE["d_ff"], "vocab": BASE_SIZE["src_vocab_size"]}
 SMALL = {"d_model": 64, "layers": 2, "heads": 4, "ffn": 128, "vocab": 1000}
@@ -71,7 +82,8 @@ def write_tokenizer(hf: Path, vocab_size: int, seed: int) -> None:
     (hf / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(vocab)}))
 
 
-def make(out: Path, seed: int, small: bool, optimum_python: str | None = None) -> None:
+def make(out: Path, seed: int, small: bool, optimum_python: str | None = None, device: str = "cpu") -> None:
+    """The model as every system of `device` runs it: CTranslate2's and our CPU bundles, or our CUDA ones."""
     import torch
     import transformers
     size = SMALL if small else BASE
@@ -93,22 +105,34 @@ def make(out: Path, seed: int, small: bool, optimum_python: str | None = None) -
     tokenizer = transformers.MarianTokenizer(str(hf / "source.spm"), str(hf / "target.spm"), str(hf / "vocab.json"))
     tokenizer.save_pretrained(str(hf))
     assert len(tokenizer.get_vocab()) == size["vocab"], len(tokenizer.get_vocab())
-    try:
-        import ctranslate2
-    except ImportError:
-        print("ctranslate2 is not installed: no CTranslate2 models (pip install ctranslate2)")
-    else:
-        for name, quantization in (("ct2-fp32", None), ("ct2-int8", "int8")):
-            ctranslate2.converters.TransformersConverter(str(hf)).convert(str(out / name),
-                                                                          quantization=quantization, force=True)
+    if device == "cpu":
+        try:
+            import ctranslate2
+        except ImportError:
+            print("ctranslate2 is not installed: no CTranslate2 models (pip install ctranslate2)")
+        else:
+            for name, quantization in (("ct2-fp32", None), ("ct2-int8", "int8")):
+                ctranslate2.converters.TransformersConverter(str(hf)).convert(str(out / name),
+                                                                              quantization=quantization, force=True)
     from edgeformer.export.onnx_export import export
     from edgeformer.model.importers.marian import import_marian
-    from edgeformer.transforms.derive import optimize, quantize
+    from edgeformer.transforms.derive import Judging, optimize, quantize
 
     import_marian(hf, out / "edgeformer-ckpt", force=True)
     export(out / "edgeformer-ckpt", out / "edgeformer-fp32", force=True)
+    if device == "cuda":
+        # written whatever their figures (the CUDA fp32 bundle misses its 1e-4 gate, README: "On an NVIDIA GPU"),
+        # which are printed; fp16 judged on 32 inputs, as that runs on the CPU
+        report = optimize(out / "edgeformer-fp32", out / "edgeformer-cuda", provider="cuda", force=True,
+                          allow_drop=True)
+        print(f"fp32 optimized for CUDA against fp32: {report.figures}")
+        report = quantize(out / "edgeformer-cuda", out / "edgeformer-cuda-fp16", to="fp16", force=True,
+                          allow_drop=True, judging=Judging(inputs=32))
+        print(f"fp16 against fp32 on 32 random inputs: {report.figures}")
+        print(f"wrote {out}: hf, edgeformer-cuda, edgeformer-cuda-fp16")
+        return
     optimize(out / "edgeformer-fp32", out / "edgeformer-opt", force=True)
-    quantize(out / "edgeformer-opt", out / "edgeformer-int8", to="int8", force=True)
+    quantize(out / "edgeformer-opt", out / "edgeformer-int8", to="int8", preset="auto", force=True)
     if optimum_python:
         subprocess.run([optimum_python, str(OPTIMUM_PEER), "make", str(hf), str(out)], check=True)
     params = sum(p.numel() for p in model.parameters())
@@ -138,12 +162,12 @@ def ct2_generator(path: Path, ids: list[list[int]], beams: int, new_tokens: int,
 
 
 def torch_generator(path: Path, ids: list[list[int]], beams: int, new_tokens: int, threads: int,
-                    ) -> tuple[Callable[[], None], str]:
+                    device: str = "cpu", dtype: str = "float32") -> tuple[Callable[[], None], str]:
     import torch
     import transformers
     torch.set_num_threads(threads)
-    model = transformers.MarianMTModel.from_pretrained(str(path)).eval()
-    input_ids = torch.tensor(ids)
+    model = transformers.MarianMTModel.from_pretrained(str(path)).eval().to(device, getattr(torch, dtype))
+    input_ids = torch.tensor(ids, device=device)
 
     def call() -> None:
         with torch.inference_mode():
@@ -152,12 +176,13 @@ def torch_generator(path: Path, ids: list[list[int]], beams: int, new_tokens: in
                                  do_sample=False, use_cache=True, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
                                  forced_eos_token_id=None, num_return_sequences=1)
         assert out.shape == (len(ids), 1 + new_tokens), f"generate returned {tuple(out.shape)}"  # 1: decoder start
+        # reading the tokens back waits for the GPU's work to end
         assert not bool((out[:, 1:] == model.config.eos_token_id).any()), "EOS among the forced tokens"
     return call, str(model.dtype).removeprefix("torch.")
 
 
 def edgeformer_generator(path: Path, ids: list[list[int]], beams: int, new_tokens: int, threads: int,
-                         ) -> tuple[Callable[[], None], str, Callable[[], float]]:
+                         provider: str = "cpu") -> tuple[Callable[[], None], str, Callable[[], float]]:
     """Our runtime, and a clock of the time spent inside onnxruntime's runs (the rest is Python and numpy)."""
     from edgeformer.runtime import engine, session
     from edgeformer.runtime.options import GenerationConfig
@@ -182,7 +207,8 @@ def edgeformer_generator(path: Path, ids: list[list[int]], beams: int, new_token
     # wrapped here, in the benchmark's own process: the runtime itself keeps no clock
     setattr(engine.StepBinding, "__init__", init)  # noqa: B010
     setattr(session.Runtime, "_run", timed(base_run))  # noqa: B010
-    rt = Runtime(path, threads=threads)
+    rt = Runtime(path, providers=[provider], threads=threads)
+    assert rt.provider == engine.provider(provider).name, f"{provider} asked, {rt.provider} given"
     gen = GenerationConfig(strategy="beam" if beams > 1 else "greedy", num_beams=beams, max_new_tokens=new_tokens,
                            ignore_eos=True)
 
@@ -210,11 +236,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     vocab_size = json.loads((a.folder / "hf" / "config.json").read_text())["vocab_size"]
     ids = sources(vocab_size, a.batch, a.src_len, a.seed)
     inside: Callable[[], float] | None = None
-    if a.system == "torch":
-        call, compute_type = torch_generator(a.folder / "hf", ids, a.beams, a.new_tokens, a.threads)
+    if a.system in TORCH:
+        call, compute_type = torch_generator(a.folder / "hf", ids, a.beams, a.new_tokens, a.threads,
+                                             *TORCH[a.system])
     elif a.system in EDGEFORMER:
-        call, compute_type, inside = edgeformer_generator(a.folder / EDGEFORMER[a.system], ids, a.beams,
-                                                          a.new_tokens, a.threads)
+        folder, provider = EDGEFORMER[a.system]
+        call, compute_type, inside = edgeformer_generator(a.folder / folder, ids, a.beams, a.new_tokens,
+                                                          a.threads, provider)
     else:
         call, compute_type = ct2_generator(a.folder / a.system, ids, a.beams, a.new_tokens, a.threads)
     call()  # warm-up (also checks the lengths)
@@ -244,7 +272,7 @@ def grid(a: argparse.Namespace) -> None:
     drifts by more than the differences measured: alternating rounds spread the drift over every system)."""
     points = [tuple(int(x) for x in p.lower().split("x")) for p in a.points.split(",")]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
-    systems = a.systems.split(",") if a.systems else [*SYSTEMS, *(OPTIMUM if a.optimum_python else ())]
+    systems = a.systems.split(",") if a.systems else [*CPU_SYSTEMS, *(OPTIMUM if a.optimum_python else ())]
     if any(s in OPTIMUM for s in systems) and not a.optimum_python:
         raise SystemExit("the optimum-* systems run in an environment of their own: pass --optimum-python "
                          "(benchmarks/optimum_peer.py says how to make one)")
@@ -268,25 +296,24 @@ def grid(a: argparse.Namespace) -> None:
         middle = sorted(found, key=lambda r: r["tokens_per_s"])[(len(found) - 1) // 2]
         rows.append({**middle, "rounds_tokens_per_s": [r["tokens_per_s"] for r in found]})
     if a.out:
-        write(rows, a.out)
+        write(rows, a.out, a.peer)
 
 
-def write(rows: list[dict[str, Any]], out: Path) -> None:
-    """results.json, results.md (ratios to CTranslate2 int8 at the same point) and tokens_per_s.png."""
+def write(rows: list[dict[str, Any]], out: Path, peer_system: str = "ct2-int8") -> None:
+    """results.json, results.md (ratios to `peer_system` at the same point) and tokens_per_s.png."""
     from edgeformer.benchmarks.sweep import machine, replace_file
     from edgeformer.report.format import table
 
     out.mkdir(parents=True, exist_ok=True)
     replace_file(out / "results.json",
                  lambda p: p.write_text(json.dumps({"machine": machine(), "records": rows}, indent=1) + "\n"))
-    peer = {(r["batch"], r["beams"]): r["tokens_per_s"] for r in rows if r["system"] == "ct2-int8"}
+    peer = {(r["batch"], r["beams"]): r["tokens_per_s"] for r in rows if r["system"] == peer_system}
     lines = [[r["system"], f"{r['batch']}x{r['beams']}", f"{r['tokens_per_s']:.0f}",
               f"{r['tokens_per_s'] / peer[(r['batch'], r['beams'])]:.2f}x" if (r["batch"], r["beams"]) in peer
               else "", f"{r['ms_per_step']:.1f}", f"{r['peak_rss_mb']:.0f}",
               "" if r["outside_onnxruntime"] is None else f"{r['outside_onnxruntime']:.0%}"] for r in rows]
-    replace_file(out / "results.md", lambda p: p.write_text(table(
-        ["system", "batch x beams", "tokens/s", "vs ct2-int8", "ms/step", "peak MB", "outside onnxruntime"], lines)
-        + "\n"))
+    header = ["system", "batch x beams", "tokens/s", f"vs {peer_system}", "ms/step", "peak MB", "outside onnxruntime"]
+    replace_file(out / "results.md", lambda p: p.write_text(table(header, lines) + "\n"))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,6 +352,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     m.add_argument("--small", action="store_true", help="d_model 64, 2+2 layers, vocabulary 1000: for tests")
     m.add_argument("--optimum-python", default=None,
                    help="a Python with optimum-onnx: also export and quantize the model with Optimum")
+    m.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: our bundles optimized for CUDA, fp32 and fp16 (needs onnxruntime-gpu and a GPU)")
     for name in ("run", "grid"):
         s = sub.add_parser(name)
         s.add_argument("folder", type=Path)
@@ -339,8 +368,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     r.add_argument("--beams", type=int, required=True)
     g = sub.choices["grid"]
     g.add_argument("--systems", default=None, help=f"comma-separated, of {', '.join((*SYSTEMS, *OPTIMUM))}; "
-                   "default: all, Optimum's with --optimum-python")
+                   "default: the CPU's, Optimum's with --optimum-python")
     g.add_argument("--optimum-python", default=None, help="the Python that runs the optimum-* systems")
+    g.add_argument("--peer", default="ct2-int8", help="the system the ratios are taken against")
     g.add_argument("--points", default="1x1,8x1,16x1,32x1,1x4,8x4,16x4,32x4", help="BATCHxBEAMS,...")
     g.add_argument("--out", type=Path, default=None, help="folder for results.json, results.md, tokens_per_s.png")
     g.add_argument("--timeout", type=float, default=None, help="seconds per run")
@@ -348,7 +378,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                    help="run the grid this many times; report each point's median run")
     a = p.parse_args(argv)
     if a.mode == "make":
-        make(a.folder, a.seed, a.small, a.optimum_python)
+        make(a.folder, a.seed, a.small, a.optimum_python, a.device)
     elif a.mode == "run":
         print(json.dumps(run(a)))
     else:

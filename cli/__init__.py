@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = bundle_to_bundle("quantize", "int8 (dynamic), int4 (weight-only) or fp16 -> new bundle", cmd_quantize)
     p.add_argument("--to", required=True, choices=QUANTIZED)
     p.add_argument("--preset", default="avx2", choices=[AUTO, *INT8_PRESETS],
-                   help="int8 only: the CPU the bundle will run on (avx2: any x86-64 with AVX2; auto: this one's)")
+                   help="int8 only: the CPU the bundle will run on (avx2: any x86-64 with AVX2, 7-bit weights; "
+                   "avx2-8bit: faster there, less precise; auto: this CPU's fastest that passes the gate)")
     p.add_argument("--method", default="dynamic", choices=INT8_METHODS,
                    help="int8: activations quantized at run time, or static QDQ with calibrated ranges")
     p.add_argument("--calibration", metavar="FILE", help="int8 static: calibration inputs, in --eval's format "

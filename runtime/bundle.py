@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -184,8 +185,13 @@ def producer_versions(packages: tuple[str, ...] = PRODUCERS) -> dict[str, str]:
     installed."""
     versions = {}
     for package in packages:
+        # a module's own version first: onnxruntime-gpu installs `onnxruntime` under another distribution's name, and
+        # the CPU wheel's metadata may remain beside it
+        version = getattr(sys.modules.get(package), "__version__", None)
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[package] = importlib.metadata.version(package)
+            version = version or importlib.metadata.version(package)
+        if version:
+            versions[package] = str(version)
     return versions
 
 

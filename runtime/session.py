@@ -106,6 +106,10 @@ class Runtime:
         self.sessions = {ENCODER: open_graph(ENCODER, threads), DECODER: open_graph(DECODER, self.decoder_threads)}
         self.provider = self.sessions[DECODER].get_providers()[0]  # the one that actually runs
         self.device = provider(self.provider).device
+        if self.manifest.cache == "buffer" and self.device != "cpu":
+            # its buffers are host memory read and written in place, which a device copies when they are bound
+            raise BundleError(f"{self.path} passes its cache in CPU buffers, which {self.provider} cannot run; make "
+                              "a bundle for it with `edgeformer optimize --provider <it> --cache concat`")
         # A second decoder session on one thread, for the small steps of a small model (see SMALL_STEP_WEIGHTS):
         # which one a call uses depends on its rows, and a session's threads are fixed when it opens. It costs
         # little: only a model whose step reads fewer than SMALL_STEP_WEIGHTS weights gets one.
@@ -337,9 +341,12 @@ class _Steps(StepModel):
         self.cache_device = StepBinding.device(runtime.device)
         self.on_host = self.leaves = on_host  # on a device, rows leaving would go through the host
         self.host = StepBinding.device("cpu")
-        # The tokens of each step are written into this bound array: onnxruntime reads it in place.
+        # The tokens of each step are written into this bound array: on the CPU onnxruntime reads it in place.
         self.tokens = np.zeros((batch, 1), np.int64)
         self._bind("input_ids", self.tokens)
+        # On a device onnxruntime copies a host input when it is bound, not when the step runs: the inputs written in
+        # place are bound again each step there (on the CPU it reads them where they are)
+        self.written = ("input_ids", TOP_K_INPUT)
         # Which step and row computed each row's cache positions (one id each). Two rows whose position j came
         # from one computation hold the same bits up to j (beams of a source share a prefix, copied from one
         # parent), so a beam moving onto a row copies only the positions after what the two rows share.
@@ -379,6 +386,9 @@ class _Steps(StepModel):
         """Run one step, returning the outputs `wanted` (to the host) and keeping the cache for the next."""
         self.tokens[:, 0] = tokens
         binding = self.binding
+        if not self.on_host:
+            for name in self.written:
+                binding.bind_input(name, self.held[name])
         binding.clear_outputs()  # bound anew each step: outputs bound once would be reused, and must keep a shape
         for name in wanted:
             binding.bind_output(name, self.host)
@@ -429,7 +439,7 @@ class _Steps(StepModel):
             moved = np.flatnonzero(rows != np.arange(len(rows)))
             if not len(moved):
                 return
-            if self.on_host or self.buffered:  # buffers are host memory whatever the provider
+            if self.on_host:
                 self._move(moved, rows[moved])
                 return
         else:

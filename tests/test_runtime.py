@@ -186,3 +186,16 @@ def test_runtime_runs_without_torch(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
 
+
+
+def test_the_manifest_records_the_onnxruntime_that_runs_not_another_wheels_metadata(monkeypatch) -> None:
+    """onnxruntime-gpu installs the `onnxruntime` module under its own distribution name; the CPU wheel's metadata
+    can stay beside it. The version recorded is the imported module's."""
+    import types
+
+    from edgeformer.runtime.bundle import producer_versions
+
+    assert producer_versions(("onnxruntime",)) == {"onnxruntime": ort.__version__}
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace(__version__="9.9.9"))
+    assert producer_versions(("onnxruntime", "numpy"))["onnxruntime"] == "9.9.9"
+    assert "no-such-package" not in producer_versions(("no-such-package",))

@@ -120,15 +120,21 @@ def test_output_projection_can_be_kept_in_full_precision(exported, tmp_path: Pat
 
 
 @pytest.mark.parametrize("preset", ["avx2", "avx512-vnni"])
-def test_int8_matmuls_read_signed_weights_and_the_tied_table_stays_one_file(exported, tmp_path: Path,
-                                                                            preset: str) -> None:
-    """u8s8 kernels for every MatMulInteger, the tied output projection's too: its table, which the quantizer
-    stores as uint8, is made int8, in both graphs, which still share it; in 7 bits for the avx2 preset, whose
-    kernels add pairs of u8 x s8 products in int16."""
+def test_the_tied_table_is_int8_for_full_8_bit_presets_and_stays_one_file(exported, tmp_path: Path,
+                                                                          preset: str) -> None:
+    """u8s8 kernels for every MatMulInteger with a full 8-bit preset, the tied output projection's too: its table,
+    which the quantizer stores as uint8, is made int8 with the same values in both graphs, which still share it.
+    The avx2 preset (7-bit weights, for kernels that add pairs of u8 x s8 products in int16) keeps it uint8."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgeformer.transforms.options import INT8_PRESETS
+
     _, bundle = exported("shared-tied")
     quantize(bundle, tmp_path / "int8", to="int8", preset=preset, allow_drop=True)
     manifest = Manifest.load(tmp_path / "int8")
     assert manifest.config["tie_output"] and manifest.config["share_embeddings"]
+    table_type = onnx.TensorProto.UINT8 if preset == "avx2" else onnx.TensorProto.INT8
+    tables = {}
     for graph in ("encoder", "decoder"):
         model = onnx.load(str(tmp_path / "int8" / f"{graph}.onnx"), load_external_data=False)
         inits = {i.name: i for i in model.graph.initializer}
@@ -138,14 +144,27 @@ def test_int8_matmuls_read_signed_weights_and_the_tied_table_stays_one_file(expo
                 weight = node.input[1]
                 while weight not in inits:  # through the Transpose of the tied table
                     weight = made_by[weight].input[0]
-                assert inits[weight].data_type == onnx.TensorProto.INT8, (graph, node.name)
+                tied = weight == "decoder.embed.tokens.weight_quantized"
+                assert inits[weight].data_type == (table_type if tied else onnx.TensorProto.INT8), node.name
         table = inits["decoder.embed.tokens.weight_quantized"]
-        assert table.data_type == onnx.TensorProto.INT8 and table.data_location == onnx.TensorProto.EXTERNAL
+        assert table.data_type == table_type and table.data_location == onnx.TensorProto.EXTERNAL
         assert {e.key: e.value for e in table.external_data}["location"] == "shared.weights"
-    loaded = {i.name: i for i in onnx.load(str(tmp_path / "int8" / "decoder.onnx")).graph.initializer}
-    values = onnx.numpy_helper.to_array(loaded["decoder.embed.tokens.weight_quantized"]).astype(int)
-    assert (np.abs(values).max() <= 64) == (preset == "avx2")
+        tables[graph] = onnx.load(str(tmp_path / "int8" / f"{graph}.onnx"))
     assert manifest.transforms[-1]["graphs"]["decoder"]["tied_projection_int8"]
+    # the dequantized table, as the embedding's DequantizeLinear gives it, is the one quantize_dynamic made
+    plain = tmp_path / "plain.onnx"
+    quantize_dynamic(onnx.load(str(bundle / "decoder.onnx")), plain, op_types_to_quantize=["MatMul", "Gather"],
+                     weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+                     **INT8_PRESETS[preset])
+    want = dequantized_table(onnx.load(str(plain)))
+    assert np.array_equal(dequantized_table(tables["decoder"]), want)
+    assert np.array_equal(dequantized_table(tables["encoder"]), want)
+
+
+def dequantized_table(model: onnx.ModelProto) -> np.ndarray:
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    name = "decoder.embed.tokens.weight"
+    return (inits[f"{name}_quantized"].astype(np.float32) - inits[f"{name}_zero_point"]) * inits[f"{name}_scale"]
 
 
 def test_bad_quantization_settings_fail_clearly(demo_variants, tmp_path: Path) -> None:
@@ -326,17 +345,94 @@ def test_optimizing_for_a_missing_provider_is_refused(demo_variants, tmp_path: P
         optimize(demo_variants["fp32"], tmp_path / "x", provider="cuda")
 
 
-@pytest.mark.parametrize(("flags", "machine", "preset"), [
-    ({"avx2", "fma"}, "x86_64", "avx2"),
-    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", "avx512-vnni"),
-    ({"avx2", "avx_vnni"}, "x86_64", "avx512-vnni"),
-    (set(), "aarch64", "arm64"),
-])
-def test_the_auto_preset_follows_the_cpu(flags: set[str], machine: str, preset: str) -> None:
-    from edgeformer.transforms.options import INT8_PRESETS, QuantizeOptions, cpu_preset
+def test_the_host_device_copies_of_a_gpu_optimization_leave_a_valid_graph_that_computes_the_same() -> None:
+    """onnxruntime's offline optimization for CUDA writes MemcpyFromHost/ToHost nodes, no ONNX operator: made
+    Identity, the graph is valid ONNX and computes the same, graph inputs and outputs copied included."""
+    from onnx import helper
 
-    assert cpu_preset(flags, machine) == preset
+    from edgeformer.transforms.graph_edits import replace_memcpy
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])
+    z = helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2])
+    graph = helper.make_graph([
+        helper.make_node("MemcpyFromHost", ["x"], ["x_on_device"]),
+        helper.make_node("Relu", ["x_on_device"], ["r"]),
+        helper.make_node("Neg", ["x_on_device"], ["n"]),
+        helper.make_node("Add", ["r", "n"], ["s"]),
+        helper.make_node("MemcpyToHost", ["s"], ["y"]),
+        helper.make_node("MemcpyToHost", ["x"], ["z"]),  # a graph input copied straight to an output
+    ], "g", [x], [y, z])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(onnx.checker.ValidationError, match="Memcpy"):
+        onnx.checker.check_model(model, full_check=True)
+    assert replace_memcpy(model) == 3
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["Identity", "Relu", "Neg", "Add", "Identity", "Identity"]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    value = np.array([-1.5, 2.0], np.float32)
+    out_y, out_z = session.run(["y", "z"], {"x": value})
+    np.testing.assert_array_equal(out_y, np.maximum(value, 0) - value)
+    np.testing.assert_array_equal(out_z, value)
+
+
+@pytest.mark.parametrize(("flags", "machine", "presets"), [
+    ({"avx2", "fma"}, "x86_64", ("avx2-8bit", "avx2")),
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", ("avx512-vnni",)),
+    ({"avx2", "avx_vnni"}, "x86_64", ("avx512-vnni",)),
+    (set(), "aarch64", ("arm64",)),
+])
+def test_the_auto_preset_follows_the_cpu(flags: set[str], machine: str, presets: tuple[str, ...]) -> None:
+    from edgeformer.transforms.options import INT8_PRESETS, QuantizeOptions, cpu_presets
+
+    assert cpu_presets(flags, machine) == presets
     assert QuantizeOptions(preset="auto").preset in INT8_PRESETS  # resolved to a preset when asked for
+
+
+def test_auto_falls_back_to_7_bit_weights_when_the_full_8_bits_miss_the_gate(demo_variants, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """On AVX2 alone `auto` tries the full 8 bits first (faster, but their u8s8 sums can saturate), then 7 bits."""
+    from edgeformer.transforms import derive, options
+
+    tried: list[str] = []
+    made = derive.derive
+
+    def saturating(bundle, out, to, opts, **kwargs):  # type: ignore[no-untyped-def]
+        tried.append(opts.preset)
+        if opts.preset == "avx2-8bit":
+            assert kwargs.get("allow_drop") is False  # a faster preset that misses is never written
+            raise ParityError("int8 bundle misses its target against its source bundle: greedy agreement 0.5 < 0.9")
+        return made(bundle, out, to, opts, **kwargs)
+
+    monkeypatch.setattr(derive, "cpu_presets", lambda: options.cpu_presets({"avx2", "fma"}, "x86_64"))
+    monkeypatch.setattr(derive, "derive", saturating)
+    said: list[str] = []
+    quantize(demo_variants["fp32-optimized"], tmp_path / "int8", to="int8", preset="auto", log=said.append)
+    assert tried == ["avx2-8bit", "avx2"]
+    assert Manifest.load(tmp_path / "int8").transforms[-1]["preset"] == "avx2"
+    assert any("preset avx2-8bit" in line and "trying preset avx2" in line for line in said)
+    tried.clear()  # allow_drop writes a bundle that misses its gate, but only once no faster preset passes
+    quantize(demo_variants["fp32-optimized"], tmp_path / "dropped", to="int8", preset="auto", allow_drop=True,
+             log=said.append)
+    assert tried == ["avx2-8bit", "avx2"]
+
+
+def test_auto_raises_when_every_preset_misses_the_gate(demo_variants, tmp_path: Path, monkeypatch) -> None:
+    from edgeformer.transforms import derive, options
+
+    tried: list[str] = []
+
+    def missing(bundle, out, to, opts, **kwargs):  # type: ignore[no-untyped-def]
+        tried.append(opts.preset)
+        raise ParityError(f"int8 bundle misses its target ({opts.preset}). Nothing was written; pass --allow-drop")
+
+    monkeypatch.setattr(derive, "cpu_presets", lambda: options.cpu_presets({"avx2", "fma"}, "x86_64"))
+    monkeypatch.setattr(derive, "derive", missing)
+    with pytest.raises(ParityError, match=r"\(avx2\)"):
+        quantize(demo_variants["fp32-optimized"], tmp_path / "int8", to="int8", preset="auto", log=lambda _: None)
+    assert tried == ["avx2-8bit", "avx2"] and not (tmp_path / "int8").exists()
 
 
 def test_every_variant_keeps_the_search_head_in_float32_and_its_answers(demo_variants) -> None:
@@ -362,3 +458,31 @@ def test_every_variant_keeps_the_search_head_in_float32_and_its_answers(demo_var
             assert np.array_equal(best, want), variant
             assert np.abs(values - want_values).max() < 1e-5, variant
             tokens = best[:, 0]
+
+
+def test_a_zero_point_shared_with_another_tensor_keeps_its_table_uint8() -> None:
+    """signed_tables shifts a table's zero point by 128: only where that zero point dequantizes nothing else."""
+    from onnx import helper
+
+    from edgeformer.transforms.graph_edits import signed_tables
+
+    def model(shared: bool) -> onnx.ModelProto:
+        table = onnx.numpy_helper.from_array(np.full((4, 3), 130, np.uint8), "table")
+        other = onnx.numpy_helper.from_array(np.full((3, 3), 120, np.uint8), "other")
+        scale = onnx.numpy_helper.from_array(np.array(0.5, np.float32), "scale")
+        zeros = [onnx.numpy_helper.from_array(np.array(128, np.uint8), n) for n in ("zp", "zp_other")]
+        nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"]),
+                 helper.make_node("DequantizeLinear", ["rows", "scale", "zp"], ["x"]),
+                 helper.make_node("DequantizeLinear", ["other", "scale", "zp" if shared else "zp_other"], ["w"]),
+                 helper.make_node("MatMul", ["x", "w"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2])],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+                                  [table, other, scale, *zeros])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    alone = model(shared=False)
+    assert sorted(signed_tables(alone)) == ["other", "table"]
+    assert {i.name: i.data_type for i in alone.graph.initializer}["zp"] == onnx.TensorProto.INT8
+    shared = model(shared=True)
+    assert signed_tables(shared) == []
+    assert all(i.data_type != onnx.TensorProto.INT8 for i in shared.graph.initializer)

@@ -9,6 +9,7 @@ measured on.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from edgeformer.runtime.families import get_family
 from edgeformer.runtime.tokenizer import tokenizer_files
 from edgeformer.transforms.graph_edits import quiet
 from edgeformer.transforms.judge import misses
-from edgeformer.transforms.options import OptimizeOptions, QuantizeOptions
+from edgeformer.transforms.options import AUTO, OptimizeOptions, QuantizeOptions, cpu_presets
 from edgeformer.transforms.registry import QUANTIZED, SOURCE, TRANSFORMS, VARIANTS, family_judging, transform
 
 
@@ -119,7 +120,8 @@ def quantize(bundle: Path | str, out: Path | str, to: str, preset: str = "avx2",
              keep: list[str] | None = None, method: str = "dynamic", calibration: Path | str | None = None,
              calibration_size: int = 64, **kwargs: Any) -> VariantReport:
     """int8 (method 'dynamic', or 'static': QDQ calibrated on the inputs in the file `calibration`, else on the
-    bundle's task's training split, else on random inputs), int4 or fp16."""
+    bundle's task's training split, else on random inputs), int4 or fp16. int8 with preset 'auto': the presets of
+    this CPU (`cpu_presets`), fastest first, the first whose bundle passes its gate."""
     if to not in QUANTIZED:
         raise ValueError(f"unknown quantization {to!r}; choose one of {', '.join(QUANTIZED)}")
     calibrate = None
@@ -127,7 +129,15 @@ def quantize(bundle: Path | str, out: Path | str, to: str, preset: str = "avx2",
         source = Manifest.load(Path(bundle), verify=False)  # derive verifies it
         calibrate = family_judging(source.family).inputs(source, Path(bundle), calibration, calibration_size,
                                                           split="train", seed=17)
-    options = QuantizeOptions(preset, method, block_size, list(keep or []), calibrate)
+    presets = cpu_presets() if preset == AUTO and to == "int8" else (preset,)
+    for chosen, then in itertools.pairwise(presets):  # all but the last must pass their gate, allow_drop or not
+        try:
+            return derive(bundle, out, to, QuantizeOptions(chosen, method, block_size, list(keep or []), calibrate),
+                          **{**kwargs, "allow_drop": False})
+        except ParityError as e:
+            missed = str(e).split(". Nothing was written")[0]
+            (kwargs.get("log") or print)(f"preset {chosen}: {missed}; trying preset {then}")
+    options = QuantizeOptions(presets[-1], method, block_size, list(keep or []), calibrate)
     return derive(bundle, out, to, options, **kwargs)
 
 

@@ -121,6 +121,24 @@ def skip_float16_round_trips(model: onnx.ModelProto) -> int:
     return skipped
 
 
+MEMCPY = ("MemcpyFromHost", "MemcpyToHost")
+
+
+def replace_memcpy(model: onnx.ModelProto) -> int:
+    """Make Identity of the copies between host and device that onnxruntime's offline optimization for a GPU writes
+    into the graph (where it keeps an operator on the CPU): they are onnxruntime's own, no ONNX operator; it removes
+    the Identity and puts its copies back where they are needed when it loads the graph. Returns how many."""
+    graphs = [model.graph]
+    for graph in graphs:  # the bodies of If, Loop and Scan nodes join the list as it is walked
+        for node in graph.node:
+            for attribute in node.attribute:
+                graphs += [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+    copies = [n for graph in graphs for n in graph.node if n.op_type in MEMCPY]
+    for copy in copies:
+        copy.op_type, copy.domain = "Identity", ""
+    return len(copies)
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     keep = [i for i in model.graph.initializer if i.name in used]
@@ -141,56 +159,46 @@ def untie_projection(model: onnx.ModelProto) -> None:
     model.graph.node.remove(transpose)
 
 
-def signed_tables(model: onnx.ModelProto, seven_bits: bool = False) -> list[str]:
+def signed_tables(model: onnx.ModelProto) -> list[str]:
     """onnxruntime's quantizer stores a Gather's table as uint8 around zero point 128. Make each such table int8
     (data and zero point less 128: the same values, exactly), so that the tied output projection reading it runs
-    onnxruntime's u8s8 kernels, not the far slower u8u8 ones (README: Optimize and quantize).
-    seven_bits (the avx2 preset's reduce_range): the table is quantized again, symmetric, into [-64, 64], since
-    AVX2's u8s8 kernels add pairs of products in int16, which full 8-bit weights can overflow.
-    Returns the tables changed."""
+    onnxruntime's u8s8 kernels, not the far slower u8u8 ones (README: Optimize and quantize). For full 8-bit
+    presets only: the `avx2` preset keeps the table uint8, as its u8s8 form would need 7 bits, which cost precision.
+    A zero point that also dequantizes another tensor is left alone. Returns the tables changed."""
     inits = {i.name: i for i in model.graph.initializer}
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
         for slot, name in enumerate(node.input):
             readers.setdefault(name, []).append((node, slot))
 
-    def dequantizers(table: str) -> list[onnx.NodeProto] | None:
-        """The DequantizeLinear nodes of `table` (directly or after its Gather), or None if it is read otherwise."""
-        found = []
+    def zero_points(table: str) -> set[str] | None:
+        """The zero points that dequantize `table` (directly or after its Gather), or None if it is read otherwise."""
+        zeros = set()
         for node, slot in readers.get(table, []):
-            nodes = [node] if node.op_type == "DequantizeLinear" else []
+            dequantizers = [node] if node.op_type == "DequantizeLinear" else []
             if node.op_type == "Gather" and slot == 0:
-                nodes = [n for n, _ in readers.get(node.output[0], [])]
-            if slot != 0 or not nodes or any(n.op_type != "DequantizeLinear" or len(n.input) < 3 for n in nodes):
+                dequantizers = [n for n, _ in readers.get(node.output[0], [])]
+            if slot != 0 or not dequantizers or any(n.op_type != "DequantizeLinear" or len(n.input) < 3
+                                                    for n in dequantizers):
                 return None
-            found += nodes
-        return found
+            zeros |= {n.input[2] for n in dequantizers}
+        return zeros
 
-    def only_dequantizes(name: str) -> bool:
-        return name in inits and {n.op_type for n, _ in readers[name]} == {"DequantizeLinear"}
+    def only_for(zero: str, table: str) -> bool:
+        """Whether every reader of `zero` dequantizes `table` or a Gather of it."""
+        rows = {n.output[0] for n, slot in readers.get(table, []) if n.op_type == "Gather" and slot == 0}
+        return all(n.op_type == "DequantizeLinear" and slot == 2 and n.input[0] in {table, *rows}
+                   for n, slot in readers[zero])
 
     changed = []
     for name, init in inits.items():
-        nodes = dequantizers(name) if init.data_type == onnx.TensorProto.UINT8 and len(init.dims) == 2 else None
-        if not nodes or not all(only_dequantizes(n.input[1]) and only_dequantizes(n.input[2]) for n in nodes):
+        zeros = zero_points(name) if init.data_type == onnx.TensorProto.UINT8 and len(init.dims) == 2 else None
+        if not zeros or any(z not in inits or inits[z].data_type != onnx.TensorProto.UINT8 or not only_for(z, name)
+                            for z in zeros):
             continue
-        zeros, scales = {n.input[2] for n in nodes}, {n.input[1] for n in nodes}
-        if len(zeros) != 1 or len(scales) != 1:
-            continue
-        zero, scale = inits[zeros.pop()], inits[scales.pop()]
-        if zero.data_type != onnx.TensorProto.UINT8 or numpy_helper.to_array(scale).size != 1:
-            continue  # per-tensor quantization only, as the quantizer does a Gather's table
-        q = numpy_helper.to_array(init).astype(np.int16)
-        z, step = int(numpy_helper.to_array(zero)), float(numpy_helper.to_array(scale))
-        if seven_bits:  # quantized again, symmetric, into [-64, 64]
-            w = (q - z) * step
-            step = float(np.abs(w).max()) / 64 or 1.0
-            q, z = np.round(w / step), 0
-        else:  # the same values
-            q, z = q - 128, z - 128
-        init.CopyFrom(numpy_helper.from_array(q.astype(np.int8), init.name))
-        zero.CopyFrom(numpy_helper.from_array(np.array(z, np.int8).reshape(tuple(zero.dims)), zero.name))
-        scale.CopyFrom(numpy_helper.from_array(np.array(step, np.float32).reshape(tuple(scale.dims)), scale.name))
+        for tensor in (init, *(inits[z] for z in sorted(zeros))):
+            signed = (numpy_helper.to_array(tensor).astype(np.int16) - 128).astype(np.int8)
+            tensor.CopyFrom(numpy_helper.from_array(signed, tensor.name))
         changed.append(name)
     return changed
 

@@ -12,7 +12,7 @@ import onnx
 from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.engine import CPU, available, open_session, provider, session_options
 from edgeformer.transforms.fusion import fuse_attention
-from edgeformer.transforms.graph_edits import GraphTransform
+from edgeformer.transforms.graph_edits import GraphTransform, replace_memcpy
 from edgeformer.transforms.options import OptimizeOptions
 from edgeformer.transforms.self_cache import buffer_self_cache
 
@@ -59,8 +59,9 @@ def fuse(level: str, provider_name: str, attention: bool, cache: str = "concat")
             open_session(Path(tmp) / "fused.onnx", session_options(level, optimized_path=Path(tmp) / "optimized.onnx"),
                          [provider_name])
             proto = onnx.load(str(Path(tmp) / "optimized.onnx"))
+        copies = replace_memcpy(proto)
         ops = Counter(n.op_type for n in proto.graph.node)
-        return proto, {"fused_operators": stats, "operators": dict(ops.most_common()),
+        return proto, {"fused_operators": stats, "operators": dict(ops.most_common()), "memcpy_to_identity": copies,
                        **({"cache": "buffer"} if buffered else {})}
 
     return transform

@@ -64,8 +64,9 @@ def int8_dynamic(preset: str, keep: list[str]) -> GraphTransform:
                              extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
                              **INT8_PRESETS[preset])
             proto = onnx.load(str(Path(tmp) / "q.onnx"))
-        # in every graph, so that a table both graphs hold stays one file
-        signed = signed_tables(proto, seven_bits=INT8_PRESETS[preset]["reduce_range"])
+        # in every graph, so that a table both graphs hold stays one file; the 7-bit presets keep it uint8, as a
+        # 7-bit table cost precision (README: Optimize and quantize)
+        signed = [] if INT8_PRESETS[preset]["reduce_range"] else signed_tables(proto)
         tied = OUTPUT_PROJECTION not in keep and quantize_tied_projection_int8(proto)
         return proto, {"preset": preset, **INT8_PRESETS[preset], "kept_fp32": excluded, "tied_projection_int8": tied,
                        "signed_tables": signed}
