@@ -303,6 +303,11 @@ def _token_ids(seq: Any, i: int) -> list[int]:
     return [int(t) for t in seq]
 
 
+# The step's inputs written in place. On a device onnxruntime copies a host input when it is bound, not when the
+# step runs, so they are bound again each step there; the CPU reads them where they are.
+WRITTEN_IN_PLACE = ("input_ids", TOP_K_INPUT)
+
+
 class _Steps(StepModel):
     """The decoder of one generate call. One IO binding lives as long as the call: the mask, the cross cache and
     the search head's k are bound once; each step rebinds only the new tokens (written into a bound array), the
@@ -344,9 +349,6 @@ class _Steps(StepModel):
         # The tokens of each step are written into this bound array: on the CPU onnxruntime reads it in place.
         self.tokens = np.zeros((batch, 1), np.int64)
         self._bind("input_ids", self.tokens)
-        # On a device onnxruntime copies a host input when it is bound, not when the step runs: the inputs written in
-        # place are bound again each step there (on the CPU it reads them where they are)
-        self.written = ("input_ids", TOP_K_INPUT)
         # Which step and row computed each row's cache positions (one id each). Two rows whose position j came
         # from one computation hold the same bits up to j (beams of a source share a prefix, copied from one
         # parent), so a beam moving onto a row copies only the positions after what the two rows share.
@@ -387,7 +389,7 @@ class _Steps(StepModel):
         self.tokens[:, 0] = tokens
         binding = self.binding
         if not self.on_host:
-            for name in self.written:
+            for name in WRITTEN_IN_PLACE:
                 binding.bind_input(name, self.held[name])
         binding.clear_outputs()  # bound anew each step: outputs bound once would be reused, and must keep a shape
         for name in wanted:

@@ -9,7 +9,6 @@ measured on.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -129,15 +128,14 @@ def quantize(bundle: Path | str, out: Path | str, to: str, preset: str = "avx2",
         source = Manifest.load(Path(bundle), verify=False)  # derive verifies it
         calibrate = family_judging(source.family).inputs(source, Path(bundle), calibration, calibration_size,
                                                           split="train", seed=17)
-    presets = cpu_presets() if preset == AUTO and to == "int8" else (preset,)
-    for chosen, then in itertools.pairwise(presets):  # all but the last must pass their gate, allow_drop or not
+    first, *then = cpu_presets() if preset == AUTO and to == "int8" else (preset,)
+    options = QuantizeOptions(first, method, block_size, list(keep or []), calibrate)
+    for fallback in then:  # a preset with one after it is written only if it passes its gate, allow_drop or not
         try:
-            return derive(bundle, out, to, QuantizeOptions(chosen, method, block_size, list(keep or []), calibrate),
-                          **{**kwargs, "allow_drop": False})
-        except ParityError as e:
-            missed = str(e).split(". Nothing was written")[0]
-            (kwargs.get("log") or print)(f"preset {chosen}: {missed}; trying preset {then}")
-    options = QuantizeOptions(presets[-1], method, block_size, list(keep or []), calibrate)
+            return derive(bundle, out, to, options, **{**kwargs, "allow_drop": False})
+        except ParityError:
+            (kwargs.get("log") or print)(f"preset {options.preset} misses the int8 gate; trying preset {fallback}")
+            options = dataclasses.replace(options, preset=fallback)
     return derive(bundle, out, to, options, **kwargs)
 
 

@@ -59,6 +59,8 @@ def cpu_presets(flags: set[str] | None = None, machine: str | None = None) -> tu
     if flags is None:
         flags = cpu_flags()
     return ("avx512-vnni",) if flags & {"avx512_vnni", "avx_vnni"} else ("avx2-8bit", "avx2")
+
+
 INT8_METHODS = ("dynamic", "static")
 
 
