@@ -43,10 +43,17 @@ from edgeformer.benchmarks.optimum_peer import SYSTEMS as OPTIMUM
 from edgeformer.benchmarks.optimum_peer import sources
 from edgeformer.model.config import BASE_SIZE
 
-# system -> (bundle folder, provider); (device, dtype) of Hugging Face's model
-EDGEFORMER = {"edgeformer-int8": ("edgeformer-int8", "cpu"), "edgeformer-fp32": ("edgeformer-opt", "cpu"),
-              "edgeformer-cuda-fp32": ("edgeformer-cuda", "cuda"),
-              "edgeformer-cuda-fp16": ("edgeformer-cuda-fp16", "cuda")}
+SEARCH_BUNDLE = "edgeformer-int8-search"
+
+# system -> (bundle folder, provider, search); (device, dtype) of Hugging Face's model
+EDGEFORMER = {"edgeformer-int8": ("edgeformer-int8", "cpu", "python"),
+              "edgeformer-fp32": ("edgeformer-opt", "cpu", "python"),
+              "edgeformer-cuda-fp32": ("edgeformer-cuda", "cuda", "python"),
+              "edgeformer-cuda-fp16": ("edgeformer-cuda-fp16", "cuda", "python"),
+              # the int8 bundle with its search in one graph (`make-search`), run by that graph and by our Python
+              # search over its two graphs (their cache concatenated, as the operator takes it)
+              "edgeformer-int8-graph": (SEARCH_BUNDLE, "cpu", "graph"),
+              "edgeformer-int8-concat": (SEARCH_BUNDLE, "cpu", "python")}
 TORCH = {"torch": ("cpu", "float32"), "torch-cuda-fp32": ("cuda", "float32"), "torch-cuda-fp16": ("cuda", "float16")}
 CT2 = ("ct2-int8", "ct2-fp32")
 SYSTEMS = (*EDGEFORMER, *CT2, *TORCH)
@@ -80,6 +87,17 @@ def write_tokenizer(hf: Path, vocab_size: int, seed: int) -> None:
     vocab += [f"<x{i}>" for i in range(vocab_size - 1 - len(vocab))] + ["<pad>"]
     assert len(vocab) == len(set(vocab)) == vocab_size
     (hf / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(vocab)}))
+
+
+def make_search(out: Path, inputs: int = 16) -> None:
+    """The int8 bundle with its search in one graph, from `make`'s fp32 export: optimized with the cache the
+    operator takes (concatenated), then quantized; both checked token for token on `inputs` random inputs."""
+    from edgeformer.transforms.derive import Judging, optimize, quantize
+
+    concat = out / "edgeformer-opt-concat"
+    optimize(out / "edgeformer-fp32", concat, force=True, search="beam", judging=Judging(inputs=inputs))
+    quantize(concat, out / SEARCH_BUNDLE, to="int8", preset="auto", force=True, search="beam",
+             judging=Judging(inputs=inputs))
 
 
 def make(out: Path, seed: int, small: bool, optimum_python: str | None = None, device: str = "cpu") -> None:
@@ -133,6 +151,7 @@ def make(out: Path, seed: int, small: bool, optimum_python: str | None = None, d
         return
     optimize(out / "edgeformer-fp32", out / "edgeformer-opt", force=True)
     quantize(out / "edgeformer-opt", out / "edgeformer-int8", to="int8", preset="auto", force=True)
+    make_search(out)
     if optimum_python:
         subprocess.run([optimum_python, str(OPTIMUM_PEER), "make", str(hf), str(out)], check=True)
     params = sum(p.numel() for p in model.parameters())
@@ -182,10 +201,10 @@ def torch_generator(path: Path, ids: list[list[int]], beams: int, new_tokens: in
 
 
 def edgeformer_generator(path: Path, ids: list[list[int]], beams: int, new_tokens: int, threads: int,
-                         provider: str = "cpu") -> tuple[Callable[[], None], str, Callable[[], float]]:
+                         provider: str = "cpu", search: str = "python",
+                         ) -> tuple[Callable[[], None], str, Callable[[], float]]:
     """Our runtime, and a clock of the time spent inside onnxruntime's runs (the rest is Python and numpy)."""
     from edgeformer.runtime import engine, session
-    from edgeformer.runtime.options import GenerationConfig
     from edgeformer.runtime.session import Runtime
 
     inside = [0.0]
@@ -207,10 +226,17 @@ def edgeformer_generator(path: Path, ids: list[list[int]], beams: int, new_token
     # wrapped here, in the benchmark's own process: the runtime itself keeps no clock
     setattr(engine.StepBinding, "__init__", init)  # noqa: B010
     setattr(session.Runtime, "_run", timed(base_run))  # noqa: B010
-    rt = Runtime(path, providers=[provider], threads=threads)
+    rt = Runtime(path, providers=[provider], threads=threads, search=search)
     assert rt.provider == engine.provider(provider).name, f"{provider} asked, {rt.provider} given"
-    gen = GenerationConfig(strategy="beam" if beams > 1 else "greedy", num_beams=beams, max_new_tokens=new_tokens,
-                           ignore_eos=True)
+    # EOS ignored; where a bundle carries its search in one graph, whose operator cannot ignore it, forbidden (the
+    # Python search too, to do the same work): every hypothesis holds new_tokens tokens either way. A graph built
+    # without early stopping (Marian's default) has no greedy form: batch 1 runs as one beam there, in both.
+    found = rt.manifest.search
+    fixed = ({"min_new_tokens": new_tokens, "forced_eos": False, "early_stopping": found["early_stopping"]}
+             if found else {"ignore_eos": True})
+    strategy = "beam" if beams > 1 or (found and not found["early_stopping"]) else "greedy"
+    gen = rt.generation_config(strategy=strategy, num_beams=beams, max_new_tokens=new_tokens,
+                               num_return_sequences=1, length_penalty=1.0, **fixed)
 
     def call() -> None:
         hyps = rt.generate(ids, gen)
@@ -240,9 +266,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         call, compute_type = torch_generator(a.folder / "hf", ids, a.beams, a.new_tokens, a.threads,
                                              *TORCH[a.system])
     elif a.system in EDGEFORMER:
-        folder, provider = EDGEFORMER[a.system]
+        folder, provider, search = EDGEFORMER[a.system]
         call, compute_type, inside = edgeformer_generator(a.folder / folder, ids, a.beams, a.new_tokens,
-                                                          a.threads, provider)
+                                                          a.threads, provider, search)
     else:
         call, compute_type = ct2_generator(a.folder / a.system, ids, a.beams, a.new_tokens, a.threads)
     call()  # warm-up (also checks the lengths)
@@ -354,6 +380,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                    help="a Python with optimum-onnx: also export and quantize the model with Optimum")
     m.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: our bundles optimized for CUDA, fp32 and fp16 (needs onnxruntime-gpu and a GPU)")
+    ms = sub.add_parser("make-search", help="only the int8 bundle with its search in one graph, in a made folder")
+    ms.add_argument("folder", type=Path)
     for name in ("run", "grid"):
         s = sub.add_parser(name)
         s.add_argument("folder", type=Path)
@@ -379,6 +407,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     a = p.parse_args(argv)
     if a.mode == "make":
         make(a.folder, a.seed, a.small, a.optimum_python, a.device)
+    elif a.mode == "make-search":
+        make_search(a.folder)
     elif a.mode == "run":
         print(json.dumps(run(a)))
     else:

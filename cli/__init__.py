@@ -75,7 +75,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     checkpoint, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
     log = None if args.json else (lambda msg: print(f"  {msg}...", flush=True))
-    result = export(checkpoint, Path(out), force=args.force, log=log)
+
+    def search(folder: Path, manifest: Any) -> Any:  # the one-graph search, checked on the variants' inputs
+        from edgeformer.transforms.registry import family_judging
+        from edgeformer.transforms.search import with_search
+
+        sources = family_judging(manifest.family).inputs(manifest, folder, None, 200).sources
+        return with_search(folder, manifest, args.search, sources, log)
+
+    result = export(checkpoint, Path(out), force=args.force, log=log, finish=search if args.search else None)
     if args.json:
         print(json.dumps({"path": str(result.path), "seconds": result.seconds, "bytes": result.bundle_bytes,
                           "parity": result.parity}))
@@ -133,7 +141,7 @@ def _derive_options(args: argparse.Namespace) -> dict[str, Any]:
     """What every bundle-to-bundle verb passes on: overwrite, gate, judging, progress."""
     from edgeformer.transforms.derive import Judging
 
-    return {"force": args.force, "allow_drop": args.allow_drop,
+    return {"force": args.force, "allow_drop": args.allow_drop, "search": args.search,
             "judging": Judging(args.eval, args.metric, args.eval_size),
             "log": None if args.json else (lambda msg: print(f"  {msg}...", flush=True))}
 
@@ -174,6 +182,11 @@ def cmd_info(args: argparse.Namespace) -> None:
           + f", {c['norm']}-norm")
     if m.generation:
         print("generation defaults: " + ", ".join(f"{k} {v}" for k, v in m.generation.items()))
+    if m.search:
+        checked = m.search.get("check") or {}
+        print(f"search in one graph ({m.graph_files.get('search')}): {m.search['strategy']}, early stopping "
+              f"{m.search['early_stopping']}" + (f"; tokens identical to the runtime's search on {checked['inputs']} "
+                                                 f"inputs x {checked['settings']} settings" if checked else ""))
     for name, spec in m.graphs.items():
         print(f"\n{name} graph ({m.graph_files[name]})")
         rows = [["in", t.name, t.dtype, "(" + ", ".join(map(str, t.shape)) + ")"] for t in spec.inputs]
@@ -248,7 +261,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     limits = Limits(source_tokens=args.limit_source_tokens, new_tokens=args.limit_new_tokens, rows=args.limit_rows)
     rt = Runtime(args.bundle, providers=args.provider.split(","), threads=args.threads,
-                 decoder_threads=args.decoder_threads, limits=limits)
+                 decoder_threads=args.decoder_threads, limits=limits, search=args.search)
     misses = rt.manifest.misses
     if misses:
         print(f"warning: this {rt.manifest.variant} bundle was written with --allow-drop and misses its target: "
@@ -268,18 +281,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     hyps = rt.generate(src, gen)
     seconds = time.perf_counter() - start
+    where = "one graph" if rt.search_session is not None and not rt.graph_runs(gen) else "Python"
 
     def show(tokens: list[int]) -> str:
         return rt.tokenizer.decode(tokens) if rt.tokenizer is not None and not args.ids else " ".join(
             map(str, tokens))
 
     if args.json:
-        print(json.dumps({"provider": rt.provider, "seconds": seconds, "outputs": [
+        print(json.dumps({"provider": rt.provider, "search": where, "seconds": seconds, "outputs": [
             [{"output": show(h.tokens), "tokens": h.tokens, "score": h.score} for h in hs] for hs in hyps]}))
         return
     rows = [[inp, show(h.tokens), f"{h.score:.3f}"] for inp, hs in zip(inputs, hyps, strict=True) for h in hs]
     print(table(["input", "output", "score"], rows))
-    print(f"{len(inputs)} inputs in {seconds * 1000:.0f} ms on {rt.provider}")
+    print(f"{len(inputs)} inputs in {seconds * 1000:.0f} ms on {rt.provider}, searched in {where}")
 
 
 def cmd_parity(args: argparse.Namespace) -> None:
@@ -340,11 +354,16 @@ EVAL_HELP = ("inputs to judge on, one a line: text (or text<TAB>reference) for a
              "random ids from its vocabulary")
 
 
+SEARCH_HELP = ("also write the whole search in one graph (search.onnx: onnxruntime's BeamSearch operator over the "
+               "two graphs), for onnxruntime bindings without our Python loop; checked token for token against the "
+               "runtime's search before it is written. beam runs greedy too")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # the allowed values of options, from the modules that own them (none of them needs torch or onnx)
     from edgeformer.model.importers import IMPORTERS
     from edgeformer.model.metrics import METRICS
-    from edgeformer.runtime.encoder_decoder import CACHES
+    from edgeformer.runtime.encoder_decoder import CACHES, SEARCHES
     from edgeformer.runtime.options import Limits
     from edgeformer.transforms.options import AUTO, INT8_METHODS, INT8_PRESETS, OFFLINE_LEVELS
     from edgeformer.transforms.registry import QUANTIZED
@@ -367,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="[CHECKPOINT] OUT",
                    help="checkpoint folder (default: the shipped model) and the bundle folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at OUT")
+    p.add_argument("--search", choices=SEARCHES, help=SEARCH_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -386,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help="texts (or token ids with --ids); read from stdin when absent")
     p.add_argument("--ids", action="store_true", help="inputs and outputs are token ids")
     p.add_argument("--provider", default="cpu", help="comma-separated, in order of preference (cpu, cuda, ...)")
+    p.add_argument("--search", choices=["auto", "graph", "python"], default="auto",
+                   help="a bundle with its search in one graph (--search on export): auto runs that graph where it "
+                        "can run the settings, else our Python search")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--decoder-threads", type=int, default=None,
                    help="the decoder's intra-op threads; default: 1 where a step is small (a small model at a "
@@ -434,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the task's, exact_match for token ids, chrf for texts")
         p.add_argument("--eval-size", type=_positive, default=200, help="how many inputs to judge on (random ones: "
                        "at most 64)")
+        p.add_argument("--search", choices=SEARCHES, help=SEARCH_HELP)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
         return p

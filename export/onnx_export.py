@@ -89,11 +89,13 @@ class ExportResult:
 
 
 def export(checkpoint: Path | str | None, out: Path | str, force: bool = False, opset: int = OPSET,
-           log: Callable[[str], None] | None = None) -> ExportResult:
+           log: Callable[[str], None] | None = None,
+           finish: Callable[[Path, Manifest], Manifest] | None = None) -> ExportResult:
     """Export a checkpoint folder (the shipped model when None) to a bundle folder at `out`.
 
     The graphs are checked (onnx.checker, then onnxruntime against PyTorch) before anything appears at `out`;
-    a failed check raises ParityError and leaves nothing behind.
+    a failed check raises ParityError and leaves nothing behind. finish(folder, manifest): what else the bundle
+    gets before it is moved into place (the one-graph search), its manifest saved by it and returned.
     """
     say = log or (lambda _msg: None)
     start = time.perf_counter()
@@ -122,5 +124,7 @@ def export(checkpoint: Path | str | None, out: Path | str, force: bool = False, 
                             producer=producer_versions(), parity=parity, exporter=EXPORTER,
                             generation=load_generation(checkpoint), family=family.name, task=load_task(checkpoint))
         manifest.save(tmp)
+        if finish is not None:
+            manifest = finish(tmp, manifest)
         size = manifest.bytes(tmp)
     return ExportResult(Path(out), time.perf_counter() - start, size, parity)

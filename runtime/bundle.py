@@ -267,6 +267,7 @@ class Manifest:
     family: str = DEFAULT_FAMILY  # the model family (runtime/families.py), which declares the graphs
     cache: str = "concat"  # how the graphs pass a cache: one of the family's `caches` (runtime/encoder_decoder.py)
     task: str | None = None  # the built-in task the model was trained on, if it was: variants are judged on it
+    search: dict[str, Any] | None = None  # the one-graph search, if the bundle has one: strategy, early_stopping
     format_version: int = FORMAT_VERSION
 
     @property
@@ -310,6 +311,7 @@ class Manifest:
             "transforms": self.transforms,
             "variant_parity": self.variant_parity,
             "generation": self.generation,
+            **({"search": self.search} if self.search else {}),
         }
 
     @classmethod
@@ -336,6 +338,11 @@ class Manifest:
         if cache not in family.caches:
             raise BundleError(f"{where}: cache {cache!r} is not one a {family.name} bundle may have "
                               f"({', '.join(family.caches)})")
+        search = _expect(d.get("search"), (dict, type(None)), "search", where)
+        if search is not None and (search.get("strategy") not in family.searches
+                                   or not isinstance(search.get("early_stopping"), bool)):
+            raise BundleError(f"{where}: malformed manifest: search must give a strategy of "
+                              f"{', '.join(family.searches) or 'none'} and early_stopping true or false")
         graphs, graph_files = {}, {}
         for name, g in _expect(d.get("graphs"), dict, "graphs", where).items():
             _expect(g, dict, f"graphs.{name}", where)
@@ -344,7 +351,7 @@ class Manifest:
                 graphs[name] = GraphSpec.from_dict(name, g)
             except (KeyError, TypeError, ValueError) as e:
                 raise BundleError(f"{where}: malformed manifest: graph {name}'s inputs or outputs ({e})") from None
-        expected = family.graphs(config, cache=cache)
+        expected = family.graphs(config, cache=cache, **({"search": search["strategy"]} if search else {}))
         if set(graphs) != set(expected):
             raise BundleError(f"{where}: a {family.name} bundle has the graphs {', '.join(expected)}; this manifest "
                               f"declares {', '.join(graphs) or 'none'}")
@@ -381,8 +388,8 @@ class Manifest:
                    parity=_expect(d.get("parity", {}), dict, "parity", where),
                    exporter=str(d.get("exporter", "")), transforms=transforms, variant_parity=variant_parity,
                    generation=_expect(d.get("generation", {}), dict, "generation", where), family=family.name,
-                   cache=cache,
-                   task=_expect(d.get("task"), (str, type(None)), "task", where), format_version=version)
+                   cache=cache, task=_expect(d.get("task"), (str, type(None)), "task", where), search=search,
+                   format_version=version)
 
     def save(self, folder: Path) -> None:
         """Record the size and sha256 of every other file in the folder, then write the manifest."""

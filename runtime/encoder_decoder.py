@@ -30,6 +30,12 @@ CAPACITY, PAST_LENGTH = "capacity", "past_length"
 LOGITS_MASK, TOP_K_INPUT, TOP_LOG_PROBS, TOP_IDS = "logits_mask", "top_k", "top_log_probs", "top_ids"
 HEAD_INPUTS, HEAD_OUTPUTS = (LOGITS_MASK, TOP_K_INPUT), (TOP_LOG_PROBS, TOP_IDS)
 SEARCH_HEAD = "search_head/"  # the prefix of its nodes' names (transforms keep them in float32)
+# The whole search in one graph (`--search greedy|beam`): onnxruntime's BeamSearch operator (com.microsoft, its
+# encoder-decoder form) holding the encoder and decoder as subgraphs, so that any onnxruntime binding generates
+# with one run. Greedy is its one-beam form with early stopping. A bundle that has it keeps its two graphs, which
+# share its weight files. Sequences start with the decoder start token and end where END fills them (-1: no token).
+SEARCH, SEARCHES, END = "search", ("greedy", "beam"), -1
+SEARCH_FILE = "search.onnx"
 
 
 def past_name(layer: int, attention: str, kind: str) -> str:
@@ -85,13 +91,33 @@ def decoder_spec(layers: int, heads: int, head_dim: int, vocab: int, dtype: str 
     return GraphSpec(DECODER, inputs, outputs)
 
 
-def graphs(config: Mapping[str, Any], cache: str = "concat") -> dict[str, GraphSpec]:
+def search_spec(vocab: int, strategy: str) -> GraphSpec:
+    """The one-graph search: sources in, sequences out. int32, as onnxruntime's operator takes them; what a greedy
+    graph fixes (one beam, one sequence, no length penalty) is not an input."""
+    beam = strategy == "beam"
+    one = (1,)
+    inputs = (TensorSpec("input_ids", "int32", (BATCH, SRC_LEN)),
+              TensorSpec("attention_mask", "int32", (BATCH, SRC_LEN)),
+              TensorSpec("max_length", "int32", one),  # the start token and the new tokens, EOS included
+              TensorSpec("min_length", "int32", one),  # EOS is forbidden while a sequence is shorter
+              *((TensorSpec("num_beams", "int32", one), TensorSpec("num_return_sequences", "int32", one),
+                 TensorSpec("length_penalty", "float32", one)) if beam else ()),
+              TensorSpec("vocab_mask", "int32", (vocab,)))  # 0 for the tokens never to generate
+    outputs = (TensorSpec("sequences", "int32", (BATCH, "num_return_sequences", "max_length")),
+               TensorSpec("sequences_scores", "float32", (BATCH, "num_return_sequences")))
+    return GraphSpec(SEARCH, inputs, outputs)
+
+
+def graphs(config: Mapping[str, Any], cache: str = "concat", search: str | None = None) -> dict[str, GraphSpec]:
     """The graphs of a model with this config (config.json's fields), its self-attention cache passed as `cache`
-    (CACHES)."""
+    (CACHES), and with `search` (SEARCHES) the one-graph search."""
     layers, heads = int(config["n_decoder_layers"]), int(config["n_heads"])
     head_dim = int(config["d_model"]) // heads
-    return {ENCODER: encoder_spec(layers, heads, head_dim),
-            DECODER: decoder_spec(layers, heads, head_dim, int(config["tgt_vocab_size"]), cache=cache)}
+    found = {ENCODER: encoder_spec(layers, heads, head_dim),
+             DECODER: decoder_spec(layers, heads, head_dim, int(config["tgt_vocab_size"]), cache=cache)}
+    if search is not None:
+        found[SEARCH] = search_spec(int(config["tgt_vocab_size"]), search)
+    return found
 
 
 # The largest value each size may have in a manifest: far beyond any model this runtime serves, and small enough
@@ -128,4 +154,4 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
 
 ENCODER_DECODER = Family(name="encoder-decoder", graph_files={ENCODER: "encoder.onnx", DECODER: "decoder.onnx"},
                          axes=(BATCH, ROWS, SRC_LEN, TGT_LEN, PAST_LEN, TOP_K, CAPACITY), graphs=graphs,
-                         check_config=check_config, caches=CACHES)
+                         check_config=check_config, caches=CACHES, searches=SEARCHES)

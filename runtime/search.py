@@ -97,10 +97,13 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 def search(make_steps: Callable[[int], StepModel], batch: int, gen: GenerationConfig, bos_id: int, eos_id: int,
-           pad_id: int, on_token: Callable[[int, int], None] | None = None) -> list[list[Hypothesis]]:
-    """make_steps(rows_per_input) builds a step model over batch * rows_per_input rows."""
+           pad_id: int, on_token: Callable[[int, int], None] | None = None,
+           operator_rules: bool = False) -> list[list[Hypothesis]]:
+    """make_steps(rows_per_input) builds a step model over batch * rows_per_input rows. operator_rules: a beam
+    that reaches max_new_tokens is scored by its length with the decoder start token, as onnxruntime's BeamSearch
+    operator scores it (Hugging Face, and so this search, count the new tokens alone)."""
     if gen.strategy == "beam":
-        return _beam(make_steps(gen.num_beams), batch, gen, bos_id, eos_id, pad_id)
+        return _beam(make_steps(gen.num_beams), batch, gen, bos_id, eos_id, pad_id, int(operator_rules))
     produced = greedy_or_sample(make_steps(gen.num_return_sequences), batch, gen, bos_id, eos_id)
     while True:
         try:
@@ -184,7 +187,7 @@ def leaving(live: np.ndarray) -> np.ndarray | None:
 
 
 def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_id: int,
-          pad_id: int) -> list[list[Hypothesis]]:
+          pad_id: int, start_counts: int = 0) -> list[list[Hypothesis]]:
     k = gen.num_beams
     inputs = np.arange(batch)  # the input whose k beams each block of k rows of the step model holds
     beam_scores = np.zeros((batch, k))
@@ -243,7 +246,8 @@ def _beam(steps: StepModel, batch: int, gen: GenerationConfig, bos_id: int, eos_
         if not done[b]:  # reached max_new_tokens: the running beams compete with the finished ones
             for i in range(k):
                 row = j * k + i
-                finished[b].append(Hypothesis(seqs[row], penalized(float(beam_scores[j, i]), len(seqs[row]))))
+                length = len(seqs[row]) + start_counts
+                finished[b].append(Hypothesis(seqs[row], penalized(float(beam_scores[j, i]), length)))
     return [sorted(f, key=lambda h: -h.score)[: gen.num_return_sequences] for f in finished]
 
 

@@ -24,8 +24,11 @@ from edgeformer.runtime.encoder_decoder import (
     DECODER,
     ENCODER,
     ENCODER_DECODER,
+    END,
     LOGITS_MASK,
     PAST_LENGTH,
+    SEARCH,
+    SEARCH_FILE,
     TOP_IDS,
     TOP_K_INPUT,
     TOP_LOG_PROBS,
@@ -43,10 +46,13 @@ from edgeformer.runtime.engine import (
 )
 from edgeformer.runtime.errors import BundleError, EngineError, InputError, LimitError
 from edgeformer.runtime.options import GenerationConfig, Hypothesis, Limits, is_int
-from edgeformer.runtime.search import StepModel, greedy_or_sample, pad, search
+from edgeformer.runtime.search import StepModel, greedy_or_sample, pad
+from edgeformer.runtime.search import search as python_search
 from edgeformer.runtime.tokenizer import load_tokenizer
 
 MAX_THREADS = 1024  # onnxruntime takes an int32; no machine this runs on has more cores
+SEARCH_MODES = ("auto", "graph", "python")  # where a bundle with a one-graph search searches (Runtime's `search`)
+TO_HOST = ("logits", "sequences", "sequences_scores")  # outputs read on the host; caches stay on the device
 
 # A decoder step that reads fewer weights than this, over all its rows, runs on one intra-op thread: handing its
 # small operators to a second thread costs more than it saves (README: Benchmarks, "Threads").
@@ -72,10 +78,13 @@ class Runtime:
 
     def __init__(self, bundle: Path | str, providers: Sequence[str] = ("cpu",), threads: int | None = None,
                  optimization: str = "all", verify: bool = True, spin: bool = True,
-                 decoder_threads: int | None = None, limits: Limits | None = None) -> None:
+                 decoder_threads: int | None = None, limits: Limits | None = None, search: str = "auto") -> None:
         """threads: intra-op threads (None: onnxruntime's default, one per physical core). decoder_threads: the
         decoder's, if they should differ; by default a generate call whose steps are small (SMALL_STEP_WEIGHTS)
-        runs its decoder on one thread, and on `threads` otherwise. limits: what one call may ask (Limits)."""
+        runs its decoder on one thread, and on `threads` otherwise. limits: what one call may ask (Limits).
+        search: where a bundle that carries its search in one graph searches: "auto", in that graph when it can
+        run the call's settings (`graph_runs`) and in Python over the two graphs otherwise; "graph" always (a call
+        it cannot run is refused); "python" never."""
         # "all" even for graphs optimized offline: less leaves a tied projection's Transpose unfolded (README: Runtime)
         for name, value in (("threads", threads), ("decoder_threads", decoder_threads)):
             if value is not None and (not is_int(value) or not 1 <= value <= MAX_THREADS):
@@ -96,28 +105,26 @@ class Runtime:
         self.config = self.manifest.config
         self.decoder_threads = decoder_threads or threads
 
-        def open_graph(graph: str, threads: int | None) -> ort.InferenceSession:
-            options = session_options(optimization, threads, spin, stop_spinning=graph == ENCODER)
-            # The encoder's attention takes memory in the square of the source, once a call: allocated without an
-            # arena, it goes back when the run ends (README: Runtime, "Memory"). The decoder keeps its arena.
-            options.enable_cpu_mem_arena = graph != ENCODER
-            return open_session(self.path / self.manifest.graph_files[graph], options, self.requested_providers)
-
-        self.sessions = {ENCODER: open_graph(ENCODER, threads), DECODER: open_graph(DECODER, self.decoder_threads)}
-        self.provider = self.sessions[DECODER].get_providers()[0]  # the one that actually runs
-        self.device = provider(self.provider).device
-        if self.manifest.cache == "buffer" and self.device != "cpu":
-            # its buffers are host memory read and written in place, which a device copies when they are bound
-            raise BundleError(f"{self.path} passes its cache in CPU buffers, which {self.provider} cannot run; make "
-                              "a bundle for it with `edgeformer optimize --provider <it> --cache concat`")
-        # A second decoder session on one thread, for the small steps of a small model (see SMALL_STEP_WEIGHTS):
-        # which one a call uses depends on its rows, and a session's threads are fixed when it opens. It costs
-        # little: only a model whose step reads fewer than SMALL_STEP_WEIGHTS weights gets one.
+        self._options = (optimization, threads, spin, decoder_threads)
         self.step_weights = step_weights(self.config)
-        self.one_thread_decoder = (
-            open_graph(DECODER, 1) if decoder_threads is None and threads != 1 and self.device == "cpu"
-            and self.step_weights < SMALL_STEP_WEIGHTS else None)
-        self._check_graphs()
+        if search not in SEARCH_MODES:
+            raise InputError(f"search={search!r}: choose one of {', '.join(SEARCH_MODES)}")
+        if search == "graph" and self.manifest.search is None:
+            raise InputError(f"{self.path} has no one-graph search; make a bundle with one with `--search greedy` "
+                             "or `--search beam` on export, optimize or quantize")
+        self.search = search
+        self._sessions: dict[str, ort.InferenceSession] | None = None
+        self.one_thread_decoder: ort.InferenceSession | None = None
+        self.search_session = None
+        if self.manifest.search is not None and search != "python":
+            # the two graphs open when a call needs them (sampling, streaming): a deployment of the one graph holds
+            # one session
+            self.search_session = self._open(SEARCH, threads)
+            self.manifest.graphs[SEARCH].check_names(*graph_io(self.search_session), self.path / SEARCH_FILE)
+            self.provider = self.search_session.get_providers()[0]
+            self.device = provider(self.provider).device
+        else:
+            self._open_two_graphs()
         self.tokenizer = (load_tokenizer(self.path, self.manifest.files) if self.manifest.tokenizer else None)
         try:
             self.generation = GenerationConfig.from_dict(self.manifest.generation)
@@ -128,9 +135,38 @@ class Runtime:
         self.self_cache_inputs = [t for t in self.manifest.graphs[DECODER].inputs if is_self_cache(t.name)]
         self.cache_dtype = np.dtype(self.self_cache_inputs[0].dtype) if self.self_cache_inputs else np.float32
 
-    def _check_graphs(self) -> None:
-        for name, session in self.sessions.items():
+    def _open(self, graph: str, threads: int | None) -> ort.InferenceSession:
+        optimization, _, spin, _ = self._options
+        options = session_options(optimization, threads, spin, stop_spinning=graph != DECODER)
+        # The encoder's attention takes memory in the square of the source, once a call: allocated without an
+        # arena, it goes back when the run ends (README: Runtime, "Memory"). The decoder keeps its arena.
+        options.enable_cpu_mem_arena = graph != ENCODER
+        return open_session(self.path / self.manifest.graph_files[graph], options, self.requested_providers)
+
+    def _open_two_graphs(self) -> dict[str, ort.InferenceSession]:
+        _, threads, _, decoder_threads = self._options
+        self._sessions = {ENCODER: self._open(ENCODER, threads), DECODER: self._open(DECODER, self.decoder_threads)}
+        self.provider = self._sessions[DECODER].get_providers()[0]  # the one that actually runs
+        self.device = provider(self.provider).device
+        if self.manifest.cache == "buffer" and self.device != "cpu":
+            # its buffers are host memory read and written in place, which a device copies when they are bound
+            raise BundleError(f"{self.path} passes its cache in CPU buffers, which {self.provider} cannot run; make "
+                              "a bundle for it with `edgeformer optimize --provider <it> --cache concat`")
+        # A second decoder session on one thread, for the small steps of a small model (see SMALL_STEP_WEIGHTS):
+        # which one a call uses depends on its rows, and a session's threads are fixed when it opens. It costs
+        # little: only a model whose step reads fewer than SMALL_STEP_WEIGHTS weights gets one.
+        self.one_thread_decoder = (
+            self._open(DECODER, 1) if decoder_threads is None and threads != 1 and self.device == "cpu"
+            and self.step_weights < SMALL_STEP_WEIGHTS else None)
+        for name, session in self._sessions.items():
             self.manifest.graphs[name].check_names(*graph_io(session), self.path / self.manifest.graph_files[name])
+        return self._sessions
+
+    @property
+    def sessions(self) -> dict[str, ort.InferenceSession]:
+        """The encoder's and the decoder's sessions, opened when first needed where the bundle's search runs in one
+        graph."""
+        return self._sessions if self._sessions is not None else self._open_two_graphs()
 
     # -- checks ------------------------------------------------------------------------------------------------
 
@@ -188,13 +224,14 @@ class Runtime:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
 
     def bind_outputs(self, binding: ort.IOBinding, outputs: list[str]) -> None:
-        """Logits come back to the host; caches stay where the provider computes them."""
+        """Logits and sequences come back to the host; caches stay where the provider computes them."""
         binding.clear_binding_outputs()
         for name in outputs:
-            binding.bind_output(name, "cpu" if name == "logits" else self.device)
+            binding.bind_output(name, "cpu" if name in TO_HOST else self.device)
 
     def _run(self, graph: str, inputs: dict[str, np.ndarray | ort.OrtValue], outputs: list[str]) -> list:
-        session = self.sessions[graph]
+        session = self.search_session if graph == SEARCH else self.sessions[graph]
+        assert session is not None
         binding = session.io_binding()
         self.bind(binding, inputs)
         self.bind_outputs(binding, outputs)
@@ -239,13 +276,65 @@ class Runtime:
     # -- generation --------------------------------------------------------------------------------------------
 
     def generate(self, src: Sequence[Sequence[int]], gen: GenerationConfig | None = None,
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[Hypothesis]]:
+                 on_token: Callable[[int, int], None] | None = None, search: str | None = None,
+                 operator_rules: bool = False) -> list[list[Hypothesis]]:
         """Token ids in, per input its hypotheses (best first) out. `on_token(input_index, token)` streams
-        greedy and sampled tokens as they are produced."""
+        greedy and sampled tokens as they are produced. search: this call's, if not the runtime's (see __init__).
+        operator_rules: the Python beam search scores a beam that reaches max_new_tokens as onnxruntime's
+        BeamSearch does (its length counts the decoder start token), to compare the two like with like."""
         gen = self.generation if gen is None else gen
         ids, mask = pad(self.check_inputs(src, gen), int(self.config["pad_id"]))
-        return search(lambda rows: self.step_model(ids, mask, rows, gen.max_new_tokens), len(ids), gen,
-                      int(self.config["bos_id"]), int(self.config["eos_id"]), int(self.config["pad_id"]), on_token)
+        mode = self.search if search is None else search
+        if mode not in SEARCH_MODES:
+            raise InputError(f"search={mode!r}: choose one of {', '.join(SEARCH_MODES)}")
+        why = self.graph_runs(gen, on_token)
+        if mode == "graph" and why:
+            raise InputError(f"the one-graph search cannot run this call: {why}; use search='python' (or 'auto')")
+        if mode != "python" and not why:
+            return self._search_in_graph(ids, mask, gen)
+        return python_search(lambda rows: self.step_model(ids, mask, rows, gen.max_new_tokens), len(ids), gen,
+                             int(self.config["bos_id"]), int(self.config["eos_id"]), int(self.config["pad_id"]),
+                             on_token, operator_rules=operator_rules)
+
+    def graph_runs(self, gen: GenerationConfig, on_token: Callable[[int, int], None] | None = None) -> str:
+        """Why the bundle's one-graph search cannot run these settings ("" where it can)."""
+        found = self.manifest.search
+        if found is None or self.search_session is None:
+            return "the runtime holds no one-graph search" + ("" if found else " (the bundle has none)")
+        one_beam = gen.strategy == "greedy"
+        if gen.strategy not in ("greedy", found["strategy"]):
+            return f"strategy {gen.strategy!r} (the graph searches {found['strategy']})"
+        if on_token is not None:
+            return "tokens streamed as they are produced (the graph returns whole sequences)"
+        if gen.ignore_eos or gen.forced_eos:
+            return "ignore_eos or forced_eos (the graph ends a sequence at EOS and forces nothing)"
+        if one_beam and not found["early_stopping"]:
+            return ("greedy search (the graph was built without early stopping, which its one-beam greedy form needs: "
+                    "make one with --search greedy)")
+        if not one_beam and gen.early_stopping != found["early_stopping"]:
+            return (f"early_stopping={gen.early_stopping} (the graph was built with "
+                    f"early_stopping={found['early_stopping']})")
+        return ""
+
+    def _search_in_graph(self, ids: np.ndarray, mask: np.ndarray, gen: GenerationConfig) -> list[list[Hypothesis]]:
+        assert self.search_session is not None
+        vocab_mask = np.ones(int(self.config["tgt_vocab_size"]), np.int32)
+        vocab_mask[list(gen.suppress_tokens)] = 0
+        beam = gen.strategy == "beam"
+        one = np.ones(1, np.int32)
+        feeds = {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
+                 "max_length": one * (gen.max_new_tokens + 1), "min_length": one * (gen.min_new_tokens + 1),
+                 "num_beams": one * (gen.num_beams if beam else 1),
+                 "num_return_sequences": one * gen.num_return_sequences,
+                 "length_penalty": np.array([gen.length_penalty if beam else 0.0], np.float32),  # greedy: the sum
+                 "vocab_mask": vocab_mask}
+        spec = self.manifest.graphs[SEARCH]
+        sequences, scores = (v.numpy() for v in self._run(SEARCH, {n: feeds[n] for n in spec.input_names},
+                                                          spec.output_names))
+        # each sequence: the decoder start token, the new tokens, then END where it stopped (EOS is not kept)
+        return [[Hypothesis([int(t) for t in seq[1:] if t != END], float(score))
+                 for seq, score in zip(seqs, row_scores, strict=True)] for seqs, row_scores in zip(sequences, scores,
+                                                                                                    strict=True)]
 
     def stream(self, src: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
         """Yield the tokens of one input as they are produced (greedy, or one sample). The search runs in the

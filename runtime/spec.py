@@ -75,6 +75,7 @@ class Family:
     name: str
     graph_files: dict[str, str]  # graph name -> file in the bundle
     axes: tuple[str, ...]
-    graphs: Callable[..., dict[str, GraphSpec]]  # (config, cache=...) -> the graphs
+    graphs: Callable[..., dict[str, GraphSpec]]  # (config, cache=..., search=...) -> the graphs
     check_config: Callable[[Mapping[str, Any]], list[str]]  # the problems of a config read from a manifest
     caches: tuple[str, ...] = ("concat",)  # the ways a bundle's graphs may pass a cache, the first the exporter's
+    searches: tuple[str, ...] = ()  # the searches a bundle may carry in one graph of its own

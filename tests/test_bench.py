@@ -132,7 +132,8 @@ def test_throughput_grid_runs_every_system_on_the_same_weights_and_writes_its_re
     made = subprocess.run([*verb, "make", str(tmp_path / "tp"), "--small", *peer], capture_output=True, text=True,
                           check=False)
     assert made.returncode == 0, made.stderr[-2000:]
-    systems = ["edgeformer-int8", "edgeformer-fp32", "torch"] + (["ct2-int8"] if find_spec("ctranslate2") else [])
+    systems = ["edgeformer-int8", "edgeformer-fp32", "edgeformer-int8-graph", "torch"]
+    systems += ["ct2-int8"] if find_spec("ctranslate2") else []
     systems += ["optimum-fp32", "optimum-int8"] if optimum else []
     out = subprocess.run([sys.executable, script, "grid", str(tmp_path / "tp"), "--systems", ",".join(systems),
                           "--points", "2x1,2x3", "--new-tokens", "5", "--repeats", "1", "--out", str(tmp_path / "r"),

@@ -49,13 +49,15 @@ class Judging:
 
 def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeOptions | QuantizeOptions,
            force: bool = False, allow_drop: bool = False, judging: Judging = Judging(),
-           log: Callable[[str], None] | None = None) -> VariantReport:
+           log: Callable[[str], None] | None = None, search: str | None = None) -> VariantReport:
     """Apply the transform that makes `variant` to every graph of a bundle, judge the result against the source,
-    write it atomically."""
+    write it atomically. search: the one-graph search the result carries (transforms/search.py); by default the
+    one the source carries, if any."""
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     bundle = Path(bundle)
     source = Manifest.load(bundle)
+    search = search or (source.search or {}).get("strategy")
     step = transform(variant)
     made = variant
     if step.step == "optimize" and source.variant not in (SOURCE, variant):
@@ -69,13 +71,14 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
         per_graph, settings = step.make(options, bundle)
         with atomic_folder(Path(out), force=force) as tmp:
             protos, details = {}, {}
-            for name, file in source.graph_files.items():
+            graph_files = get_family(source.family).graph_files  # a search graph is made anew from them
+            for name, file in graph_files.items():
                 say(f"{made}: {name} graph")
                 protos[name], details[name] = per_graph(bundle / file, name, source)
                 dedupe_initializers(protos[name])  # onnxruntime's constant folding may have copied a tied table
             share_across_graphs(list(protos.values()), tmp)
             for name, proto in protos.items():
-                save_graph(proto, tmp / source.graph_files[name])
+                save_graph(proto, tmp / graph_files[name])
             for name in tokenizer_files(bundle, source.files) if source.tokenizer else ():
                 shutil.copy(bundle / name, tmp / name)
             say(f"{made}: checking against the {source.variant} bundle on {inputs.judged_on['inputs']}")
@@ -89,10 +92,10 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
                                  "in the form the rewrite knows (fused float32, as `optimize` makes of an export)")
             if "cache" in record:  # what the graphs do, which may not be what was asked by default
                 record["cache"] = cache
-            graphs = (source.graphs if cache == source.cache
-                      else get_family(source.family).graphs(source.config, cache=cache))
+            graphs = get_family(source.family).graphs(source.config, cache=cache)
             manifest = dataclasses.replace(source, variant=made, transforms=[*source.transforms, record],
-                                           variant_parity={}, files={}, cache=cache, graphs=graphs)
+                                           variant_parity={}, files={}, cache=cache, graphs=graphs,
+                                           graph_files=dict(graph_files), search=None)
             manifest.save(tmp)
             figures = family.judge(bundle, tmp, inputs, provider=provider)
             gate = TRANSFORMS[made].gate
@@ -102,6 +105,10 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
                                   "Nothing was written; pass --allow-drop (allow_drop=True) to write it anyway")
             manifest.variant_parity = {**figures, "target": asdict(gate), "misses": missed}
             manifest.write(tmp)  # the files are those the first save listed and hashed
+            if search is not None:
+                from edgeformer.transforms.search import with_search  # onnx's protobuf work, only when asked
+
+                manifest = with_search(tmp, manifest, search, inputs.sources, say)
             size = manifest.bytes(tmp)
     return VariantReport(made, time.perf_counter() - start, size, source.bytes(bundle), figures, missed)
 
@@ -111,7 +118,10 @@ def optimize(bundle: Path | str, out: Path | str, level: str = "extended", provi
     """Transformer fusions, then onnxruntime's offline graph optimization for a provider, saved.
 
     fuse_attention: None fuses attention into MultiHeadAttention for the providers that run it. cache: how the
-    decoder passes its self-attention cache ("buffer" or "concat"; None: buffer on the CPU)."""
+    decoder passes its self-attention cache ("buffer" or "concat"; None: buffer on the CPU, concat for a bundle
+    that carries its search in one graph, whose operator takes no buffers)."""
+    if cache is None and (kwargs.get("search") or (Manifest.load(Path(bundle), verify=False).search)):
+        cache = "concat"
     return derive(bundle, out, "fp32-optimized", OptimizeOptions(level, provider, fuse_attention, cache), **kwargs)
 
 
