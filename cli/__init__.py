@@ -86,14 +86,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     result = export(checkpoint, Path(out), force=args.force, log=log, finish=search if args.search else None)
     if args.json:
         print(json.dumps({"path": str(result.path), "seconds": result.seconds, "bytes": result.bundle_bytes,
-                          "parity": result.parity}))
+                          "parity": result.parity, "search": result.search}))
         return
     p = result.parity
     print(table(["", ""], [["bundle", str(result.path)], ["export time", f"{result.seconds:.1f} s"],
                            ["bundle size", f"{result.bundle_bytes / 1e6:.2f} MB"],
                            ["max |diff| encoder", f"{p['max_abs_diff']['encoder']:.2e}"],
                            ["max |diff| decoder logits", f"{p['max_abs_diff']['decoder']:.2e}"],
-                           ["greedy token agreement", f"{p['greedy_token_agreement']:.2%}"]]))
+                           ["greedy token agreement", f"{p['greedy_token_agreement']:.2%}"],
+                           *([["search in one graph", _searched(result.search)]] if result.search else [])]))
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -122,7 +123,8 @@ def _show_variant(report: Any, as_json: bool) -> None:
     f = report.figures
     if as_json:
         print(json.dumps({"variant": report.variant, "seconds": report.seconds, "bytes": report.bundle_bytes,
-                          "source_bytes": report.source_bytes, "figures": f, "misses": report.misses}))
+                          "source_bytes": report.source_bytes, "figures": f, "misses": report.misses,
+                          "search": report.search}))
         return
     rows = [["variant", report.variant], ["time", f"{report.seconds:.1f} s"],
             ["size", f"{report.bundle_bytes / 1e6:.2f} MB ({report.bundle_bytes / report.source_bytes:.0%} of the "
@@ -134,7 +136,15 @@ def _show_variant(report: Any, as_json: bool) -> None:
         rows.append([f"{f['metric']} (source -> this)", f"{f['metric_source']:.2f} -> {f['metric_variant']:.2f}"])
     if report.misses:
         rows.append(["TARGET MISSED (--allow-drop)", "; ".join(report.misses)])
+    if report.search:
+        rows.append(["search in one graph", _searched(report.search)])
     print(table(["", ""], rows))
+
+
+def _searched(search: dict) -> str:
+    checked = search.get("check") or {}
+    return f"{search['strategy']}" + (f", tokens identical to the runtime's on {checked['inputs']} inputs x "
+                                      f"{checked['settings']} settings" if checked else "")
 
 
 def _derive_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -457,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the task's, exact_match for token ids, chrf for texts")
         p.add_argument("--eval-size", type=_positive, default=200, help="how many inputs to judge on (random ones: "
                        "at most 64)")
-        p.add_argument("--search", choices=SEARCHES, help=SEARCH_HELP)
+        p.add_argument("--search", choices=[*SEARCHES, "none"],
+                       help=SEARCH_HELP + "; default: the source bundle's, if it has one; none leaves it out")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
         return p

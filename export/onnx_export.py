@@ -86,6 +86,7 @@ class ExportResult:
     seconds: float
     bundle_bytes: int
     parity: dict
+    search: dict | None = None  # the one-graph search the bundle carries (`finish`), with its check's figures
 
 
 def export(checkpoint: Path | str | None, out: Path | str, force: bool = False, opset: int = OPSET,
@@ -127,4 +128,4 @@ def export(checkpoint: Path | str | None, out: Path | str, force: bool = False, 
         if finish is not None:
             manifest = finish(tmp, manifest)
         size = manifest.bytes(tmp)
-    return ExportResult(Path(out), time.perf_counter() - start, size, parity)
+    return ExportResult(Path(out), time.perf_counter() - start, size, parity, manifest.search)

@@ -176,3 +176,18 @@ def test_node_translates_the_shipped_model_as_the_runtime_does(exported, tmp_pat
         assert [line["tokens"] for line in lines] == [h[0].tokens for h in ours]
         assert [line["output"] for line in lines] == [rt.tokenizer.decode(h[0].tokens) for h in ours]
         assert np.allclose([line["score"] for line in lines], [h[0].score for h in ours], atol=1e-4)
+
+
+def test_a_cache_in_buffers_and_a_search_graph_are_refused_together_and_none_drops_the_graph(exported,
+                                                                                             tmp_path) -> None:
+    from edgeformer.transforms.derive import optimize, quantize
+
+    _, bundle = exported("post-sinusoidal")
+    with pytest.raises(ValueError, match="--cache concat"):
+        optimize(bundle, tmp_path / "opt", cache="buffer", search="beam")
+    optimize(with_search(bundle, tmp_path), tmp_path / "plain", search="none")  # the source's graph left out
+    plain = Manifest.load(tmp_path / "plain")
+    assert plain.search is None and "search" not in plain.graph_files and plain.cache == "buffer"
+    with pytest.raises(ValueError, match="in buffers"):
+        quantize(tmp_path / "plain", tmp_path / "int8", to="int8", search="greedy")
+    assert not (tmp_path / "opt").exists() and not (tmp_path / "int8").exists()

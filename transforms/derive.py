@@ -26,6 +26,8 @@ from edgeformer.transforms.judge import misses
 from edgeformer.transforms.options import AUTO, OptimizeOptions, QuantizeOptions, cpu_presets
 from edgeformer.transforms.registry import QUANTIZED, SOURCE, TRANSFORMS, VARIANTS, family_judging, transform
 
+NO_SEARCH = "none"  # derive's `search`: leave out the one-graph search that the source carries
+
 
 @dataclass
 class VariantReport:
@@ -35,6 +37,7 @@ class VariantReport:
     source_bytes: int
     figures: dict = field(default_factory=dict)
     misses: list[str] = field(default_factory=list)
+    search: dict | None = None  # the one-graph search the bundle carries, with its check's figures
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,16 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
            log: Callable[[str], None] | None = None, search: str | None = None) -> VariantReport:
     """Apply the transform that makes `variant` to every graph of a bundle, judge the result against the source,
     write it atomically. search: the one-graph search the result carries (transforms/search.py); by default the
-    one the source carries, if any."""
+    one the source carries, if any; NO_SEARCH for none."""
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     bundle = Path(bundle)
     source = Manifest.load(bundle)
-    search = search or (source.search or {}).get("strategy")
+    search = None if search == NO_SEARCH else search or (source.search or {}).get("strategy")
     step = transform(variant)
+    if search is not None and step.step == "quantize" and source.cache != "concat":
+        raise ValueError(f"{bundle} passes its cache in buffers, which onnxruntime's BeamSearch does not take: "
+                         "quantize a bundle optimized with --cache concat for the search in one graph")
     made = variant
     if step.step == "optimize" and source.variant not in (SOURCE, variant):
         made = source.variant  # optimizing a quantized bundle: it stays what it is, held to its own gate
@@ -110,7 +116,8 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
 
                 manifest = with_search(tmp, manifest, search, inputs.sources, say)
             size = manifest.bytes(tmp)
-    return VariantReport(made, time.perf_counter() - start, size, source.bytes(bundle), figures, missed)
+    return VariantReport(made, time.perf_counter() - start, size, source.bytes(bundle), figures, missed,
+                         manifest.search)
 
 
 def optimize(bundle: Path | str, out: Path | str, level: str = "extended", provider: str = "cpu",
@@ -120,7 +127,12 @@ def optimize(bundle: Path | str, out: Path | str, level: str = "extended", provi
     fuse_attention: None fuses attention into MultiHeadAttention for the providers that run it. cache: how the
     decoder passes its self-attention cache ("buffer" or "concat"; None: buffer on the CPU, concat for a bundle
     that carries its search in one graph, whose operator takes no buffers)."""
-    if cache is None and (kwargs.get("search") or (Manifest.load(Path(bundle), verify=False).search)):
+    search = kwargs.get("search") or (Manifest.load(Path(bundle), verify=False).search or {}).get("strategy")
+    if search not in (None, NO_SEARCH):
+        if cache == "buffer":
+            raise ValueError(f"a cache in buffers and the {search} search in one graph do not go together: "
+                             "onnxruntime's BeamSearch takes the concatenated cache; pass --cache concat, or "
+                             "--search none to leave the search graph out")
         cache = "concat"
     return derive(bundle, out, "fp32-optimized", OptimizeOptions(level, provider, fuse_attention, cache), **kwargs)
 
