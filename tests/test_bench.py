@@ -145,6 +145,14 @@ def test_throughput_grid_runs_every_system_on_the_same_weights_and_writes_its_re
     assert all(0 <= r["outside_onnxruntime"] < 1 and r["tokens_per_s"] > 0 for r in ours)
     assert (tmp_path / "r" / "tokens_per_s.png").stat().st_size > 0
     assert "outside onnxruntime" in (tmp_path / "r" / "results.md").read_text()
+    # onnxruntime's own share of the peak (benchmarks/memory_floor.py), on the same folder
+    floor = str(Path(__file__).parents[1] / "benchmarks" / "memory_floor.py")
+    for system in ["edgeformer-int8", *(["ct2-int8+onnxruntime"] if find_spec("ctranslate2") else [])]:
+        out = subprocess.run([sys.executable, floor, str(tmp_path / "tp"), "--system", system, "--new-tokens", "5"],
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        r = json.loads(out.stdout.splitlines()[-1])
+        assert 0 < r["imported"]["rss_mb"] <= r["loaded"]["rss_mb"] <= r["generated"]["peak_mb"]
 
 
 def test_optimums_peer_is_refused_without_an_environment_to_run_it(tmp_path: Path) -> None:
