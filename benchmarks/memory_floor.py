@@ -21,14 +21,10 @@ SYSTEMS = ("edgeformer-int8", "ct2-int8", "ct2-int8+onnxruntime")
 
 
 def status() -> dict[str, float]:
-    """This process's resident memory now and its peak, in MiB (Linux)."""
-    fields = {"VmRSS": "rss_mb", "VmHWM": "peak_mb", "RssFile": "file_mb"}
-    found = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key = line.split(":")[0]
-        if key in fields:
-            found[fields[key]] = round(int(line.split()[1]) / 1024, 1)
-    return found
+    """This process's resident memory now and its peak, in MiB (benchmarks/memory.py reads them)."""
+    from edgeformer.benchmarks.memory import peak_rss_mb, rss_mb
+
+    return {"rss_mb": round(rss_mb(), 1), "peak_mb": round(peak_rss_mb(), 1)}
 
 
 def measure(folder: Path, system: str, batch: int, beams: int, new_tokens: int) -> dict:

@@ -105,7 +105,9 @@ class Runtime:
         self.config = self.manifest.config
         self.decoder_threads = decoder_threads or threads
 
-        self._options = (optimization, threads, spin, decoder_threads)
+        # what the sessions open with: the two graphs may open after __init__ (a bundle with a one-graph search)
+        self.optimization, self.threads, self.spin = optimization, threads, spin
+        self.decoder_threads_asked = decoder_threads
         self.step_weights = step_weights(self.config)
         if search not in SEARCH_MODES:
             raise InputError(f"search={search!r}: choose one of {', '.join(SEARCH_MODES)}")
@@ -136,16 +138,15 @@ class Runtime:
         self.cache_dtype = np.dtype(self.self_cache_inputs[0].dtype) if self.self_cache_inputs else np.float32
 
     def _open(self, graph: str, threads: int | None) -> ort.InferenceSession:
-        optimization, _, spin, _ = self._options
-        options = session_options(optimization, threads, spin, stop_spinning=graph != DECODER)
+        options = session_options(self.optimization, threads, self.spin, stop_spinning=graph != DECODER)
         # The encoder's attention takes memory in the square of the source, once a call: allocated without an
         # arena, it goes back when the run ends (README: Runtime, "Memory"). The decoder keeps its arena.
         options.enable_cpu_mem_arena = graph != ENCODER
         return open_session(self.path / self.manifest.graph_files[graph], options, self.requested_providers)
 
     def _open_two_graphs(self) -> dict[str, ort.InferenceSession]:
-        _, threads, _, decoder_threads = self._options
-        self._sessions = {ENCODER: self._open(ENCODER, threads), DECODER: self._open(DECODER, self.decoder_threads)}
+        self._sessions = {ENCODER: self._open(ENCODER, self.threads),
+                          DECODER: self._open(DECODER, self.decoder_threads)}
         self.provider = self._sessions[DECODER].get_providers()[0]  # the one that actually runs
         self.device = provider(self.provider).device
         if self.manifest.cache == "buffer" and self.device != "cpu":
@@ -156,7 +157,7 @@ class Runtime:
         # which one a call uses depends on its rows, and a session's threads are fixed when it opens. It costs
         # little: only a model whose step reads fewer than SMALL_STEP_WEIGHTS weights gets one.
         self.one_thread_decoder = (
-            self._open(DECODER, 1) if decoder_threads is None and threads != 1 and self.device == "cpu"
+            self._open(DECODER, 1) if self.decoder_threads_asked is None and self.threads != 1 and self.device == "cpu"
             and self.step_weights < SMALL_STEP_WEIGHTS else None)
         for name, session in self._sessions.items():
             self.manifest.graphs[name].check_names(*graph_io(session), self.path / self.manifest.graph_files[name])
@@ -287,7 +288,7 @@ class Runtime:
         mode = self.search if search is None else search
         if mode not in SEARCH_MODES:
             raise InputError(f"search={mode!r}: choose one of {', '.join(SEARCH_MODES)}")
-        why = self.graph_runs(gen, on_token)
+        why = "" if mode == "python" else self.graph_runs(gen, on_token)
         if mode == "graph" and why:
             raise InputError(f"the one-graph search cannot run this call: {why}; use search='python' (or 'auto')")
         if mode != "python" and not why:
@@ -317,7 +318,6 @@ class Runtime:
         return ""
 
     def _search_in_graph(self, ids: np.ndarray, mask: np.ndarray, gen: GenerationConfig) -> list[list[Hypothesis]]:
-        assert self.search_session is not None
         vocab_mask = np.ones(int(self.config["tgt_vocab_size"]), np.int32)
         vocab_mask[list(gen.suppress_tokens)] = 0
         beam = gen.strategy == "beam"

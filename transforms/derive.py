@@ -62,9 +62,16 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
     source = Manifest.load(bundle)
     search = None if search == NO_SEARCH else search or (source.search or {}).get("strategy")
     step = transform(variant)
-    if search is not None and step.step == "quantize" and source.cache != "concat":
-        raise ValueError(f"{bundle} passes its cache in buffers, which onnxruntime's BeamSearch does not take: "
-                         "quantize a bundle optimized with --cache concat for the search in one graph")
+    if search is not None:  # onnxruntime's BeamSearch takes the concatenated cache, never buffers
+        if isinstance(options, OptimizeOptions):
+            if options.cache == "buffer":
+                raise ValueError(f"a cache in buffers and the {search} search in one graph do not go together: "
+                                 "onnxruntime's BeamSearch takes the concatenated cache; pass --cache concat, or "
+                                 "--search none to leave the search graph out")
+            options = dataclasses.replace(options, cache="concat")
+        elif source.cache != "concat":
+            raise ValueError(f"{bundle} passes its cache in buffers, which onnxruntime's BeamSearch does not take: "
+                             "quantize a bundle optimized with --cache concat for the search in one graph")
     made = variant
     if step.step == "optimize" and source.variant not in (SOURCE, variant):
         made = source.variant  # optimizing a quantized bundle: it stays what it is, held to its own gate
@@ -127,13 +134,6 @@ def optimize(bundle: Path | str, out: Path | str, level: str = "extended", provi
     fuse_attention: None fuses attention into MultiHeadAttention for the providers that run it. cache: how the
     decoder passes its self-attention cache ("buffer" or "concat"; None: buffer on the CPU, concat for a bundle
     that carries its search in one graph, whose operator takes no buffers)."""
-    search = kwargs.get("search") or (Manifest.load(Path(bundle), verify=False).search or {}).get("strategy")
-    if search not in (None, NO_SEARCH):
-        if cache == "buffer":
-            raise ValueError(f"a cache in buffers and the {search} search in one graph do not go together: "
-                             "onnxruntime's BeamSearch takes the concatenated cache; pass --cache concat, or "
-                             "--search none to leave the search graph out")
-        cache = "concat"
     return derive(bundle, out, "fp32-optimized", OptimizeOptions(level, provider, fuse_attention, cache), **kwargs)
 
 
