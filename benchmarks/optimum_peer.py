@@ -1,20 +1,13 @@
-"""Hugging Face Optimum's ORTModelForSeq2SeqLM as a peer of `edgeformer bench throughput`, run in an environment
-of its own.
+"""Hugging Face Optimum's ORTModelForSeq2SeqLM as a peer of `edgeformer bench throughput`.
 
-optimum-onnx 0.1 needs transformers < 4.58 and edgeformer's `hf` extra transformers 5, so the two cannot share a
-virtual environment. This script imports neither edgeformer nor anything of ours: the throughput grid runs it with
-the other environment's Python (`--optimum-python`), one process per point, and reads the JSON line it prints.
-
-    python3 -m venv /tmp/optimum-venv
-    /tmp/optimum-venv/bin/pip install torch==2.13.0 'optimum-onnx[onnxruntime]==0.1.0' 'transformers<4.58' \\
-        sentencepiece
-    edgeformer bench throughput make /tmp/tp --optimum-python /tmp/optimum-venv/bin/python
-    edgeformer bench throughput grid /tmp/tp --optimum-python /tmp/optimum-venv/bin/python ...
+It imports nothing of ours, so that it can run in an environment of its own (`--optimum-python`); with
+edgeformer[optimum] installed the throughput grid runs it with its own Python, one process per point, and reads the
+JSON line it prints.
 
 `make HF OUT`: Optimum's own export of the Hugging Face model (`optimum-fp32`: encoder, decoder and decoder with
 past) and its dynamic int8 quantization of each graph (`optimum-int8`, AutoQuantizationConfig for AVX-512 VNNI,
-per channel). `run`: as benchmarks/throughput.py's run, for one of the two.
-"""
+per channel). `run`: as benchmarks/throughput.py's run, for one of them, or for Optimum generating from our bundles
+cut into its layout (`optimum-on-edgeformer-*`, folders that `throughput.py make-optimum` writes)."""
 
 from __future__ import annotations
 
@@ -28,7 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-SYSTEMS = ("optimum-fp32", "optimum-int8")
+# system -> its folder
+FOLDERS = {"optimum-fp32": "optimum-fp32", "optimum-int8": "optimum-int8",
+           "optimum-on-edgeformer-fp32": "edgeformer-fp32-optimum",
+           "optimum-on-edgeformer-int8": "edgeformer-int8-optimum"}
+SYSTEMS = tuple(FOLDERS)
 
 
 def make(hf: Path, out: Path) -> None:
@@ -62,7 +59,7 @@ def run(a: argparse.Namespace) -> dict:
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
     torch.set_num_threads(a.threads)
-    folder = a.folder / a.system
+    folder = a.folder / FOLDERS[a.system]
     options = ort.SessionOptions()
     options.intra_op_num_threads = a.threads
     options.inter_op_num_threads = 1
@@ -92,7 +89,7 @@ def run(a: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     return {"system": a.system, "batch": a.batch, "beams": a.beams, "src_len": a.src_len, "new_tokens": a.new_tokens,
-            "threads": a.threads, "compute_type": a.system.removeprefix("optimum-"),
+            "threads": a.threads, "compute_type": a.system.rsplit("-", 1)[-1],
             "seconds_median": round(seconds, 6), "seconds_all": [round(t, 6) for t in times],
             "ms_per_step": round(seconds / a.new_tokens * 1000, 3),
             "tokens_per_s": round(a.batch * a.new_tokens / seconds, 2),

@@ -11,13 +11,15 @@
 and every system's form of it: Hugging Face (`hf/`), CTranslate2 fp32 and int8 (`ct2-*`), and ours, imported with
 `edgeformer import marian`, exported, optimized and quantized as `edgeformer bench` chains them (`edgeformer-fp32`
 is the optimized fp32 bundle, `edgeformer-int8` int8 with the preset of the CPU that makes it, as CTranslate2 picks
-its kernels for the CPU it runs on); with `--optimum-python`, Optimum's export and int8 quantization too
-(`optimum-*`, run by benchmarks/optimum_peer.py in an environment of their own). `grid` runs each (system, batch x
-beams) point in a process of its own (a peer's thread pool slows whatever runs after it in the same process), one
-warm-up then `--repeats` timed calls, every hypothesis exactly `--new-tokens` long (EOS ignored). It reports
-tokens/s (the best hypothesis of each input), ms per decoding step, peak resident memory, and for our runtime the
-share of wall time spent outside onnxruntime; then ratios against `--peer` (CTranslate2 int8), a table and a plot.
-`--rounds N` runs the whole grid N times over and reports the median run of each point.
+its kernels for the CPU it runs on); where optimum-onnx is installed (edgeformer[optimum], or another Python named
+by `--optimum-python`), Optimum's export and int8 quantization too (`optimum-*`, run by benchmarks/optimum_peer.py),
+and our bundles in Optimum's layout (`make-optimum`: `edgeformer-*-optimum-layout`, `optimum-on-edgeformer-*`).
+`grid` runs each (system, batch x beams) point in a process of its own (a peer's thread pool slows whatever runs
+after it in the same process), one warm-up then `--repeats` timed calls, every hypothesis exactly `--new-tokens`
+long (EOS ignored). It reports tokens/s (the best hypothesis of each input), ms per decoding step, peak resident
+memory, and for our runtime the share of wall time spent outside onnxruntime; then ratios against `--peer`
+(CTranslate2 int8), a table and a plot. `--rounds N` runs the whole grid N times over and reports the median run of
+each point.
 
 On a GPU (scripts/gpu_check.sh): `make --device cuda` builds our bundle optimized for CUDA and its fp16 variant, and
 `grid --systems edgeformer-cuda-fp32,edgeformer-cuda-fp16,torch-cuda-fp32,torch-cuda-fp16 --peer torch-cuda-fp32`
@@ -44,6 +46,7 @@ from edgeformer.benchmarks.optimum_peer import sources
 from edgeformer.model.config import BASE_SIZE
 
 SEARCH_BUNDLE = "edgeformer-int8-search"
+LAYOUTS = {"fp32": "edgeformer-fp32-optimum", "int8": "edgeformer-int8-optimum"}  # our bundles in Optimum's layout
 
 # system -> (bundle folder, provider, search); (device, dtype) of Hugging Face's model
 EDGEFORMER = {"edgeformer-int8": ("edgeformer-int8", "cpu", "python"),
@@ -53,7 +56,13 @@ EDGEFORMER = {"edgeformer-int8": ("edgeformer-int8", "cpu", "python"),
               # the int8 bundle with its search in one graph (`make-search`), run by that graph and by our Python
               # search over its two graphs (their cache concatenated, as the operator takes it)
               "edgeformer-int8-graph": (SEARCH_BUNDLE, "cpu", "graph"),
-              "edgeformer-int8-concat": (SEARCH_BUNDLE, "cpu", "python")}
+              "edgeformer-int8-concat": (SEARCH_BUNDLE, "cpu", "python"),
+              # Optimum's layout (`make-optimum`): our runtime on Optimum's own export, and on the folders that
+              # `--layout optimum` cuts from our concatenated-cache bundles (the fp32 one, optimized, and int8)
+              "edgeformer-on-optimum-fp32": ("optimum-fp32", "cpu", "python"),
+              "edgeformer-fp32-concat": ("edgeformer-opt-concat", "cpu", "python"),
+              "edgeformer-fp32-optimum-layout": (LAYOUTS["fp32"], "cpu", "python"),
+              "edgeformer-int8-optimum-layout": (LAYOUTS["int8"], "cpu", "python")}
 TORCH = {"torch": ("cpu", "float32"), "torch-cuda-fp32": ("cuda", "float32"), "torch-cuda-fp16": ("cuda", "float16")}
 CT2 = ("ct2-int8", "ct2-fp32")
 SYSTEMS = (*EDGEFORMER, *CT2, *TORCH)
@@ -98,6 +107,19 @@ def make_search(out: Path, inputs: int = 16) -> None:
     optimize(out / "edgeformer-fp32", concat, force=True, search="beam", judging=Judging(inputs=inputs))
     quantize(concat, out / SEARCH_BUNDLE, to="int8", preset="auto", force=True, search="beam",
              judging=Judging(inputs=inputs))
+
+
+def make_optimum(out: Path, optimum_python: str | None, seed: int = 0) -> None:
+    """Optimum's export of the Hugging Face model and its int8 (benchmarks/optimum_peer.py, with the Python that has
+    optimum-onnx), and our concatenated-cache bundles of `make_search` cut into Optimum's layout, each checked token
+    for token against its bundle on 16 inputs."""
+    from edgeformer.transforms.optimum_layout import write_optimum
+
+    vocab_size = json.loads((out / "hf" / "config.json").read_text())["vocab_size"]
+    for variant, bundle in (("fp32", "edgeformer-opt-concat"), ("int8", SEARCH_BUNDLE)):
+        write_optimum(out / bundle, out / LAYOUTS[variant], sources(vocab_size, 16, 16, seed), force=True)
+    if optimum_python:
+        subprocess.run([optimum_python, str(OPTIMUM_PEER), "make", str(out / "hf"), str(out)], check=True)
 
 
 def make(out: Path, seed: int, small: bool, optimum_python: str | None = None, device: str = "cpu") -> None:
@@ -152,8 +174,7 @@ def make(out: Path, seed: int, small: bool, optimum_python: str | None = None, d
     optimize(out / "edgeformer-fp32", out / "edgeformer-opt", force=True)
     quantize(out / "edgeformer-opt", out / "edgeformer-int8", to="int8", preset="auto", force=True)
     make_search(out)
-    if optimum_python:
-        subprocess.run([optimum_python, str(OPTIMUM_PEER), "make", str(hf), str(out)], check=True)
+    make_optimum(out, optimum_python, seed)
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: hf ({params / 1e6:.1f}M parameters), edgeformer-opt, edgeformer-int8, and ct2-* if there")
 
@@ -204,7 +225,7 @@ def edgeformer_generator(path: Path, ids: list[list[int]], beams: int, new_token
                          provider: str = "cpu", search: str = "python",
                          ) -> tuple[Callable[[], None], str, Callable[[], float]]:
     """Our runtime, and a clock of the time spent inside onnxruntime's runs (the rest is Python and numpy)."""
-    from edgeformer.runtime import engine, session
+    from edgeformer.runtime import engine, optimum, session
     from edgeformer.runtime.session import Runtime
 
     inside = [0.0]
@@ -226,12 +247,13 @@ def edgeformer_generator(path: Path, ids: list[list[int]], beams: int, new_token
     # wrapped here, in the benchmark's own process: the runtime itself keeps no clock
     setattr(engine.StepBinding, "__init__", init)  # noqa: B010
     setattr(session.Runtime, "_run", timed(base_run))  # noqa: B010
+    setattr(optimum.OptimumSteps, "_run", timed(optimum.OptimumSteps._run))  # noqa: B010
     rt = Runtime(path, providers=[provider], threads=threads, search=search)
     assert rt.provider == engine.provider(provider).name, f"{provider} asked, {rt.provider} given"
     # EOS ignored; where a bundle carries its search in one graph, whose operator cannot ignore it, forbidden (the
     # Python search too, to do the same work): every hypothesis holds new_tokens tokens either way. A graph built
     # without early stopping (Marian's default) has no greedy form: batch 1 runs as one beam there, in both.
-    found = rt.manifest.search
+    found = rt.manifest.search if rt.layout == "edgeformer" else None  # a folder in Optimum's layout has none
     fixed = ({"min_new_tokens": new_tokens, "forced_eos": False, "early_stopping": found["early_stopping"]}
              if found else {"ignore_eos": True})
     strategy = "beam" if beams > 1 or (found and not found["early_stopping"]) else "greedy"
@@ -246,7 +268,8 @@ def edgeformer_generator(path: Path, ids: list[list[int]], beams: int, new_token
         seconds, inside[0] = inside[0], 0.0
         return seconds
 
-    return call, rt.manifest.variant, onnxruntime_seconds
+    variant = rt.folder.summary()["made by"] if isinstance(rt, optimum.OptimumRuntime) else rt.manifest.variant
+    return call, variant, onnxruntime_seconds
 
 
 def versions() -> dict[str, str]:
@@ -298,10 +321,11 @@ def grid(a: argparse.Namespace) -> None:
     drifts by more than the differences measured: alternating rounds spread the drift over every system)."""
     points = [tuple(int(x) for x in p.lower().split("x")) for p in a.points.split(",")]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+    a.optimum_python = a.optimum_python or _optimum_here()
     systems = a.systems.split(",") if a.systems else [*CPU_SYSTEMS, *(OPTIMUM if a.optimum_python else ())]
     if any(s in OPTIMUM for s in systems) and not a.optimum_python:
-        raise SystemExit("the optimum-* systems run in an environment of their own: pass --optimum-python "
-                         "(benchmarks/optimum_peer.py says how to make one)")
+        raise SystemExit("the optimum-* systems need optimum-onnx: pip install 'edgeformer[optimum]', or pass "
+                         "--optimum-python with a Python that has it")
     runs: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for _round in range(a.rounds):
         for batch, beams, system in ((b, k, s) for b, k in points for s in systems):
@@ -362,6 +386,13 @@ def write(rows: list[dict[str, Any]], out: Path, peer_system: str = "ct2-int8") 
     print(f"results in {out}")
 
 
+def _optimum_here() -> str | None:
+    """This Python, where it has optimum-onnx (edgeformer[optimum]): the optimum-* systems need no other."""
+    from importlib.util import find_spec
+
+    return sys.executable if find_spec("optimum") and find_spec("optimum.onnxruntime") else None
+
+
 def _at_least_one(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
@@ -377,11 +408,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--small", action="store_true", help="d_model 64, 2+2 layers, vocabulary 1000: for tests")
     m.add_argument("--optimum-python", default=None,
-                   help="a Python with optimum-onnx: also export and quantize the model with Optimum")
+                   help="a Python with optimum-onnx (default: this one, if it has it): also export and quantize the "
+                        "model with Optimum")
     m.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: our bundles optimized for CUDA, fp32 and fp16 (needs onnxruntime-gpu and a GPU)")
     ms = sub.add_parser("make-search", help="only the int8 bundle with its search in one graph, in a made folder")
     ms.add_argument("folder", type=Path)
+    mo = sub.add_parser("make-optimum", help="only Optimum's export and our bundles in its layout, in a made folder")
+    mo.add_argument("folder", type=Path)
+    mo.add_argument("--optimum-python", default=None, help="a Python with optimum-onnx (default: this one, if it has "
+                    "it)")
     for name in ("run", "grid"):
         s = sub.add_parser(name)
         s.add_argument("folder", type=Path)
@@ -397,7 +433,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     g = sub.choices["grid"]
     g.add_argument("--systems", default=None, help=f"comma-separated, of {', '.join((*SYSTEMS, *OPTIMUM))}; "
                    "default: the CPU's, Optimum's with --optimum-python")
-    g.add_argument("--optimum-python", default=None, help="the Python that runs the optimum-* systems")
+    g.add_argument("--optimum-python", default=None,
+                   help="the Python that runs the optimum-* systems (default: this one, if it has optimum-onnx)")
     g.add_argument("--peer", default="ct2-int8", help="the system the ratios are taken against")
     g.add_argument("--points", default="1x1,8x1,16x1,32x1,1x4,8x4,16x4,32x4", help="BATCHxBEAMS,...")
     g.add_argument("--out", type=Path, default=None, help="folder for results.json, results.md, tokens_per_s.png")
@@ -406,9 +443,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                    help="run the grid this many times; report each point's median run")
     a = p.parse_args(argv)
     if a.mode == "make":
-        make(a.folder, a.seed, a.small, a.optimum_python, a.device)
+        make(a.folder, a.seed, a.small, a.optimum_python or _optimum_here(), a.device)
     elif a.mode == "make-search":
         make_search(a.folder)
+    elif a.mode == "make-optimum":
+        make_optimum(a.folder, a.optimum_python or _optimum_here())
     elif a.mode == "run":
         print(json.dumps(run(a)))
     else:

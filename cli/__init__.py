@@ -83,6 +83,11 @@ def cmd_export(args: argparse.Namespace) -> None:
         sources = family_judging(manifest.family).inputs(manifest, folder, None, 200).sources
         return with_search(folder, manifest, args.search, sources, log)
 
+    if args.layout == "optimum":
+        _refuse_with_layout(args)
+        with _layout(Path(out), args, log) as staged:
+            result = export(checkpoint, staged, log=log)
+        return
     result = export(checkpoint, Path(out), force=args.force, log=log, finish=search if args.search else None)
     if args.json:
         print(json.dumps({"path": str(result.path), "seconds": result.seconds, "bytes": result.bundle_bytes,
@@ -95,6 +100,42 @@ def cmd_export(args: argparse.Namespace) -> None:
                            ["max |diff| decoder logits", f"{p['max_abs_diff']['decoder']:.2e}"],
                            ["greedy token agreement", f"{p['greedy_token_agreement']:.2%}"],
                            *([["search in one graph", _searched(result.search)]] if result.search else [])]))
+
+
+def _refuse_with_layout(args: argparse.Namespace) -> None:
+    if getattr(args, "search", None) not in (None, "none"):
+        raise ValueError("--layout optimum has no search in one graph (Optimum searches in Python); leave out "
+                         "--search")
+
+
+@contextlib.contextmanager
+def _layout(out: Path, args: argparse.Namespace, log: Callable[[str], None] | None) -> Any:
+    """Where a verb writes the bundle that `--layout optimum` then cuts into Optimum's layout at `out`: a folder
+    beside it, removed afterwards; the new folder is checked against that bundle before it appears at `out`."""
+    import tempfile
+
+    from edgeformer.runtime.bundle import Manifest
+    from edgeformer.transforms.optimum_layout import write_optimum
+    from edgeformer.transforms.registry import family_judging
+
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.staged-") as staging:
+        staged = Path(staging) / "bundle"
+        yield staged
+        manifest = Manifest.load(staged)
+        sources = family_judging(manifest.family).inputs(manifest, staged, None, 200).sources
+        report = write_optimum(staged, out, sources, force=args.force, log=log)
+        sizes = {p.name: p.stat().st_size for p in out.iterdir()}
+    if args.json:
+        print(json.dumps({"path": str(out), "layout": "optimum", "variant": manifest.variant, "check": report,
+                          "bytes": sum(sizes.values())}))
+        return
+    print(table(["", ""], [["folder", f"{out} (Optimum's layout: ORTModelForSeq2SeqLM.from_pretrained)"],
+                           ["variant", manifest.variant], ["size", f"{sum(sizes.values()) / 1e6:.2f} MB"],
+                           ["check", f"tokens identical to the bundle's on {report['inputs']} inputs, "
+                                     + " and ".join(report["settings"])]]))
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -162,22 +203,61 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 
     attention = {"auto": None, "yes": True, "no": False}[args.fuse_attention]
     cache = None if args.cache == "auto" else args.cache
+    if args.layout == "optimum":
+        if cache == "buffer":
+            raise ValueError("--layout optimum takes the cache concatenated, as Optimum passes it: leave out "
+                             "--cache buffer")
+        with _staged(args) as options:
+            optimize(args.bundle, options.pop("out"), level=args.level, provider=args.provider,
+                     fuse_attention=attention, cache="concat", **options)
+        return
     _show_variant(optimize(args.bundle, args.out, level=args.level, provider=args.provider, fuse_attention=attention,
                            cache=cache, **_derive_options(args)), args.json)
+
+
+@contextlib.contextmanager
+def _staged(args: argparse.Namespace) -> Any:
+    """A bundle-to-bundle verb's options with `--layout optimum`: its bundle written where _layout stages it."""
+    from edgeformer.runtime.optimum import is_optimum_folder
+
+    if is_optimum_folder(Path(args.bundle)):
+        raise ValueError(f"{args.bundle} is in Optimum's layout; {args.verb} the bundle it was made from, with "
+                         "--layout optimum")
+    _refuse_with_layout(args)
+    options = _derive_options(args)
+    options.pop("force")
+    options["search"] = "none"
+    log = options["log"]
+    with _layout(Path(args.out), args, log) as staged:
+        yield {**options, "out": staged}
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     _need_export_extra("onnx")
     from edgeformer.transforms.derive import quantize
 
-    _show_variant(quantize(args.bundle, args.out, to=args.to, preset=args.preset, block_size=args.block_size,
-                           keep=args.keep, method=args.method, calibration=args.calibration,
-                           calibration_size=args.calibration_size, **_derive_options(args)), args.json)
+    settings = {"to": args.to, "preset": args.preset, "block_size": args.block_size, "keep": args.keep,
+                "method": args.method, "calibration": args.calibration, "calibration_size": args.calibration_size}
+    if args.layout == "optimum":
+        with _staged(args) as options:
+            quantize(args.bundle, options.pop("out"), **settings, **options)
+        return
+    _show_variant(quantize(args.bundle, args.out, **settings, **_derive_options(args)), args.json)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     from edgeformer.runtime.bundle import Manifest
+    from edgeformer.runtime.optimum import OptimumFolder, is_optimum_folder
 
+    if is_optimum_folder(Path(args.bundle)):
+        folder = OptimumFolder(Path(args.bundle))
+        summary = folder.summary()
+        if args.json:
+            print(json.dumps(summary, indent=2))
+            return
+        print(table(["", ""], [[k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
+                               for k, v in summary.items()]))
+        return
     m = Manifest.load(Path(args.bundle))
     if args.json:
         print(json.dumps(m.to_dict(), indent=2))
@@ -272,7 +352,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     limits = Limits(source_tokens=args.limit_source_tokens, new_tokens=args.limit_new_tokens, rows=args.limit_rows)
     rt = Runtime(args.bundle, providers=args.provider.split(","), threads=args.threads,
                  decoder_threads=args.decoder_threads, limits=limits, search=args.search)
-    misses = rt.manifest.misses
+    misses = rt.manifest.misses if rt.layout == "edgeformer" else []  # a folder in Optimum's layout has none
     if misses:
         print(f"warning: this {rt.manifest.variant} bundle was written with --allow-drop and misses its target: "
               + "; ".join(misses), file=sys.stderr)
@@ -369,6 +449,12 @@ SEARCH_HELP = ("also write the whole search in one graph (search.onnx: onnxrunti
                "runtime's search before it is written. beam runs greedy too")
 
 
+LAYOUTS = ("edgeformer", "optimum")
+LAYOUT_HELP = ("edgeformer (default): our bundle; optimum: a folder in Hugging Face Optimum's seq2seq layout, which "
+               "ORTModelForSeq2SeqLM.from_pretrained loads (and Runtime runs), checked token for token against the "
+               "bundle before it is written")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # the allowed values of options, from the modules that own them (none of them needs torch or onnx)
     from edgeformer.model.importers import IMPORTERS
@@ -397,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint folder (default: the shipped model) and the bundle folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at OUT")
     p.add_argument("--search", choices=SEARCHES, help=SEARCH_HELP)
+    p.add_argument("--layout", choices=LAYOUTS, default="edgeformer", help=LAYOUT_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -469,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "at most 64)")
         p.add_argument("--search", choices=[*SEARCHES, "none"],
                        help=SEARCH_HELP + "; default: the source bundle's, if it has one; none leaves it out")
+        p.add_argument("--layout", choices=LAYOUTS, default="edgeformer", help=LAYOUT_HELP)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
         return p

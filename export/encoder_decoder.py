@@ -64,8 +64,9 @@ class EncoderGraph(nn.Module):
 
 class DecoderGraph(nn.Module):
     """One decoding step (or a whole prefix): logits and the grown self-attention cache. Its inputs are the
-    declared ones, in order: tokens, source mask, the self-attention cache, then the cross-attention cache; the
-    tokens and self-attention cache have rows, a whole number per source of the mask and cross-attention cache."""
+    declared ones, in order: tokens, source mask, then layer by layer the self-attention and cross-attention caches
+    (key, value each); the tokens and self-attention cache have rows, a whole number per source of the mask and
+    cross-attention cache."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
@@ -73,9 +74,8 @@ class DecoderGraph(nn.Module):
         self.layers = model.config.n_decoder_layers
 
     def forward(self, input_ids: Tensor, encoder_attention_mask: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
-        past_self, past_cross = caches[: 2 * self.layers], caches[2 * self.layers:]
-        past = list(zip(past_self[0::2], past_self[1::2], strict=True))  # [(key, value)] per layer
-        cross = list(zip(past_cross[0::2], past_cross[1::2], strict=True))
+        past = [(caches[4 * i], caches[4 * i + 1]) for i in range(self.layers)]  # [(key, value)] per layer
+        cross = [(caches[4 * i + 2], caches[4 * i + 3]) for i in range(self.layers)]
         logits, present = self.decoder(input_ids, encoder_attention_mask, cross, past)
         return (logits, *[t for kv in present for t in kv])
 
@@ -131,7 +131,8 @@ def example_inputs(model: Transformer) -> dict[str, tuple[Tensor, ...]]:
     past = [torch.randn(rows, c.n_heads, p, c.head_dim, generator=g) for _ in range(2 * c.n_decoder_layers)]
     cross = [torch.randn(b, c.n_heads, s, c.head_dim, generator=g) for _ in range(2 * c.n_decoder_layers)]
     tgt = torch.randint(3, c.tgt_vocab_size, (rows, t), generator=g)
-    return {ENCODER: (src, mask), DECODER: (tgt, mask, *past, *cross)}
+    layers = [t for i in range(c.n_decoder_layers) for t in (*past[2 * i: 2 * i + 2], *cross[2 * i: 2 * i + 2])]
+    return {ENCODER: (src, mask), DECODER: (tgt, mask, *layers)}
 
 
 @torch.no_grad()

@@ -81,6 +81,17 @@ def share_across_graphs(protos: list[onnx.ModelProto], folder: Path) -> list[str
     return [init.name for inits in shared for _, init in inits]
 
 
+def order_inputs(proto: onnx.ModelProto, names: list[str]) -> None:
+    """The graph's inputs in the order of `names`, where they are the same set (else left as they are, for the
+    declared names' check to report)."""
+    found = {i.name: i for i in proto.graph.input}
+    if set(found) != set(names) or list(found) == names:
+        return
+    ordered = [onnx.ValueInfoProto.FromString(found[n].SerializeToString()) for n in names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(ordered)
+
+
 def save_graph(proto: onnx.ModelProto, path: Path) -> None:
     """Write a graph, its weights of EXTERNAL_MIN_BYTES or more beside it in `<name>.weights` (none if it has
     none), and check it."""

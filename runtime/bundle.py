@@ -86,6 +86,11 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def as_new_file(path: Path) -> None:
+    """Give a file the mode a file the process creates gets (onnx writes external data readable by its owner only)."""
+    path.chmod(0o666 & ~_umask())
+
+
 def _umask() -> int:
     """The process's umask, read without setting it where the system tells (Linux): setting it, even for an
     instant, changes it for every thread."""
@@ -356,7 +361,7 @@ class Manifest:
             raise BundleError(f"{where}: a {family.name} bundle has the graphs {', '.join(expected)}; this manifest "
                               f"declares {', '.join(graphs) or 'none'}")
         for name, spec in graphs.items():
-            if spec.signature() != expected[name].signature():
+            if _unordered(spec.signature()) != _unordered(expected[name].signature()):
                 raise BundleError(f"{where}: the {name} graph's declared inputs and outputs are not those of a "
                                   f"{family.name} model with this config")
         files = {}
@@ -457,6 +462,12 @@ class Manifest:
                 if location not in self.files:
                     raise BundleError(f"{paths[name]}: the {graph} graph reads external data from {location!r}, "
                                       "which is not a file the manifest lists; it is not read")
+
+
+def _unordered(signature: tuple) -> tuple:
+    """A graph's signature whatever the order of its tensors: bundles made before the decoder took its caches layer
+    by layer list them in another order, and the runtime binds them by name."""
+    return tuple(tuple(sorted(tensors)) for tensors in signature)
 
 
 def _no_constant(name: str) -> None:

@@ -66,6 +66,14 @@ def _cache(names: Callable[[int, str, str], str], layers: int, attention: str, h
             for i in range(layers) for kind in ("key", "value")]
 
 
+def _layer_caches(layers: int, heads: int, head_dim: int, self_length: str, dtype: str) -> list[TensorSpec]:
+    """The decoder's past, layer by layer: self-attention key and value, then cross-attention key and value, the
+    order in which Optimum's seq2seq models take them (it feeds its caches by position)."""
+    own = _cache(past_name, layers, "decoder", heads, head_dim, self_length, dtype)
+    cross = _cache(past_name, layers, "encoder", heads, head_dim, SRC_LEN, dtype)
+    return [t for i in range(layers) for t in (*own[2 * i: 2 * i + 2], *cross[2 * i: 2 * i + 2])]
+
+
 def encoder_spec(layers: int, heads: int, head_dim: int, dtype: str = "float32") -> GraphSpec:
     inputs = (TensorSpec("input_ids", "int64", (BATCH, SRC_LEN)),
               TensorSpec("attention_mask", "int64", (BATCH, SRC_LEN)))
@@ -78,8 +86,7 @@ def decoder_spec(layers: int, heads: int, head_dim: int, vocab: int, dtype: str 
     buffered = cache == "buffer"
     inputs = (TensorSpec("input_ids", "int64", (ROWS, TGT_LEN)),
               TensorSpec("encoder_attention_mask", "int64", (BATCH, SRC_LEN)),
-              *_cache(past_name, layers, "decoder", heads, head_dim, CAPACITY if buffered else PAST_LEN, dtype),
-              *_cache(past_name, layers, "encoder", heads, head_dim, SRC_LEN, dtype),
+              *_layer_caches(layers, heads, head_dim, CAPACITY if buffered else PAST_LEN, dtype),
               TensorSpec(LOGITS_MASK, "float32", (vocab,)),  # added to the last step's log-probabilities
               TensorSpec(TOP_K_INPUT, "int64", (1,)),  # k
               *((TensorSpec(PAST_LENGTH, "int64", (1,)),) if buffered else ()))  # positions filled in the buffers

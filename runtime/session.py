@@ -71,10 +71,22 @@ def step_weights(config: dict[str, Any]) -> int:
 
 
 class Runtime:
-    """A loaded bundle. Thread-safe: `generate` keeps all of its state in local variables.
+    """A loaded bundle (or a folder in Hugging Face Optimum's layout: `layout`, and runtime/optimum.py).
+    Thread-safe: `generate` keeps all of its state in local variables.
 
     Errors: a bundle that cannot be used raises BundleError, inputs or settings that cannot be used InputError
     (LimitError above a limit), an onnxruntime failure on a checked graph EngineError; all are EdgeformerError."""
+
+    layout = "edgeformer"  # what the folder is: our bundle, with a manifest; "optimum": Optimum's layout, without
+
+    def __new__(cls, bundle: Path | str, *args: Any, **kwargs: Any) -> Runtime:
+        """A folder in Hugging Face Optimum's seq2seq layout opens as an OptimumRuntime (runtime/optimum.py)."""
+        if cls is Runtime and isinstance(bundle, (str, PathLike)):
+            from edgeformer.runtime.optimum import OptimumRuntime, is_optimum_folder
+
+            if is_optimum_folder(Path(bundle)):
+                return super().__new__(OptimumRuntime)
+        return super().__new__(cls)
 
     def __init__(self, bundle: Path | str, providers: Sequence[str] = ("cpu",), threads: int | None = None,
                  optimization: str = "all", verify: bool = True, spin: bool = True,
@@ -103,6 +115,7 @@ class Runtime:
             raise BundleError(f"{self.path}: a {self.manifest.family} bundle; Runtime generates with "
                               f"{ENCODER_DECODER.name} bundles")
         self.config = self.manifest.config
+        self.max_positions = self.manifest.max_positions
         self.decoder_threads = decoder_threads or threads
 
         # what the sessions open with: the two graphs may open after __init__ (a bundle with a one-graph search)
@@ -194,7 +207,7 @@ class Runtime:
         if len(set(gen.suppress_tokens)) >= target_vocab:
             raise InputError("suppress_tokens leave no token to generate")
         longest = max(range(len(ids)), key=lambda i: len(ids[i]))
-        bound = self.manifest.max_positions
+        bound = self.max_positions
         if bound is not None and len(ids[longest]) > bound:
             raise LimitError(f"input {longest} has {len(ids[longest])} tokens, more than this model's {bound} "
                              "learned positions; shorten it")

@@ -69,7 +69,7 @@ class CharTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.target.decode(ids)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {"kind": "char", "specials": list(SPECIALS), "source": self.source.chars,
                 "target": self.target.chars}
 
@@ -97,6 +97,8 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
 
     def save(self, folder: Path) -> None: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 MARIAN_FILES = {"source_spm": "source.spm", "target_spm": "target.spm", "vocab": "vocab.json"}

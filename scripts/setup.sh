@@ -13,7 +13,7 @@ echo "setting up .venv (first run only; log in .venv/setup.log)..." >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if ! { .venv/bin/python -m pip install --upgrade pip "setuptools>=77" wheel &&
        .venv/bin/python -m pip install "torch==2.13.0" &&
-       .venv/bin/python -m pip install -e ".[export,bench,dev,hf]"; } > .venv/setup.log 2>&1; then
+       .venv/bin/python -m pip install -e ".[export,bench,dev,hf,optimum]"; } > .venv/setup.log 2>&1; then
     tail -30 .venv/setup.log >&2
     echo "set-up failed; the whole log is in .venv/setup.log" >&2
     exit 1

@@ -107,3 +107,59 @@ def relist(bundle: Path, *names: str) -> None:
             d["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
     edit_manifest(bundle, edit)
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    """Sources of the built-in dates task."""
+    import random
+
+    from edgeformer.model.tasks import get_task
+
+    rng = random.Random(seed)
+    return [s for s, _ in (get_task("dates").sample(rng, "test") for _ in range(n))]
+
+
+def _train_spm(corpus: list[str], path: Path) -> None:
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=120,
+                                   character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, minloglevel=2)
+    path.write_bytes(model.getvalue())
+
+
+def marian_folder(root: Path, **overrides: object) -> Path:
+    """A MarianMT folder as `save_pretrained` writes one: random weights, vocabularies trained on task texts
+    (needs edgeformer[hf])."""
+    import sentencepiece as spm
+    import torch
+    import transformers
+
+    from edgeformer.model.tasks import get_task
+
+    root.mkdir(parents=True)
+    _train_spm(texts(2000, seed=1), root / "source.spm")
+    _train_spm([t for _, t in get_task("dates").pairs(500, "train")], root / "target.spm")
+    pieces = []
+    for name in ("source.spm", "target.spm"):
+        sp = spm.SentencePieceProcessor(model_file=str(root / name))
+        pieces += [sp.id_to_piece(i) for i in range(1, sp.get_piece_size())]
+    vocab = ["</s>", "<unk>", *dict.fromkeys(pieces), "<pad>"]  # OPUS-MT's order: eos 0, unk 1, pad last
+    (root / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(vocab)}))
+    tokenizer = transformers.MarianTokenizer(str(root / "source.spm"), str(root / "target.spm"),
+                                             str(root / "vocab.json"))
+    pad = len(vocab) - 1
+    settings = {"vocab_size": len(vocab), "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
+                "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64,
+                "decoder_ffn_dim": 64, "max_position_embeddings": 256, "pad_token_id": pad,
+                "decoder_start_token_id": pad, "eos_token_id": 0, "forced_eos_token_id": 0, "scale_embedding": True,
+                "activation_function": "swish", "init_std": 0.3, **overrides}
+    torch.manual_seed(0)
+    model = transformers.MarianMTModel(transformers.MarianConfig(**settings)).eval()
+    with torch.no_grad():
+        model.final_logits_bias.normal_(std=0.5)  # zero would hide a bias that is never applied
+    model.save_pretrained(str(root))
+    tokenizer.save_pretrained(str(root))
+    return root

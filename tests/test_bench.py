@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -126,18 +125,17 @@ def test_throughput_grid_runs_every_system_on_the_same_weights_and_writes_its_re
     pytest.importorskip("sentencepiece")
     script = str(Path(__file__).parents[1] / "benchmarks" / "throughput.py")
     verb = [sys.executable, "-m", "edgeformer.cli", "bench", "throughput"]
-    # Optimum's peer needs an environment of its own (benchmarks/optimum_peer.py): measured where one is named
-    optimum = os.environ.get("EDGEFORMER_OPTIMUM_PYTHON")
-    peer = ["--optimum-python", optimum] if optimum else []
-    made = subprocess.run([*verb, "make", str(tmp_path / "tp"), "--small", *peer], capture_output=True, text=True,
+    # Optimum's peer, and both directions of the interop, where optimum-onnx is installed (edgeformer[optimum])
+    optimum = find_spec("optimum") is not None and find_spec("optimum.onnxruntime") is not None
+    made = subprocess.run([*verb, "make", str(tmp_path / "tp"), "--small"], capture_output=True, text=True,
                           check=False)
     assert made.returncode == 0, made.stderr[-2000:]
     systems = ["edgeformer-int8", "edgeformer-fp32", "edgeformer-int8-graph", "torch"]
     systems += ["ct2-int8"] if find_spec("ctranslate2") else []
-    systems += ["optimum-fp32", "optimum-int8"] if optimum else []
+    systems += ["edgeformer-on-optimum-fp32", "optimum-on-edgeformer-int8"] if optimum else []
     out = subprocess.run([sys.executable, script, "grid", str(tmp_path / "tp"), "--systems", ",".join(systems),
-                          "--points", "2x1,2x3", "--new-tokens", "5", "--repeats", "1", "--out", str(tmp_path / "r"),
-                          *peer], capture_output=True, text=True, check=False)
+                          "--points", "2x1,2x3", "--new-tokens", "5", "--repeats", "1", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     records = json.loads((tmp_path / "r" / "results.json").read_text())["records"]
     assert {(r["system"], r["batch"], r["beams"]) for r in records} == {(s, 2, k) for s in systems for k in (1, 3)}
@@ -145,6 +143,13 @@ def test_throughput_grid_runs_every_system_on_the_same_weights_and_writes_its_re
     assert all(0 <= r["outside_onnxruntime"] < 1 and r["tokens_per_s"] > 0 for r in ours)
     assert (tmp_path / "r" / "tokens_per_s.png").stat().st_size > 0
     assert "outside onnxruntime" in (tmp_path / "r" / "results.md").read_text()
+    if optimum:  # both directions token for token (benchmarks/optimum_tokens.py), on the same folder
+        check = str(Path(__file__).parents[1] / "benchmarks" / "optimum_tokens.py")
+        out = subprocess.run([sys.executable, check, str(tmp_path / "tp"), "--inputs", "4", "--new-tokens", "5"],
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        found = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        assert len(found) == 6 and all(r["identical"] == r["inputs"] == 4 for r in found), found
     # onnxruntime's own share of the peak (benchmarks/memory_floor.py), on the same folder
     floor = str(Path(__file__).parents[1] / "benchmarks" / "memory_floor.py")
     for system in ["edgeformer-int8", *(["ct2-int8+onnxruntime"] if find_spec("ctranslate2") else [])]:
@@ -155,10 +160,11 @@ def test_throughput_grid_runs_every_system_on_the_same_weights_and_writes_its_re
         assert 0 < r["imported"]["rss_mb"] <= r["loaded"]["rss_mb"] <= r["generated"]["peak_mb"]
 
 
-def test_optimums_peer_is_refused_without_an_environment_to_run_it(tmp_path: Path) -> None:
+def test_optimums_peer_is_refused_without_optimum_to_run_it(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "edgeformer.cli", "bench", "throughput", "grid", str(tmp_path),
-                          "--systems", "edgeformer-int8,optimum-int8"], capture_output=True, text=True, check=False)
-    assert out.returncode != 0 and "pass --optimum-python" in out.stderr
+    hidden = ("import sys; sys.modules['optimum'] = None; from edgeformer.cli import main; "  # as if not installed
+              f"main(['bench', 'throughput', 'grid', {str(tmp_path)!r}, '--systems', 'edgeformer-int8,optimum-int8'])")
+    out = subprocess.run([sys.executable, "-c", hidden], capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "edgeformer[optimum]" in out.stderr and "--optimum-python" in out.stderr

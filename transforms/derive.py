@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeformer.export.graph_store import dedupe_initializers, save_graph, share_across_graphs
+from edgeformer.export.graph_store import dedupe_initializers, order_inputs, save_graph, share_across_graphs
 from edgeformer.export.parity import ParityError
 from edgeformer.runtime.bundle import Manifest, atomic_folder, producer_versions
 from edgeformer.runtime.families import get_family
@@ -89,6 +89,11 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
                 say(f"{made}: {name} graph")
                 protos[name], details[name] = per_graph(bundle / file, name, source)
                 dedupe_initializers(protos[name])  # onnxruntime's constant folding may have copied a tied table
+            # a transform that changed how the graphs pass their cache says so in its graphs' details
+            cache = next((d["cache"] for d in details.values() if "cache" in d), source.cache)
+            graphs = get_family(source.family).graphs(source.config, cache=cache)
+            for name, proto in protos.items():  # a source made before the declared order changed takes it now
+                order_inputs(proto, graphs[name].input_names)
             share_across_graphs(list(protos.values()), tmp)
             for name, proto in protos.items():
                 save_graph(proto, tmp / graph_files[name])
@@ -98,14 +103,11 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
             # The check needs a loadable bundle: write a provisional manifest first, the final one after.
             record = {"step": step.step, "variant": made, **settings, "keep": list(getattr(options, "keep", [])),
                       "graphs": details, "producer": producer_versions()}
-            # a transform that changed how the graphs pass their cache says so in its graphs' details
-            cache = next((d["cache"] for d in details.values() if "cache" in d), source.cache)
             if record.pop("cache_asked", None) not in (None, cache):
                 raise ValueError(f"the graphs of {bundle} cannot pass their cache in buffers: their attention is not "
                                  "in the form the rewrite knows (fused float32, as `optimize` makes of an export)")
             if "cache" in record:  # what the graphs do, which may not be what was asked by default
                 record["cache"] = cache
-            graphs = get_family(source.family).graphs(source.config, cache=cache)
             manifest = dataclasses.replace(source, variant=made, transforms=[*source.transforms, record],
                                            variant_parity={}, files={}, cache=cache, graphs=graphs,
                                            graph_files=dict(graph_files), search=None)

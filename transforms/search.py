@@ -4,7 +4,7 @@ onnxruntime's BeamSearch operator (com.microsoft) in its encoder-decoder form (`
 onnxruntime's convert_generation.py) holds an encoder subgraph and a decoder subgraph and runs the search inside one
 session, so that any onnxruntime binding (C, C++, C#, Java, Node.js, Objective-C) generates without our Python loop.
 Our two graphs already have its contract but for names and dtypes: the encoder emits every decoder layer's
-cross-attention keys and values, and the decoder takes the self-attention cache, then the cross one, and returns the
+cross-attention keys and values, and the decoder takes the caches (in another order) and returns the
 logits and the grown cache. Each becomes a subgraph with int32 token and mask inputs cast to ours, the operator's
 names (`present_key_cross_{i}`, `past_key_self_{i}`, ...), and the decoder's search head fixed to nothing (the
 operator takes the logits); weights stay in the bundle's weight files, a weight both subgraphs read held once by the
@@ -110,6 +110,11 @@ def decoder_subgraph(decoder: onnx.GraphProto, vocab: int) -> onnx.GraphProto:
             new = _cache_name(inp.name, "past")
             _rename(graph, inp.name, new)
             inp.name = new
+    # the operator takes the self-attention cache of every layer, then the cross-attention one (ours: layer by layer)
+    ordered = sorted(graph.input, key=lambda t: 2 if "_cross_" in t.name else 1 if "_self_" in t.name else 0)
+    copies = [onnx.ValueInfoProto.FromString(t.SerializeToString()) for t in ordered]
+    del graph.input[:]
+    graph.input.extend(copies)
     # the search head is not read: its inputs become constants, its outputs go, and its nodes with them
     fixed: dict[str, np.ndarray] = {LOGITS_MASK: np.zeros(vocab, np.float32), TOP_K_INPUT: np.ones(1, np.int64)}
     for name, value in fixed.items():

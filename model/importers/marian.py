@@ -26,6 +26,7 @@ from edgeformer.model.importers.common import (
     refuse,
 )
 from edgeformer.model.transformer import PositionalEncoding, Transformer
+from edgeformer.runtime.hf_generation import from_hugging_face, unsupported
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.tokenizer import MARIAN_FILES, MarianTokenizer
 
@@ -111,48 +112,11 @@ def marian_config(hf: dict[str, Any]) -> TransformerConfig:
         raise ImporterError(f"this Marian config cannot be read: {e}") from None
 
 
-# Hugging Face generation settings and what they become here; those without a rule are refused by name.
-HF_GENERATION_DEFAULTS: dict[str, Any] = {"num_beams": 1, "max_length": None, "min_length": 0, "do_sample": False,
-                          "early_stopping": False, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
-                          "repetition_penalty": 1.0, "num_return_sequences": 1, "temperature": 1.0, "top_k": 50,
-                          "top_p": 1.0, "bad_words_ids": None, "forced_eos_token_id": None,
-                          "forced_bos_token_id": None, "max_new_tokens": None, "encoder_no_repeat_ngram_size": 0,
-                          "diversity_penalty": 0.0, "num_beam_groups": 1, "suppress_tokens": None,
-                          "begin_suppress_tokens": None, "renormalize_logits": False}
-HF_GENERATION_IGNORED = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "use_cache",
-                         "transformers_version", "_from_model_config", "output_attentions", "output_hidden_states",
-                         "output_scores", "return_dict_in_generate"}
-
-
 def marian_generation(hf: dict[str, Any], eos_id: int) -> GenerationConfig:
     """Hugging Face's generation settings for this model, so that `generate` with the bundle's defaults does what
     `MarianMTModel.generate()` does."""
-    s = {k: hf.get(k, v) for k, v in HF_GENERATION_DEFAULTS.items()}
-    problems = [f"{k}={s[k]!r}" for k in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-                                          "repetition_penalty", "diversity_penalty", "num_beam_groups",
-                                          "forced_bos_token_id", "begin_suppress_tokens", "renormalize_logits")
-                if s[k] != HF_GENERATION_DEFAULTS[k]]
-    suppress = [int(t) for t in s["suppress_tokens"] or []]
-    for words in s["bad_words_ids"] or []:
-        if len(words) == 1:
-            suppress.append(int(words[0]))
-        else:
-            problems.append(f"bad_words_ids entry {words} (only single tokens are supported)")
-    if s["forced_eos_token_id"] not in (None, eos_id):
-        problems.append(f"forced_eos_token_id={s['forced_eos_token_id']} is not the EOS id {eos_id}")
-    if s["early_stopping"] not in (True, False):
-        problems.append(f"early_stopping={s['early_stopping']!r}")
-    refuse(problems, "the generation settings")
-    # max_length counts the decoder start token; unset, Hugging Face generates 20 new tokens.
-    max_new = s["max_new_tokens"] or (s["max_length"] - 1 if s["max_length"] else 20)
-    sample = bool(s["do_sample"])
-    return GenerationConfig(strategy="sample" if sample else "beam" if s["num_beams"] > 1 else "greedy",
-                            max_new_tokens=max_new, min_new_tokens=max(0, min(s["min_length"] - 1, max_new)),
-                            num_beams=s["num_beams"], length_penalty=float(s["length_penalty"]),
-                            num_return_sequences=s["num_return_sequences"], early_stopping=bool(s["early_stopping"]),
-                            temperature=float(s["temperature"]), top_k=int(s["top_k"]) if sample else 0,
-                            top_p=float(s["top_p"]), suppress_tokens=tuple(sorted(set(suppress))),
-                            forced_eos=s["forced_eos_token_id"] is not None)
+    refuse(unsupported(hf, eos_id), "the generation settings")
+    return from_hugging_face(hf, eos_id)
 
 
 def _marian_positions_ok(theirs: dict[str, Tensor], config: TransformerConfig) -> list[str]:
