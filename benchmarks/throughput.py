@@ -60,6 +60,7 @@ EDGEFORMER = {"edgeformer-int8": ("edgeformer-int8", "cpu", "python"),
               # Optimum's layout (`make-optimum`): our runtime on Optimum's own export, and on the folders that
               # `--layout optimum` cuts from our concatenated-cache bundles (the fp32 one, optimized, and int8)
               "edgeformer-on-optimum-fp32": ("optimum-fp32", "cpu", "python"),
+              "edgeformer-on-optimum-int8": ("optimum-int8", "cpu", "python"),
               "edgeformer-fp32-concat": ("edgeformer-opt-concat", "cpu", "python"),
               "edgeformer-fp32-optimum-layout": (LAYOUTS["fp32"], "cpu", "python"),
               "edgeformer-int8-optimum-layout": (LAYOUTS["int8"], "cpu", "python")}

@@ -43,8 +43,22 @@ OURS = "edgeformer"
 
 def is_optimum_folder(folder: Path) -> bool:
     """A folder in Optimum's seq2seq layout (and no edgeformer bundle)."""
-    return (folder / ENCODER_FILE).is_file() and (folder / CONFIG_FILE).is_file() and not (
-        folder / "edgeformer.json").exists()
+    return bool(_suffixes(folder)) and (folder / CONFIG_FILE).is_file() and not (folder / "edgeformer.json").exists()
+
+
+def _suffixes(folder: Path) -> list[str]:
+    """The graph sets a folder holds, by the suffix Optimum's tools give their names: "" for the export,
+    "_quantized" for ORTQuantizer's, and so on (`encoder_model{suffix}.onnx`)."""
+    stem = ENCODER_FILE.removesuffix(".onnx")
+    try:
+        found = [p.name[len(stem): -len(".onnx")] for p in folder.glob(f"{stem}*.onnx")]
+    except OSError:
+        return []
+    return sorted(found)
+
+
+def _suffixed(name: str, suffix: str) -> str:
+    return name.removesuffix(".onnx") + suffix + ".onnx"
 
 
 def _json(folder: Path, name: str) -> dict[str, Any]:
@@ -125,16 +139,24 @@ class OptimumFolder:
         listed = ours.get("files") if isinstance(ours, dict) and verify else None
         if listed is not None and not isinstance(listed, dict):
             raise BundleError(f"{folder / CONFIG_FILE}: {OURS}.files must map file names to sha256")
-        self.encoder = _checked_graph(folder, ENCODER_FILE, listed)
+        # The export's graphs; where a folder holds one other set only (ORTQuantizer's `*_quantized.onnx`), that.
+        suffixes = _suffixes(folder)
+        if "" not in suffixes and len(suffixes) != 1:
+            names = ", ".join(_suffixed(ENCODER_FILE, x) for x in suffixes)
+            raise BundleError(f"{folder}: several sets of graphs ({names}); move the set to run into a folder of its "
+                              "own, with config.json")
+        suffix = "" if "" in suffixes else suffixes[0]
+        merged, first, steps = (_suffixed(n, suffix) for n in (MERGED_FILE, DECODER_FILE, WITH_PAST_FILE))
+        self.encoder = _checked_graph(folder, _suffixed(ENCODER_FILE, suffix), listed)
         # As Optimum chooses: the merged decoder where there is one (one copy of its weights in memory).
-        if (folder / MERGED_FILE).exists():
-            self.first = self.steps = _checked_graph(folder, MERGED_FILE, listed)
-        elif (folder / DECODER_FILE).exists() and (folder / WITH_PAST_FILE).exists():
-            self.first = _checked_graph(folder, DECODER_FILE, listed)
-            self.steps = _checked_graph(folder, WITH_PAST_FILE, listed)
+        if (folder / merged).exists():
+            self.first = self.steps = _checked_graph(folder, merged, listed)
+        elif (folder / first).exists() and (folder / steps).exists():
+            self.first = _checked_graph(folder, first, listed)
+            self.steps = _checked_graph(folder, steps, listed)
         else:
-            raise BundleError(f"{folder}: no decoder with a cache: {MERGED_FILE}, or {DECODER_FILE} with "
-                              f"{WITH_PAST_FILE} (export with --task text2text-generation-with-past)")
+            raise BundleError(f"{folder}: no decoder with a cache: {merged}, or {first} with {steps} (export with "
+                              "--task text2text-generation-with-past)")
         self.tokenizer: Tokenizer | None = None
         described = ours.get("tokenizer") if isinstance(ours, dict) else None
         if isinstance(described, dict) and described.get("kind") in KINDS:  # a folder of ours: our tokenizer

@@ -169,6 +169,29 @@ def test_optimum_generates_from_our_layout_what_our_runtime_does(exported, tmp_p
             h[0].tokens for h in Runtime(bundle).generate(sources, gen)]
 
 
+def test_optimums_quantized_folder_runs_by_its_file_names(optimum_folders, tmp_path: Path) -> None:
+    """ORTQuantizer's `*_quantized.onnx`, alone in a folder: run as Optimum runs it when told the names; a folder
+    with two such sets, neither the export's, is refused."""
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    source, folder = optimum_folders["bart"], tmp_path / "int8"
+    config = AutoQuantizationConfig.avx2(is_static=False, per_channel=False)
+    for graph in sorted(source.glob("*.onnx")):
+        ORTQuantizer.from_pretrained(str(source), file_name=graph.name).quantize(save_dir=str(folder),
+                                                                                quantization_config=config)
+    for path in source.glob("*.json"):
+        shutil.copy(path, folder / path.name)
+    names = {f"{kind}_file_name": f"{graph}_quantized.onnx" for kind, graph in (
+        ("encoder", "encoder_model"), ("decoder", "decoder_model"), ("decoder_with_past", "decoder_with_past_model"))}
+    rt = Runtime(folder)
+    assert rt.folder.encoder.name == "encoder_model_quantized.onnx"
+    assert_same_tokens(rt, ORTModelForSeq2SeqLM.from_pretrained(str(folder), **names), sources_for(rt, 8, seed=9))
+    shutil.copy(folder / "encoder_model_quantized.onnx", folder / "encoder_model_fp16.onnx")
+    with pytest.raises(BundleError, match="several sets of graphs"):
+        Runtime(folder)
+
+
 def test_our_decoder_takes_its_past_layer_by_layer_as_optimums_does(exported, optimum_folders) -> None:
     """The caches can be exchanged by position as well as by name."""
     import onnxruntime as ort
