@@ -110,24 +110,24 @@ def _refuse_with_layout(args: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def _layout(out: Path, args: argparse.Namespace, log: Callable[[str], None] | None) -> Any:
-    """Where a verb writes the bundle that `--layout optimum` then cuts into Optimum's layout at `out`: a folder
-    beside it, removed afterwards; the new folder is checked against that bundle before it appears at `out`."""
-    import tempfile
+    """Where a verb writes the bundle that `--layout optimum` then cuts into Optimum's layout at `out`; the new
+    folder is checked against that bundle before it appears at `out`, the bundle gone."""
+    import shutil
 
-    from edgeformer.runtime.bundle import Manifest
-    from edgeformer.transforms.optimum_layout import write_optimum
+    from edgeformer.runtime.bundle import Manifest, atomic_folder
+    from edgeformer.transforms.optimum_layout import write_into
     from edgeformer.transforms.registry import family_judging
 
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.staged-") as staging:
-        staged = Path(staging) / "bundle"
+    # The bundle is staged inside the new folder's temporary one: whatever a killed run leaves, the next writer of
+    # OUT removes (runtime/bundle.py, atomic_folder).
+    with atomic_folder(out, force=args.force) as tmp:
+        staged = tmp / ".staging" / "bundle"
         yield staged
         manifest = Manifest.load(staged)
         sources = family_judging(manifest.family).inputs(manifest, staged, None, 200).sources
-        report = write_optimum(staged, out, sources, force=args.force, log=log)
-        sizes = {p.name: p.stat().st_size for p in out.iterdir()}
+        report = write_into(staged, tmp, sources, log=log)
+        shutil.rmtree(tmp / ".staging")
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
     if args.json:
         print(json.dumps({"path": str(out), "layout": "optimum", "variant": manifest.variant, "check": report,
                           "bytes": sum(sizes.values())}))

@@ -126,16 +126,23 @@ class OptimumFolder:
         if problems:
             raise BundleError(f"{where}: the {self.model_type} model's generation settings ask for what this runtime "
                               f"does not do: {', '.join(problems)}")
-        self.generation = from_hugging_face(settings, self.eos_id)
+        try:
+            self.generation = from_hugging_face(settings, self.eos_id)
+        except (InputError, TypeError, ValueError) as e:
+            raise BundleError(f"{where}: unusable generation settings ({e})") from None
         vocab = config.get("vocab_size")
         if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
             raise BundleError(f"{folder / CONFIG_FILE}: vocab_size must be a positive integer, not {vocab!r}")
         self.ours = ours = config.get(OURS)
         # a folder of ours names the source vocabulary apart: vocab_size is the target's, which Optimum sizes by
-        theirs = ours.get("config", {}).get("src_vocab_size") if isinstance(ours, dict) else None
+        described = ours.get("config") if isinstance(ours, dict) else None
+        described = described if isinstance(described, dict) else {}
+        theirs = described.get("src_vocab_size")
         self.source_vocab = theirs if isinstance(theirs, int) and not isinstance(theirs, bool) and theirs > 0 else vocab
         positions = config.get("max_position_embeddings")
         self.max_positions = positions if isinstance(positions, int) and positions > 0 else None
+        if described.get("position") == "sinusoidal":  # ours, positions from the formula: no bound
+            self.max_positions = None
         listed = ours.get("files") if isinstance(ours, dict) and verify else None
         if listed is not None and not isinstance(listed, dict):
             raise BundleError(f"{folder / CONFIG_FILE}: {OURS}.files must map file names to sha256")
@@ -170,9 +177,13 @@ class OptimumFolder:
                 (folder / f).is_file() for f in MARIAN_FILES.values()):
             for name in MARIAN_FILES.values():
                 inside(folder, name)
-            vocab_json = _json(folder, MARIAN_FILES["vocab"])
-            separate = bool(tokenizer_config.get("separate_vocabs", False))
-            self.tokenizer = MarianTokenizer(folder, vocab_json, decode_with="target" if separate else "source")
+            if tokenizer_config.get("separate_vocabs"):
+                raise BundleError(f"{folder / 'tokenizer_config.json'}: separate_vocabs=true (two vocabularies) is "
+                                  "not supported; pass token ids, from a folder without the tokenizer files")
+            special = {k: tokenizer_config.get(f"{k}_token", default) for k, default in (
+                ("eos", "</s>"), ("unk", "<unk>"), ("pad", "<pad>"))}
+            special = {k: v.get("content") if isinstance(v, dict) else v for k, v in special.items()}  # AddedToken
+            self.tokenizer = MarianTokenizer(folder, _json(folder, MARIAN_FILES["vocab"]), **special)
 
 
     def summary(self) -> dict[str, Any]:

@@ -249,11 +249,21 @@ def _edit_json(path: Path, **changes: Any) -> None:
     path.write_text(json.dumps(d))
 
 
-def test_settings_without_a_rule_are_refused_by_name(optimum_folders, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"no_repeat_ngram_size": 3, "forced_bos_token_id": 0}, r"no_repeat_ngram_size=3.*forced_bos_token_id=0"),
+    ({"typical_p": 0.5, "min_new_tokens": 3}, r"typical_p=0.5.*min_new_tokens=3"),
+    ({"do_sample": True, "num_beams": 4}, r"beam sampling"),
+    ({"num_beams": "4"}, r"num_beams='4' \(not a whole number\)"),
+    ({"bad_words_ids": 7}, r"bad_words_ids=7 \(not a list"),
+])
+def test_settings_without_a_rule_are_refused_by_name(optimum_folders, tmp_path: Path, settings: dict,
+                                                     named: str) -> None:
     folder = _copy(optimum_folders["bart"], tmp_path)
-    _edit_json(folder / "generation_config.json", no_repeat_ngram_size=3, forced_bos_token_id=0)
-    with pytest.raises(BundleError, match=r"no_repeat_ngram_size=3.*forced_bos_token_id=0"):
+    _edit_json(folder / "generation_config.json", **settings)
+    with pytest.raises(BundleError, match=named):
         Runtime(folder)
+    done = edgeformer("info", str(folder))
+    assert done.returncode != 0 and "Traceback" not in done.stderr and "generation_config.json" in done.stderr
 
 
 def test_an_encoder_that_does_not_take_token_ids_is_refused(optimum_folders, tmp_path: Path) -> None:
@@ -268,6 +278,18 @@ def test_an_encoder_that_does_not_take_token_ids_is_refused(optimum_folders, tmp
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "encoder_model.onnx")
     with pytest.raises(BundleError, match=r"input_ids and attention_mask"):
         Runtime(folder)
+
+
+def test_our_sinusoidal_model_keeps_no_length_bound_in_optimums_layout(exported, tmp_path: Path) -> None:
+    from edgeformer.transforms.optimum_layout import write_optimum
+
+    _, bundle = exported("post-sinusoidal")
+    write_optimum(bundle, tmp_path / "ours", random_sources(8, 37, seed=10))
+    from edgeformer.runtime.options import Limits
+
+    rt = Runtime(tmp_path / "ours", limits=Limits(source_tokens=2048))
+    assert rt.max_positions is None and Runtime(bundle).max_positions is None
+    assert rt.generate([[5] * 1030 + [2]], GenerationConfig(max_new_tokens=3))  # past config.json's 1024
 
 
 def test_a_folder_without_a_cached_decoder_is_refused(optimum_folders, tmp_path: Path) -> None:

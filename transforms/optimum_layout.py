@@ -43,6 +43,7 @@ from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.session import Runtime
 from edgeformer.runtime.tokenizer import MarianTokenizer
 
+PASSING = ("Cast", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 CROSS = "cross/"  # the prefix of the moved projections' values in the decoder
 SOURCE_INPUTS = ("input_ids", "attention_mask")  # the encoder's; both (batch, src_len), as the decoder's source mask
 
@@ -81,8 +82,9 @@ def split_encoder(graph: onnx.GraphProto) -> tuple[str, list[int]]:
     outputs = [o.name for o in graph.output]
     produced = _producers(graph)
     order = sorted((i, name) for name, i in produced.items())
-    for _, name in reversed(order):
-        if name in outputs:
+    for i, name in reversed(order):
+        # a cast or a (de)quantization of the hidden states belongs with the projections that read it: cut before
+        if name in outputs or graph.node[i].op_type in PASSING:
             continue
         nodes = _projections(graph, outputs, name)
         if nodes:
@@ -125,6 +127,10 @@ def optimum_graphs(encoder: onnx.ModelProto, decoder: onnx.ModelProto, layers: i
     """Our two graphs (weights loaded) cut again into Optimum's encoder and merged decoder."""
     g = encoder.graph
     hidden, moved = split_encoder(g)
+    # the hidden states' type as the graph computes them (float32, or float16 in an fp16 variant)
+    inferred = onnx.shape_inference.infer_shapes(encoder, data_prop=False).graph
+    hidden_type = next((v.type.tensor_type.elem_type for v in inferred.value_info if v.name == hidden),
+                       TensorProto.FLOAT)
     cache_type = g.output[0].type
     cross_outputs = [o.name for o in g.output]  # present.{i}.encoder.key|value
     initializers = {t.name: t for t in g.initializer}
@@ -149,7 +155,7 @@ def optimum_graphs(encoder: onnx.ModelProto, decoder: onnx.ModelProto, layers: i
     # the encoder: its hidden states out, the projections gone
     g.node.append(helper.make_node("Identity", [hidden], [HIDDEN], name="last_hidden_state"))
     del g.output[:]
-    g.output.append(_float(HIDDEN, ["batch", "src_len", d_model]))
+    g.output.append(_float(HIDDEN, ["batch", "src_len", d_model], hidden_type))
     _keep(g, [HIDDEN])
 
     # the decoder: the projections under an If, the search head gone, the past layer by layer
@@ -178,7 +184,8 @@ def optimum_graphs(encoder: onnx.ModelProto, decoder: onnx.ModelProto, layers: i
     d.initializer.extend(_renamed(t, renamed[t.name]) for t in carried)
     mask = inputs["encoder_attention_mask"]
     batch, src_len = (dim.dim_param or dim.dim_value for dim in mask.type.tensor_type.shape.dim)
-    ordered_inputs = [mask, inputs["input_ids"], _float("encoder_hidden_states", [batch, src_len, d_model])]
+    ordered_inputs = [mask, inputs["input_ids"], _float("encoder_hidden_states", [batch, src_len, d_model],
+                                                                   hidden_type)]
     ordered_inputs += [inputs[past_name] for i in range(layers) for past_name in (
         f"past_key_values.{i}.decoder.key", f"past_key_values.{i}.decoder.value", *past_cross[2 * i: 2 * i + 2])]
     ordered_inputs.append(helper.make_tensor_value_info(BRANCH, TensorProto.BOOL, [1]))
@@ -263,6 +270,14 @@ def check(bundle: Path, folder: Path, sources: list[list[int]]) -> dict[str, Any
 def write_optimum(bundle: Path, out: Path, sources: list[list[int]], force: bool = False,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The bundle at `bundle` in Optimum's layout at `out`, checked before it appears there."""
+    with atomic_folder(out, force=force) as tmp:
+        return write_into(bundle, tmp, sources, log)
+
+
+def write_into(bundle: Path, tmp: Path, sources: list[list[int]], log: Callable[[str], None] | None = None
+               ) -> dict[str, Any]:
+    """The bundle in Optimum's layout in the empty folder `tmp` (one that `atomic_folder` gave), checked; the
+    check's figures."""
     say = log or (lambda _msg: None)
     rt = Runtime(bundle, verify=True, search="python")
     manifest = rt.manifest
@@ -274,27 +289,26 @@ def write_optimum(bundle: Path, out: Path, sources: list[list[int]], force: bool
     encoder = onnx.load(str(bundle / manifest.graph_files[ENCODER]))
     decoder = onnx.load(str(bundle / manifest.graph_files[DECODER]))
     encoder, decoder = optimum_graphs(encoder, decoder, int(config["n_decoder_layers"]), int(config["d_model"]))
-    with atomic_folder(out, force=force) as tmp:
-        for proto, name in ((encoder, ENCODER_FILE), (decoder, MERGED_FILE)):
-            onnx.save_model(proto, str(tmp / name), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=f"{name}_data")
-            as_new_file(tmp / f"{name}_data")
-        (tmp / GENERATION_FILE).write_text(json.dumps(hugging_face_generation(rt.generation, config), indent=2))
-        if isinstance(rt.tokenizer, MarianTokenizer):  # the files Hugging Face's MarianTokenizer reads
-            rt.tokenizer.save(tmp)
-            (tmp / "tokenizer.json").unlink()
-            (tmp / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "MarianTokenizer", "separate_vocabs": rt.tokenizer.decode_with == "target",
-                "eos_token": rt.tokenizer.eos, "unk_token": rt.tokenizer.unk, "pad_token": rt.tokenizer.pad},
-                indent=2))
-        hf = hugging_face_config(config, manifest.variant)
-        if rt.tokenizer is not None:  # ours, described in config.json (tokenizer.json is Hugging Face's name)
-            hf[OURS]["tokenizer"] = rt.tokenizer.to_dict()
-        hf[OURS]["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
-        say(f"optimum layout: checking its tokens against the bundle's on {len(sources)} inputs")
-        report = check(bundle, tmp, sources)
-        hf[OURS]["check"] = report
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
+    for proto, name in ((encoder, ENCODER_FILE), (decoder, MERGED_FILE)):
+        onnx.save_model(proto, str(tmp / name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{name}_data")
+        as_new_file(tmp / f"{name}_data")
+    (tmp / GENERATION_FILE).write_text(json.dumps(hugging_face_generation(rt.generation, config), indent=2))
+    if isinstance(rt.tokenizer, MarianTokenizer):  # the files Hugging Face's MarianTokenizer reads
+        rt.tokenizer.save(tmp)
+        (tmp / "tokenizer.json").unlink()
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "MarianTokenizer", "separate_vocabs": rt.tokenizer.decode_with == "target",
+            "eos_token": rt.tokenizer.eos, "unk_token": rt.tokenizer.unk, "pad_token": rt.tokenizer.pad},
+            indent=2))
+    hf = hugging_face_config(config, manifest.variant)
+    if rt.tokenizer is not None:  # ours, described in config.json (tokenizer.json is Hugging Face's name)
+        hf[OURS]["tokenizer"] = rt.tokenizer.to_dict()
+    hf[OURS]["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
+    say(f"optimum layout: checking its tokens against the bundle's on {len(sources)} inputs")
+    report = check(bundle, tmp, sources)
+    hf[OURS]["check"] = report
+    (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
     return report
 
