@@ -269,8 +269,7 @@ def edgeformer_generator(path: Path, ids: list[list[int]], beams: int, new_token
         seconds, inside[0] = inside[0], 0.0
         return seconds
 
-    variant = rt.folder.summary()["made by"] if isinstance(rt, optimum.OptimumRuntime) else rt.manifest.variant
-    return call, variant, onnxruntime_seconds
+    return call, rt.variant, onnxruntime_seconds
 
 
 def versions() -> dict[str, str]:

@@ -10,7 +10,7 @@ memory twice at load (README: Export).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -81,15 +81,15 @@ def share_across_graphs(protos: list[onnx.ModelProto], folder: Path) -> list[str
     return [init.name for inits in shared for _, init in inits]
 
 
-def order_inputs(proto: onnx.ModelProto, names: list[str]) -> None:
-    """The graph's inputs in the order of `names`, where they are the same set (else left as they are, for the
-    declared names' check to report)."""
-    found = {i.name: i for i in proto.graph.input}
+def reorder(values: Any, names: list[str]) -> None:
+    """A graph's inputs or outputs (`graph.input`, `graph.output`) in the order of `names`, where they are the same
+    set (else left as they are, for the declared names' check to report)."""
+    found = {v.name: v for v in values}
     if set(found) != set(names) or list(found) == names:
         return
     ordered = [onnx.ValueInfoProto.FromString(found[n].SerializeToString()) for n in names]
-    del proto.graph.input[:]
-    proto.graph.input.extend(ordered)
+    del values[:]
+    values.extend(ordered)
 
 
 def save_graph(proto: onnx.ModelProto, path: Path) -> None:

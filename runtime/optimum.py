@@ -21,13 +21,13 @@ import onnxruntime as ort
 
 from edgeformer.runtime.bundle import GRAPH_LIMIT, MANIFEST_LIMIT, inside, plain_name, sha256_file
 from edgeformer.runtime.encoder_decoder import is_self_cache
-from edgeformer.runtime.engine import ORT_ERRORS, graph_io, open_session, provider, resolve_providers, session_options
+from edgeformer.runtime.engine import ORT_ERRORS, graph_io, open_session, provider, session_options
 from edgeformer.runtime.errors import BundleError, EngineError, InputError
 from edgeformer.runtime.hf_generation import from_hugging_face, unsupported
 from edgeformer.runtime.onnx_refs import external_locations
 from edgeformer.runtime.options import GenerationConfig, Limits
 from edgeformer.runtime.search import StepModel
-from edgeformer.runtime.session import Runtime
+from edgeformer.runtime.session import Runtime, host, log_softmax
 from edgeformer.runtime.tokenizer import KINDS, MARIAN_FILES, MarianTokenizer, Tokenizer
 
 ENCODER_FILE, MERGED_FILE = "encoder_model.onnx", "decoder_model_merged.onnx"
@@ -103,6 +103,30 @@ def _checked_graph(folder: Path, name: str, listed: dict[str, str] | None) -> Pa
     return path
 
 
+def _tokenizer(folder: Path, ours: Any) -> Tokenizer | None:
+    """A folder of ours: our tokenizer, described in config.json; else Hugging Face's MarianTokenizer files, where
+    the folder has them; else none (token ids only)."""
+    described = ours.get("tokenizer") if isinstance(ours, dict) else None
+    if isinstance(described, dict) and described.get("kind") in KINDS:
+        for name in KINDS[described["kind"]].files[1:]:  # the files beside its description
+            inside(folder, name)
+        return KINDS[described["kind"]].from_dict(folder, described)
+    has_config = (folder / "tokenizer_config.json").is_file()
+    tokenizer_config = _json(folder, "tokenizer_config.json") if has_config else {}
+    if tokenizer_config.get("tokenizer_class") != "MarianTokenizer" or not all(
+            (folder / f).is_file() for f in MARIAN_FILES.values()):
+        return None
+    for name in MARIAN_FILES.values():
+        inside(folder, name)
+    if tokenizer_config.get("separate_vocabs"):
+        raise BundleError(f"{folder / 'tokenizer_config.json'}: separate_vocabs=true (two vocabularies) is not "
+                          "supported; pass token ids, from a folder without the tokenizer files")
+    special = {k: tokenizer_config.get(f"{k}_token", default) for k, default in (
+        ("eos", "</s>"), ("unk", "<unk>"), ("pad", "<pad>"))}
+    special = {k: v.get("content") if isinstance(v, dict) else v for k, v in special.items()}  # AddedToken form
+    return MarianTokenizer(folder, _json(folder, MARIAN_FILES["vocab"]), **special)
+
+
 class OptimumFolder:
     """What a folder in Optimum's layout holds: its graphs' files, the model's special tokens and sizes, and its
     generation defaults."""
@@ -135,13 +159,13 @@ class OptimumFolder:
             raise BundleError(f"{folder / CONFIG_FILE}: vocab_size must be a positive integer, not {vocab!r}")
         self.ours = ours = config.get(OURS)
         # a folder of ours names the source vocabulary apart: vocab_size is the target's, which Optimum sizes by
-        described = ours.get("config") if isinstance(ours, dict) else None
-        described = described if isinstance(described, dict) else {}
-        theirs = described.get("src_vocab_size")
+        ours_config = ours.get("config") if isinstance(ours, dict) else None
+        ours_config = ours_config if isinstance(ours_config, dict) else {}
+        theirs = ours_config.get("src_vocab_size")
         self.source_vocab = theirs if isinstance(theirs, int) and not isinstance(theirs, bool) and theirs > 0 else vocab
         positions = config.get("max_position_embeddings")
         self.max_positions = positions if isinstance(positions, int) and positions > 0 else None
-        if described.get("position") == "sinusoidal":  # ours, positions from the formula: no bound
+        if ours_config.get("position") == "sinusoidal":  # ours, positions from the formula: no bound
             self.max_positions = None
         listed = ours.get("files") if isinstance(ours, dict) and verify else None
         if listed is not None and not isinstance(listed, dict):
@@ -164,27 +188,7 @@ class OptimumFolder:
         else:
             raise BundleError(f"{folder}: no decoder with a cache: {merged}, or {first} with {steps} (export with "
                               "--task text2text-generation-with-past)")
-        self.tokenizer: Tokenizer | None = None
-        described = ours.get("tokenizer") if isinstance(ours, dict) else None
-        if isinstance(described, dict) and described.get("kind") in KINDS:  # a folder of ours: our tokenizer
-            for name in KINDS[described["kind"]].files[1:]:  # the files beside its description
-                inside(folder, name)
-            self.tokenizer = KINDS[described["kind"]].from_dict(folder, described)
-            return
-        has_config = (folder / "tokenizer_config.json").is_file()
-        tokenizer_config = _json(folder, "tokenizer_config.json") if has_config else {}
-        if tokenizer_config.get("tokenizer_class") == "MarianTokenizer" and all(
-                (folder / f).is_file() for f in MARIAN_FILES.values()):
-            for name in MARIAN_FILES.values():
-                inside(folder, name)
-            if tokenizer_config.get("separate_vocabs"):
-                raise BundleError(f"{folder / 'tokenizer_config.json'}: separate_vocabs=true (two vocabularies) is "
-                                  "not supported; pass token ids, from a folder without the tokenizer files")
-            special = {k: tokenizer_config.get(f"{k}_token", default) for k, default in (
-                ("eos", "</s>"), ("unk", "<unk>"), ("pad", "<pad>"))}
-            special = {k: v.get("content") if isinstance(v, dict) else v for k, v in special.items()}  # AddedToken
-            self.tokenizer = MarianTokenizer(folder, _json(folder, MARIAN_FILES["vocab"]), **special)
-
+        self.tokenizer = _tokenizer(folder, ours)
 
     def summary(self) -> dict[str, Any]:
         """What `edgeformer info` shows of the folder."""
@@ -222,6 +226,8 @@ class OptimumSessions:
         if not past or any(p.name.replace("past_key_values.", "present.", 1) not in presents for p in past):
             raise BundleError(f"{folder.steps}: its past inputs are not the first step's present outputs")
         self.past = [p.name for p in past]
+        self.present = {n: n.replace("past_key_values.", "present.", 1) for n in self.past}
+        self.inputs = {id(x): graph_io(x)[0] for x in (self.encoder, self.first, self.steps)}  # what each is fed
         # heads and head size from the declared cache shapes (batch, heads, length, head size)
         shape = past[0].shape
         if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
@@ -249,10 +255,11 @@ class OptimumSteps(StepModel):
                       "encoder_attention_mask": np.repeat(attention_mask, rows, 0)}
         self.group = rows  # rows per source, next to each other, while none has left
         self.past: dict[str, Any] = {}  # OrtValues (or numpy arrays once rows have left)
+        self.own = [n for n in sessions.past if is_self_cache(n)]  # the self-attention cache
 
     def _run(self, session: ort.InferenceSession, feeds: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
         binding = session.io_binding()
-        for name in graph_io(session)[0]:
+        for name in self.sessions.inputs[id(session)]:
             value = feeds[name]
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
@@ -277,35 +284,24 @@ class OptimumSteps(StepModel):
             feeds.update(self.past)
         feeds[BRANCH] = np.array([not first])
         # the self-attention cache each step, the cross-attention one from the first only
-        wanted = [n for n in s.past if first or is_self_cache(n)]
-        out = self._run(s.first if first else s.steps, feeds,
-                        ["logits", *(n.replace("past_key_values.", "present.", 1) for n in wanted)])
+        wanted = s.past if first else self.own
+        out = self._run(s.first if first else s.steps, feeds, ["logits", *(s.present[n] for n in wanted)])
         for name in wanted:
-            self.past[name] = out[name.replace("past_key_values.", "present.", 1)]
+            self.past[name] = out[s.present[name]]
         return log_softmax(np.asarray(out["logits"].numpy()[:, -1], np.float32))
 
     def reorder(self, rows: np.ndarray) -> None:
         count = len(self.fixed["encoder_attention_mask"])
         if len(rows) == count and np.array_equal(rows // self.group, np.arange(count) // self.group):
             moved = np.flatnonzero(rows != np.arange(count))  # beams within their sources: only those rows
-            for name, value in self.past.items():
-                if is_self_cache(name) and len(moved):
-                    cache = value if isinstance(value, np.ndarray) else value.numpy()  # a view of its memory
+            if len(moved):
+                for name in self.own:
+                    cache = host(self.past[name])  # a view of its memory
                     cache[moved] = cache[rows[moved]]
             return
         self.group = 1  # rows left: every per-row value follows them
         self.fixed = {n: v[rows] for n, v in self.fixed.items()}
-        self.past = {n: np.ascontiguousarray(_host(v)[rows]) for n, v in self.past.items()}
-
-
-def _host(value: Any) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else value.numpy()
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    y = x - x.max(axis=-1, keepdims=True)
-    y -= np.log(np.exp(y).sum(axis=-1, keepdims=True))
-    return y
+        self.past = {n: np.ascontiguousarray(host(v)[rows]) for n, v in self.past.items()}
 
 
 class OptimumRuntime(Runtime):
@@ -321,16 +317,12 @@ class OptimumRuntime(Runtime):
         if search not in ("auto", "python"):
             raise InputError(f"search={search!r}: a folder in Optimum's layout searches in Python ('auto' or "
                              "'python')")
-        if limits is not None and not isinstance(limits, Limits):
-            raise InputError(f"limits must be a Limits, not {type(limits).__name__}")
-        self.limits = limits or Limits()
-        self.requested_providers = resolve_providers(providers)
-        self.path = Path(bundle)
+        self._take_arguments(bundle, providers, threads, optimization, decoder_threads, limits)
         self.folder = OptimumFolder(self.path, verify)
         self.search, self.search_session = "python", None
         self.optimization, self.threads, self.spin = optimization, threads, spin
         self.graphs = OptimumSessions(self.folder, session_options(optimization, threads, spin),
-                                         self.requested_providers)
+                                      self.requested_providers)
         self.provider = self.graphs.steps.get_providers()[0]
         self.device = provider(self.provider).device
         self.max_positions = self.folder.max_positions
@@ -338,6 +330,14 @@ class OptimumRuntime(Runtime):
                        "pad_id": self.folder.pad_id, "bos_id": self.folder.start_id, "eos_id": self.folder.eos_id}
         self.generation: GenerationConfig = self.folder.generation
         self.tokenizer = self.folder.tokenizer
+
+    @property
+    def variant(self) -> str:
+        return str(self.folder.summary()["made by"])
+
+    @property
+    def misses(self) -> list[str]:
+        return []
 
     def graph_runs(self, gen: GenerationConfig, on_token: Any = None) -> str:
         return "a folder in Optimum's layout has no one-graph search"

@@ -98,18 +98,7 @@ class Runtime:
         run the call's settings (`graph_runs`) and in Python over the two graphs otherwise; "graph" always (a call
         it cannot run is refused); "python" never."""
         # "all" even for graphs optimized offline: less leaves a tied projection's Transpose unfolded (README: Runtime)
-        for name, value in (("threads", threads), ("decoder_threads", decoder_threads)):
-            if value is not None and (not is_int(value) or not 1 <= value <= MAX_THREADS):
-                raise InputError(f"{name}={value!r}: give a number of threads in [1, {MAX_THREADS}], or None for "
-                                 "the default")
-        if limits is not None and not isinstance(limits, Limits):
-            raise InputError(f"limits must be a Limits, not {type(limits).__name__}")
-        if not isinstance(bundle, (str, PathLike)):
-            raise InputError(f"bundle must be a folder's path, not {type(bundle).__name__}")
-        self.limits = limits or Limits()
-        self.requested_providers = resolve_providers(providers)
-        session_options(optimization)  # an unknown level is refused before the bundle is read
-        self.path = Path(bundle)
+        self._take_arguments(bundle, providers, threads, optimization, decoder_threads, limits)
         self.manifest = Manifest.load(self.path, verify=verify)
         if self.manifest.family != ENCODER_DECODER.name:
             raise BundleError(f"{self.path}: a {self.manifest.family} bundle; Runtime generates with "
@@ -149,6 +138,32 @@ class Runtime:
         self.decoder_outputs = self.manifest.graphs[DECODER].output_names
         self.self_cache_inputs = [t for t in self.manifest.graphs[DECODER].inputs if is_self_cache(t.name)]
         self.cache_dtype = np.dtype(self.self_cache_inputs[0].dtype) if self.self_cache_inputs else np.float32
+
+    def _take_arguments(self, bundle: Path | str, providers: Sequence[str], threads: int | None, optimization: str,
+                        decoder_threads: int | None, limits: Limits | None) -> None:
+        """Check what every runtime is given, before the folder is read; keep the path, limits and providers."""
+        for name, value in (("threads", threads), ("decoder_threads", decoder_threads)):
+            if value is not None and (not is_int(value) or not 1 <= value <= MAX_THREADS):
+                raise InputError(f"{name}={value!r}: give a number of threads in [1, {MAX_THREADS}], or None for "
+                                 "the default")
+        if limits is not None and not isinstance(limits, Limits):
+            raise InputError(f"limits must be a Limits, not {type(limits).__name__}")
+        if not isinstance(bundle, (str, PathLike)):
+            raise InputError(f"bundle must be a folder's path, not {type(bundle).__name__}")
+        self.limits = limits or Limits()
+        self.requested_providers = resolve_providers(providers)
+        session_options(optimization)  # an unknown level is refused before the folder is read
+        self.path = Path(bundle)
+
+    @property
+    def variant(self) -> str:
+        """What the folder holds: the bundle's variant (fp32, int8...)."""
+        return self.manifest.variant
+
+    @property
+    def misses(self) -> list[str]:
+        """The targets a bundle written with --allow-drop missed."""
+        return self.manifest.misses
 
     def _open(self, graph: str, threads: int | None) -> ort.InferenceSession:
         options = session_options(self.optimization, threads, self.spin, stop_spinning=graph != DECODER)
@@ -591,5 +606,6 @@ def host(value: Any) -> np.ndarray:
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    y = x - x.max(axis=-1, keepdims=True)
+    y -= np.log(np.exp(y).sum(axis=-1, keepdims=True))  # in place: a pass over the vocabulary fewer
+    return y

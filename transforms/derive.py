@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeformer.export.graph_store import dedupe_initializers, order_inputs, save_graph, share_across_graphs
+from edgeformer.export.graph_store import dedupe_initializers, reorder, save_graph, share_across_graphs
 from edgeformer.export.parity import ParityError
 from edgeformer.runtime.bundle import Manifest, atomic_folder, producer_versions
 from edgeformer.runtime.families import get_family
@@ -93,7 +93,7 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
             cache = next((d["cache"] for d in details.values() if "cache" in d), source.cache)
             graphs = get_family(source.family).graphs(source.config, cache=cache)
             for name, proto in protos.items():  # a source made before the declared order changed takes it now
-                order_inputs(proto, graphs[name].input_names)
+                reorder(proto.graph.input, graphs[name].input_names)
             share_across_graphs(list(protos.values()), tmp)
             for name, proto in protos.items():
                 save_graph(proto, tmp / graph_files[name])

@@ -146,6 +146,33 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(keep)
 
 
+def prune(graph: onnx.GraphProto) -> None:
+    """Drop the nodes whose outputs nothing reads (the graph's outputs, a node, or a node's subgraph), then the
+    initializers nothing reads."""
+    def read() -> set[str]:
+        return {name for node in _nodes(graph) for name in node.input} | {t.name for t in graph.output}
+
+    while True:
+        names = read()
+        dead = [node for node in graph.node if not any(name in names for name in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    names = read()
+    for init in [t for t in graph.initializer if t.name not in names]:
+        graph.initializer.remove(init)
+
+
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """The graph's nodes and those of their subgraphs (an If's branches), which may read the graph's values."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in (attribute.g, *attribute.graphs):
+                yield from _nodes(sub)
+
+
 def untie_projection(model: onnx.ModelProto) -> None:
     """Give a tied output projection its own (transposed) weight, so that a weight-only quantizer packs it like
     any other MatMul weight. Two quantized copies of the table are still far smaller than one in fp32."""

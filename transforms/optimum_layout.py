@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import onnx
 from onnx import TensorProto, helper
 
+from edgeformer.export.graph_store import reorder
 from edgeformer.export.parity import ParityError
 from edgeformer.runtime.bundle import as_new_file, atomic_folder, sha256_file
-from edgeformer.runtime.encoder_decoder import DECODER, ENCODER, HEAD_INPUTS, HEAD_OUTPUTS, SEARCH_HEAD
+from edgeformer.runtime.encoder_decoder import DECODER, ENCODER, HEAD_INPUTS, HEAD_OUTPUTS
 from edgeformer.runtime.optimum import (
     BRANCH,
     CONFIG_FILE,
@@ -42,6 +43,7 @@ from edgeformer.runtime.optimum import (
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.session import Runtime
 from edgeformer.runtime.tokenizer import MarianTokenizer
+from edgeformer.transforms.graph_edits import prune
 
 PASSING = ("Cast", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 CROSS = "cross/"  # the prefix of the moved projections' values in the decoder
@@ -92,32 +94,6 @@ def split_encoder(graph: onnx.GraphProto) -> tuple[str, list[int]]:
     raise ValueError("the encoder's cross-attention outputs are not computed from one tensor of hidden states")
 
 
-def _keep(graph: onnx.GraphProto, outputs: Iterable[str]) -> None:
-    """Drop the nodes and initializers that `outputs` do not need."""
-    produced = _producers(graph)
-    needed: set[int] = set()
-    used: set[str] = set()
-    todo = list(outputs)
-    while todo:
-        name = todo.pop()
-        if name in used:
-            continue
-        used.add(name)
-        i = produced.get(name)
-        if i is not None and i not in needed:
-            needed.add(i)
-            todo.extend(graph.node[i].input)
-            for attribute in graph.node[i].attribute:  # values a subgraph reads from this scope
-                for sub in [attribute.g, *attribute.graphs]:
-                    todo.extend(n for node in sub.node for n in node.input)
-    nodes = [graph.node[i] for i in sorted(needed)]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    initializers = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-
-
 def _float(name: str, shape: list[Any] | None = None, elem: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, shape)
 
@@ -156,16 +132,11 @@ def optimum_graphs(encoder: onnx.ModelProto, decoder: onnx.ModelProto, layers: i
     g.node.append(helper.make_node("Identity", [hidden], [HIDDEN], name="last_hidden_state"))
     del g.output[:]
     g.output.append(_float(HIDDEN, ["batch", "src_len", d_model], hidden_type))
-    _keep(g, [HIDDEN])
+    prune(g)
 
     # the decoder: the projections under an If, the search head gone, the past layer by layer
     d = decoder.graph
-    head = {n.name for n in d.node if n.name.startswith(SEARCH_HEAD)}
-    kept = [n for n in d.node if n.name not in head]
-    del d.node[:]
-    d.node.extend(kept)
-    outputs = {o.name: o for o in d.output if o.name not in HEAD_OUTPUTS}
-    inputs = {i.name: i for i in d.input if i.name not in HEAD_INPUTS}
+    inputs = {i.name: i for i in d.input}
     if any(name not in inputs for name in ("input_ids", "encoder_attention_mask")) or "past_length" in inputs:
         raise ValueError("the decoder is not one of the two-graph form with a concatenated cache")
     past_cross = [name.replace("present.", "past_key_values.", 1) for name in cross_outputs]
@@ -182,29 +153,33 @@ def optimum_graphs(encoder: onnx.ModelProto, decoder: onnx.ModelProto, layers: i
     d.node.insert(0, helper.make_node("If", [BRANCH], cross_outputs, name="cross_attention_cache",
                                       then_branch=then_branch, else_branch=else_branch))
     d.initializer.extend(_renamed(t, renamed[t.name]) for t in carried)
-    mask = inputs["encoder_attention_mask"]
-    batch, src_len = (dim.dim_param or dim.dim_value for dim in mask.type.tensor_type.shape.dim)
-    ordered_inputs = [mask, inputs["input_ids"], _float("encoder_hidden_states", [batch, src_len, d_model],
-                                                                   hidden_type)]
-    ordered_inputs += [inputs[past_name] for i in range(layers) for past_name in (
-        f"past_key_values.{i}.decoder.key", f"past_key_values.{i}.decoder.value", *past_cross[2 * i: 2 * i + 2])]
-    ordered_inputs.append(helper.make_tensor_value_info(BRANCH, TensorProto.BOOL, [1]))
-    ordered_outputs = [outputs["logits"]]
-    for i in range(layers):
-        ordered_outputs += [outputs[f"present.{i}.decoder.key"], outputs[f"present.{i}.decoder.value"]]
-        ordered_outputs += [helper.make_value_info(name, cache_type) for name in cross_outputs[2 * i: 2 * i + 2]]
-    for field, values in ((d.input, ordered_inputs), (d.output, ordered_outputs)):
-        copies = [type(v)() for v in values]
-        for copy, v in zip(copies, values, strict=True):
-            copy.CopyFrom(v)
-        del field[:]
-        field.extend(copies)
-    _keep(d, [o.name for o in d.output])
+    # Optimum's contract: its inputs and outputs, in its order (it feeds the past by position); the search head goes
+    mask_shape = inputs["encoder_attention_mask"].type.tensor_type.shape.dim
+    batch, src_len = (dim.dim_param or dim.dim_value for dim in mask_shape)
+    d.input.extend([_float("encoder_hidden_states", [batch, src_len, d_model], hidden_type),
+                    _float(BRANCH, [1], TensorProto.BOOL)])
+    d.output.extend(helper.make_value_info(name, cache_type) for name in cross_outputs)
+    for values in (d.input, d.output):
+        kept = [v for v in values if v.name not in (*HEAD_INPUTS, *HEAD_OUTPUTS)]
+        del values[:]
+        values.extend(kept)
+    per_layer = [name for i in range(layers) for name in (f"decoder.{i}.key", f"decoder.{i}.value",
+                                                          f"encoder.{i}.key", f"encoder.{i}.value")]
+    reorder(d.input, ["encoder_attention_mask", "input_ids", "encoder_hidden_states",
+                      *(_cache_name("past_key_values", n) for n in per_layer), BRANCH])
+    reorder(d.output, ["logits", *(_cache_name("present", n) for n in per_layer)])
+    prune(d)
     domains = {o.domain: o.version for o in decoder.opset_import}
     for o in encoder.opset_import:
         if o.domain not in domains:
             decoder.opset_import.append(o)
     return encoder, decoder
+
+
+def _cache_name(prefix: str, name: str) -> str:
+    """("present", "encoder.3.key") -> "present.3.encoder.key"."""
+    attention, layer, kind = name.split(".")
+    return f"{prefix}.{layer}.{attention}.{kind}"
 
 
 def _renamed(t: TensorProto, name: str) -> TensorProto:
@@ -251,9 +226,9 @@ def hugging_face_generation(gen: GenerationConfig, config: dict[str, Any]) -> di
     return settings
 
 
-def check(bundle: Path, folder: Path, sources: list[list[int]]) -> dict[str, Any]:
+def check(ours: Runtime, folder: Path, sources: list[list[int]]) -> dict[str, Any]:
     """The runtime's tokens on the new folder against the bundle's: ParityError unless all are the same."""
-    ours, theirs = Runtime(bundle, threads=2, verify=False), Runtime(folder, threads=2)
+    theirs = Runtime(folder, threads=2, verify=False)  # written just now, by us
     base = dataclasses.replace(ours.generation, num_return_sequences=1)
     cases = {"greedy": dataclasses.replace(base, strategy="greedy"),
              "beam 4": dataclasses.replace(base, strategy="beam", num_beams=4)}
@@ -279,7 +254,7 @@ def write_into(bundle: Path, tmp: Path, sources: list[list[int]], log: Callable[
     """The bundle in Optimum's layout in the empty folder `tmp` (one that `atomic_folder` gave), checked; the
     check's figures."""
     say = log or (lambda _msg: None)
-    rt = Runtime(bundle, verify=True, search="python")
+    rt = Runtime(bundle, threads=2, search="python")
     manifest = rt.manifest
     if manifest.cache != "concat":
         raise ValueError("a bundle whose cache is in buffers (optimize --cache buffer) has no Optimum layout: "
@@ -307,7 +282,7 @@ def write_into(bundle: Path, tmp: Path, sources: list[list[int]], log: Callable[
     hf[OURS]["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
     say(f"optimum layout: checking its tokens against the bundle's on {len(sources)} inputs")
-    report = check(bundle, tmp, sources)
+    report = check(rt, tmp, sources)
     hf[OURS]["check"] = report
     (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
     return report

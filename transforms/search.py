@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeformer.export.graph_store import reorder
 from edgeformer.export.parity import ParityError
 from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.encoder_decoder import (
@@ -43,6 +44,7 @@ from edgeformer.runtime.encoder_decoder import (
 from edgeformer.runtime.families import get_family
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.session import Runtime
+from edgeformer.transforms.graph_edits import prune
 
 INT64 = "_int64"  # the suffix of a subgraph's int32 input once cast to the int64 our graphs take
 
@@ -73,20 +75,6 @@ def _cache_name(name: str, prefix: str) -> str:
     return f"{prefix}_{kind}_{'self' if attention == 'decoder' else 'cross'}_{layer}"
 
 
-def _prune(graph: onnx.GraphProto) -> None:
-    """Drop the nodes whose outputs nothing reads, then the initializers no node reads."""
-    while True:
-        read = {name for node in graph.node for name in node.input} | {t.name for t in graph.output}
-        dead = [node for node in graph.node if not any(name in read for name in node.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    read = {name for node in graph.node for name in node.input}
-    for init in [t for t in graph.initializer if t.name not in read]:
-        graph.initializer.remove(init)
-
-
 def encoder_subgraph(encoder: onnx.GraphProto) -> onnx.GraphProto:
     graph = onnx.GraphProto.FromString(encoder.SerializeToString())
     _int32_input(graph, "input_ids", "encoder_input_ids")
@@ -111,10 +99,8 @@ def decoder_subgraph(decoder: onnx.GraphProto, vocab: int) -> onnx.GraphProto:
             _rename(graph, inp.name, new)
             inp.name = new
     # the operator takes the self-attention cache of every layer, then the cross-attention one (ours: layer by layer)
-    ordered = sorted(graph.input, key=lambda t: 2 if "_cross_" in t.name else 1 if "_self_" in t.name else 0)
-    copies = [onnx.ValueInfoProto.FromString(t.SerializeToString()) for t in ordered]
-    del graph.input[:]
-    graph.input.extend(copies)
+    reorder(graph.input, sorted((t.name for t in graph.input),
+                                key=lambda n: 2 if "_cross_" in n else 1 if "_self_" in n else 0))
     # the search head is not read: its inputs become constants, its outputs go, and its nodes with them
     fixed: dict[str, np.ndarray] = {LOGITS_MASK: np.zeros(vocab, np.float32), TOP_K_INPUT: np.ones(1, np.int64)}
     for name, value in fixed.items():
@@ -127,7 +113,7 @@ def decoder_subgraph(decoder: onnx.GraphProto, vocab: int) -> onnx.GraphProto:
             new = _cache_name(out.name, "present")
             _rename(graph, out.name, new)
             out.name = new
-    _prune(graph)
+    prune(graph)
     graph.name = DECODER
     return graph
 
