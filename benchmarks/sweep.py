@@ -34,6 +34,7 @@ from edgeformer.report.format import ratio_text, table
 from edgeformer.runtime import engine
 from edgeformer.runtime.bundle import Manifest, producer_versions
 from edgeformer.runtime.encoder_decoder import ENCODER_DECODER
+from edgeformer.runtime.providers import built_in
 from edgeformer.runtime.search import StepModel
 from edgeformer.runtime.session import Runtime
 from edgeformer.transforms.derive import build_variants
@@ -100,8 +101,8 @@ def bench(checkpoint: Path | str | None = None, variants: Sequence[str] | None =
     if model.family != ENCODER_DECODER.name:
         raise ValueError(f"bench times {ENCODER_DECODER.name} decoding steps; a {model.family} model has none")
     c = model.config
-    # every compute provider onnxruntime has here (AzureExecutionProvider, a remote-call provider, is not one)
-    providers = list(providers or engine.available())
+    # every provider built into this onnxruntime (plugin packages: `edgeformer bench --providers all`)
+    providers = list(providers or built_in())
     pairs = configurations(variants, providers)
     variants = list(dict.fromkeys(v for v, _ in pairs))
     points = sweep_points(SWEEPS if sweeps is None else sweeps, base, repeat_base)

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,8 @@ def _derive_options(args: argparse.Namespace) -> dict[str, Any]:
     from edgeformer.transforms.derive import Judging
 
     return {"force": args.force, "allow_drop": args.allow_drop, "search": args.search,
-            "judging": Judging(args.eval, args.metric, args.eval_size),
+            "judging": Judging(args.eval, args.metric, args.eval_size,
+                               tuple(c.strip() for c in (args.check_on or "").split(",") if c.strip())),
             "log": None if args.json else (lambda msg: print(f"  {msg}...", flush=True))}
 
 
@@ -318,12 +320,20 @@ def _show_transforms(m: Any) -> None:
 
 
 def _show_variant_parity(m: Any) -> None:
+    from edgeformer.runtime.survey import nodes_text
+
     v = m.variant_parity
     if v:
         judged = v.get("judged_on", {}).get("inputs", "inputs")
         print(f"\n{m.variant} against the {v['against']} on {v['inputs']} {judged}: max |log-prob diff| "
               f"{v['max_abs_logprob_diff']:.2e}, greedy token agreement {v['greedy_token_agreement']:.2%}"
               + (f", {v['metric']} {v['metric_source']:.2f} -> {v['metric_variant']:.2f}" if "metric" in v else ""))
+        if v.get("checked_on"):
+            print(table(["checked on", "provider", "max |log-prob diff|", "greedy agreement", "nodes on it"],
+                        [[c["choice"], c["provider"], f"{c['max_abs_logprob_diff']:.2e}",
+                          f"{c['greedy_token_agreement']:.2%}",
+                          nodes_text(c["nodes"], c.get("asked", c["provider"])) if c.get("nodes") else "all"]
+                         for c in v["checked_on"]]))
         if v.get("misses"):
             print("WARNING: written with --allow-drop; misses its target: " + "; ".join(v["misses"]))
 
@@ -385,6 +395,29 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"{len(inputs)} inputs in {seconds * 1000:.0f} ms on {rt.provider}, searched in {where}")
 
 
+def cmd_providers(args: argparse.Namespace) -> None:
+    from edgeformer.runtime.engine import provider
+    from edgeformer.runtime.survey import nodes_text, offers, variants_on
+
+    found = offers()
+    choices = [r["choice"] for r in found if r["status"] == "offered"]
+    runs = variants_on([Path(b) for b in args.bundles], choices) if args.bundles else []
+    if args.json:
+        print(json.dumps({"providers": found, "variants": runs}, indent=1))
+        return
+    keys = ["choice", "provider", "device", "vendor", "provider vendor", "from", "status"]
+    print(table(keys, [[r[k] for k in keys] for r in found]))
+    if runs:
+        print()
+        print(table(["bundle", "variant", "choice", "decoder on", "nodes on the provider asked", "tokens = CPU's"],
+                    [[Path(r["bundle"]).name, r["variant"], r["choice"], r["runs on"],
+                      nodes_text(r["nodes"], provider(r["choice"]).name) if r["runs on"] != "-" else "-",
+                      {True: "yes", False: "NO", None: "-"}[r["tokens as CPU"]]] for r in runs]))
+        for r in runs:
+            for note in r["notes"]:
+                print(f"note: {Path(r['bundle']).name} on {r['choice']}: {note}")
+
+
 def cmd_parity(args: argparse.Namespace) -> None:
     _need_export_extra()
     from edgeformer.export.families import family_export
@@ -418,6 +451,22 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     _need_export_extra()
+    if args.providers == "all":
+        from edgeformer.benchmarks.providers import compare, markdown, parse_pythons
+
+        rows = compare(args.checkpoint, parse_pythons(args.python), rounds=args.rounds, threads=args.base_threads,
+                       out=Path(args.out) if args.out else None,
+                       variants=args.variants.split(",") if args.variants else None,
+                       log=(lambda _m: None) if args.json else print)
+        if args.json:
+            print(json.dumps(rows, default=str))
+            return
+        print(markdown(rows, list(dict.fromkeys(p for r in rows for p in r["speed"]))))
+        if args.out:
+            print(f"results (JSON, Markdown, PNG) in {args.out}")
+        return
+    if args.python:
+        raise ValueError("--python goes with --providers all")
     from edgeformer.benchmarks.sweep import Point, bench, summary
 
     sweeps = {} if args.quick else {"batch": _ints(args.batches), "src_len": _ints(args.src_lens),
@@ -501,7 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("inputs", nargs="*", help="texts (or token ids with --ids); read from stdin when absent")
     p.add_argument("--ids", action="store_true", help="inputs and outputs are token ids")
-    p.add_argument("--provider", default="cpu", help="comma-separated, in order of preference (cpu, cuda, ...)")
+    p.add_argument("--provider", default="cpu",
+                   help="comma-separated, in order of preference, the CPU last: a name (cpu, cuda, openvino, ggml...), "
+                        "NAME:DEVICE (openvino:CPU, cuda:1, ggml:GPU), or auto[:POLICY] (onnxruntime chooses); "
+                        "`edgeformer providers` lists what this machine offers")
     p.add_argument("--search", choices=["auto", "graph", "python"], default="auto",
                    help="a bundle with its search in one graph (--search on export): auto runs that graph where it "
                         "can run the settings, else our Python search")
@@ -528,6 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse more than this many inputs x beams (or samples) in one call (default %(default)s)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("providers", help="the execution providers this machine offers, and how bundles run on "
+                         "each (runtime only)")
+    p.add_argument("bundles", nargs="*", help="bundles (variants) to try on every provider offered")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_providers)
 
     p = verbs.add_parser("parity", help="compare a bundle run by the runtime with the PyTorch checkpoint")
     p.add_argument("bundle")
@@ -556,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--search", choices=[*SEARCHES, "none"],
                        help=SEARCH_HELP + "; default: the source bundle's, if it has one; none leaves it out")
         p.add_argument("--layout", choices=LAYOUTS, default="edgeformer", help=LAYOUT_HELP)
+        p.add_argument("--check-on", metavar="PROVIDER,...", default=None,
+                       help="also judge the variant on these execution providers (`edgeformer providers` lists "
+                            "them): its target must hold on each; the manifest records where it was checked")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
         return p
@@ -594,7 +655,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=None, help="default: the shipped model")
     p.add_argument("--variants", default=None,
                    help="comma-separated; default: fp32,fp32-optimized,int8,int4, and fp16 with a GPU provider")
-    p.add_argument("--providers", default=None, help="comma-separated; default: every one onnxruntime has")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated, for the sweep; default: every one onnxruntime has. all: instead of the "
+                        "sweep, every provider this machine offers x every variant (or --variants), parity with "
+                        "PyTorch and speed at batch 1 and batch 16 beam 4 (--base-threads threads), each in a "
+                        "process of its own (benchmarks/providers.py)")
+    p.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
+                   help="with --providers all: also the providers of another Python's onnxruntime (onnxruntime-gpu, "
+                        "onnxruntime-openvino), which has edgeformer installed; repeatable")
+    p.add_argument("--rounds", type=_positive, default=3, help="with --providers all: interleaved rounds")
     p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--src-lens", default="8,32,128,512")
     p.add_argument("--new-tokens", default="16,64,256")
@@ -643,8 +712,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = argparse.Namespace(verb="bench throughput", func=_throughput, rest=argv[2:])
     else:
         args = parse(argv)
+    from edgeformer.runtime.errors import ProviderFallback
+
+    shown = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if issubclass(category, ProviderFallback):  # one line, as every message a user can cause
+            print(f"edgeformer {args.verb}: note: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         args.func(args)
+    except ProviderFallback as e:  # raised where warnings are errors (-W error): a message all the same
+        sys.exit(f"edgeformer {args.verb}: error: {e}")
     except BrokenPipeError:  # the reader went away (`edgeformer info B | head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
@@ -653,6 +736,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(130)
     except (EdgeformerError, ValueError, OSError, ImportError) as e:
         sys.exit(f"edgeformer {args.verb}: error: {e}")
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

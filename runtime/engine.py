@@ -6,7 +6,7 @@ this module alone.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,19 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from edgeformer.runtime.errors import BundleError, InputError
+from edgeformer.runtime.providers import (
+    CPU,
+    CPU_PLACEMENT,
+    GPU_MEMORY,
+    RECORD_ASSIGNMENT,
+    SHORT_NAMES,
+    Placement,
+    assignment,
+    built_in,
+    devices,
+    known_names,
+)
 
-CPU = "CPUExecutionProvider"
 # What onnxruntime raises: its own classes (plain Exceptions, one per status code) and pybind11's RuntimeError.
 ORT_ERRORS: tuple[type[BaseException], ...] = (
     *(v for v in vars(_state).values() if isinstance(v, type) and issubclass(v, Exception)), RuntimeError)
@@ -31,19 +42,11 @@ class Provider:
     fused_attention: bool  # runs com.microsoft.MultiHeadAttention itself (others hand it back to the CPU)
 
 
-# Short names a user types -> onnxruntime's execution providers and what we need to know of each.
-PROVIDERS = {
-    "cpu": Provider(CPU, "cpu", gpu=False, fused_attention=True),
-    "cuda": Provider("CUDAExecutionProvider", "cuda", gpu=True, fused_attention=True),
-    "tensorrt": Provider("TensorrtExecutionProvider", "cuda", gpu=True, fused_attention=True),
-    "openvino": Provider("OpenVINOExecutionProvider", "cpu", gpu=False, fused_attention=False),
-    "coreml": Provider("CoreMLExecutionProvider", "cpu", gpu=False, fused_attention=False),
-    "directml": Provider("DmlExecutionProvider", "cpu", gpu=True, fused_attention=False),
-    "rocm": Provider("ROCMExecutionProvider", "cpu", gpu=True, fused_attention=True),
-    "xnnpack": Provider("XnnpackExecutionProvider", "cpu", gpu=False, fused_attention=False),
-    "qnn": Provider("QNNExecutionProvider", "cpu", gpu=False, fused_attention=False),
-}
-BY_NAME = {p.name: p for p in PROVIDERS.values()}
+# What we know of providers beyond their names (runtime/providers.py finds and names them); others: a CPU-memory
+# provider without the fused attention kernel.
+GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "DmlExecutionProvider", "ROCMExecutionProvider",
+                 "MIGraphXExecutionProvider", "WebGpuExecutionProvider", "NvTensorRTRTXExecutionProvider"}
+FUSED_ATTENTION = {CPU, "CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -53,38 +56,27 @@ OPTIMIZATION_LEVELS = {
 
 
 def provider(name: str) -> Provider:
-    """A provider by short name ('cuda') or onnxruntime's ('CUDAExecutionProvider')."""
-    found = PROVIDERS.get(name.lower()) or BY_NAME.get(name) if isinstance(name, str) else None
-    if found is None:
-        raise InputError(f"unknown execution provider {name!r}; known: {', '.join(PROVIDERS)}")
-    return found
+    """A provider by any name runtime/providers.py takes ('cuda', 'CUDAExecutionProvider', 'openvino:CPU')."""
+    if not isinstance(name, str) or not name:
+        raise InputError(f"an execution provider is named by a string, not {name!r}")
+    base = name.partition(":")[0]
+    full = SHORT_NAMES.get(base.lower()) or (base if base.endswith("ExecutionProvider") else None)
+    full = full or known_names().get(base.lower())
+    if full is None:
+        raise InputError(f"unknown execution provider {name!r}; known: {', '.join(sorted(set(SHORT_NAMES)))}")
+    return Provider(full, GPU_MEMORY.get(full, "cpu"), gpu=full in GPU_PROVIDERS,
+                    fused_attention=full in FUSED_ATTENTION)
 
 
 def available() -> list[str]:
-    """The compute providers onnxruntime has here, by onnxruntime's names (AzureExecutionProvider, a remote-call
-    provider, is not one)."""
-    return [p for p in ort.get_available_providers() if p in BY_NAME]
-
-
-def resolve_providers(requested: Sequence[str] | str) -> list[str]:
-    """Map names (short or onnxruntime's; a list, or one comma-separated string) to the available providers, in the
-    order asked, CPU last as fallback."""
-    if isinstance(requested, str):
-        requested = requested.split(",")
-    if not isinstance(requested, Sequence) or not all(isinstance(p, str) for p in requested):
-        raise InputError(f"providers must be names, such as ['cuda', 'cpu'], not {requested!r}")
-    chosen = []
-    for name in requested:
-        full = provider(name).name
-        if full in ort.get_available_providers() and full not in chosen:
-            chosen.append(full)
-    if CPU not in chosen:
-        chosen.append(CPU)
-    return chosen
+    """The compute providers that offer a device here, by onnxruntime's names: the wheel's own and the registered
+    plugin packages' (AzureExecutionProvider, a remote-call provider, is not one)."""
+    return list(dict.fromkeys([*built_in(), *(d.provider for d in devices())]))
 
 
 def session_options(optimization: str = "all", threads: int | None = None, spin: bool = False,
-                    stop_spinning: bool = True, optimized_path: Path | None = None) -> ort.SessionOptions:
+                    stop_spinning: bool = True, optimized_path: Path | None = None,
+                    arena: bool = True) -> ort.SessionOptions:
     """Intra-op threads spin for work while a run lasts (spin), and stop when it returns (stop_spinning) or keep
     spinning until the next run: the runtime's encoder stops, its decoder keeps spinning between the steps of a
     generate call, where waking a sleeping thread cost a scheduler tick (README: Benchmarks, "Threads").
@@ -104,16 +96,52 @@ def session_options(optimization: str = "all", threads: int | None = None, spin:
         options.inter_op_num_threads = 1
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    options.enable_cpu_mem_arena = arena
     return options
 
 
 def open_session(path: Path, options: ort.SessionOptions | None = None,
-                 providers: Sequence[str] = (CPU,)) -> ort.InferenceSession:
-    """A session of the graph at `path`; BundleError if onnxruntime cannot load it."""
+                 placement: Placement = CPU_PLACEMENT) -> ort.InferenceSession:
+    """A session of the graph at `path` where `placement` says; BundleError if onnxruntime cannot load it."""
+    options = options or session_options()
     try:
-        return ort.InferenceSession(str(path), options or session_options(), providers=list(providers))
+        return ort.InferenceSession(str(path), options, providers=placement.configure(options), enable_fallback=0)
     except ORT_ERRORS as e:
-        raise BundleError(f"{path}: onnxruntime cannot load this graph ({str(e)[:500]})") from None
+        raise BundleError(f"{path}: onnxruntime cannot load this graph on {placement.label} ({str(e)[:500]})"
+                          ) from None
+
+
+def open_first(path: Path, make_options: Callable[[], ort.SessionOptions], placements: list[Placement],
+               notes: list[str]) -> ort.InferenceSession:
+    """A session on the first of `placements` that takes the graph. One that fails is dropped from the list (the
+    caller's other graphs go where this one went) with a note that says why; the CPU, last, raises. The caller
+    holds `placements` and `notes` alone while this runs."""
+    while True:
+        placement = placements[0]
+        options = make_options()
+        if placement.provider != CPU:
+            options.add_session_config_entry(RECORD_ASSIGNMENT, "1")
+        try:
+            # without onnxruntime's own fallback, which prints to stdout and retries on the CPU: the next choice is ours
+            session = ort.InferenceSession(str(path), options, providers=placement.configure(options),
+                                           enable_fallback=0)
+        except ORT_ERRORS as e:
+            if len(placements) == 1:
+                raise BundleError(f"{path}: onnxruntime cannot load this graph ({str(e)[:500]})") from None
+            placements.pop(0)
+            notes.append(f"{placement.label} cannot take {path.name} ({str(e)[:300]}); next: {placements[0].label}")
+            continue
+        taken = assignment(session)
+        note = ""
+        if placement.provider and placement.provider not in session.get_providers():
+            note = (f"{placement.label}: onnxruntime could not start {placement.provider} for {path.name} (its log "
+                    "says why); the CPU provider runs it")
+        elif taken and placement.provider and not taken.get(placement.provider):
+            note = (f"{placement.label} took none of {path.name}'s {sum(taken.values())} nodes (the CPU provider "
+                    "runs them)")
+        if note and note not in notes:
+            notes.append(note)
+        return session
 
 
 def graph_io(session: ort.InferenceSession) -> tuple[list[str], list[str]]:
@@ -145,5 +173,5 @@ class StepBinding:
         return value._ortvalue
 
     @staticmethod
-    def device(kind: str) -> Any:
-        return ort.OrtDevice.make(kind, 0)._get_c_device()
+    def device(kind: str, device_id: int = 0) -> Any:
+        return ort.OrtDevice.make(kind, device_id)._get_c_device()

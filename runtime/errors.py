@@ -27,3 +27,8 @@ class EngineError(EdgeformerError, RuntimeError):
 
 class WriteError(EdgeformerError, OSError):
     """A bundle or checkpoint that cannot be written now: another process is writing the same folder."""
+
+
+class ProviderFallback(UserWarning):
+    """A provider asked for that cannot be had here, or cannot take a graph: the message says which and why, and the
+    runtime goes on with the next choice (the CPU last). Runtime.provider_notes keeps them."""

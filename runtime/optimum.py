@@ -12,7 +12,7 @@ settings, those it has no rule for refused by name (runtime/hf_generation.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from edgeformer.runtime.bundle import GRAPH_LIMIT, MANIFEST_LIMIT, inside, plain_name, sha256_file
 from edgeformer.runtime.encoder_decoder import is_self_cache
-from edgeformer.runtime.engine import ORT_ERRORS, graph_io, open_session, provider, session_options
+from edgeformer.runtime.engine import ORT_ERRORS, graph_io, session_options
 from edgeformer.runtime.errors import BundleError, EngineError, InputError
 from edgeformer.runtime.hf_generation import from_hugging_face, unsupported
 from edgeformer.runtime.onnx_refs import external_locations
@@ -206,10 +206,10 @@ class OptimumFolder:
 class OptimumSessions:
     """The folder's graphs opened, their contract checked: the names each step feeds and what it returns."""
 
-    def __init__(self, folder: OptimumFolder, options: ort.SessionOptions, providers: Sequence[str]) -> None:
-        self.encoder = open_session(folder.encoder, options, providers)
-        self.first = open_session(folder.first, options, providers)
-        self.steps = self.first if folder.steps == folder.first else open_session(folder.steps, options, providers)
+    def __init__(self, folder: OptimumFolder, open_graph: Callable[[Path], ort.InferenceSession]) -> None:
+        self.encoder = open_graph(folder.encoder)
+        self.first = open_graph(folder.first)
+        self.steps = self.first if folder.steps == folder.first else open_graph(folder.steps)
         inputs, outputs = graph_io(self.encoder)
         if set(inputs) != {"input_ids", "attention_mask"} or HIDDEN not in outputs:
             raise BundleError(f"{folder.encoder}: the encoder maps {inputs} -> {outputs}; this runtime runs an encoder "
@@ -321,10 +321,9 @@ class OptimumRuntime(Runtime):
         self.folder = OptimumFolder(self.path, verify)
         self.search, self.search_session = "python", None
         self.optimization, self.threads, self.spin = optimization, threads, spin
-        self.graphs = OptimumSessions(self.folder, session_options(optimization, threads, spin),
-                                      self.requested_providers)
-        self.provider = self.graphs.steps.get_providers()[0]
-        self.device = provider(self.provider).device
+        self.graphs = OptimumSessions(self.folder, lambda path: self._open_file(
+            path, lambda: session_options(optimization, threads, spin)))
+        self._placed(self.graphs.steps)
         self.max_positions = self.folder.max_positions
         self.config = {"src_vocab_size": self.folder.source_vocab, "tgt_vocab_size": self.graphs.vocab,
                        "pad_id": self.folder.pad_id, "bos_id": self.folder.start_id, "eos_id": self.folder.eos_id}

@@ -11,6 +11,8 @@ vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
@@ -39,13 +41,12 @@ from edgeformer.runtime.engine import (
     ORT_ERRORS,
     StepBinding,
     graph_io,
-    open_session,
-    provider,
-    resolve_providers,
+    open_first,
     session_options,
 )
-from edgeformer.runtime.errors import BundleError, EngineError, InputError, LimitError
+from edgeformer.runtime.errors import BundleError, EngineError, InputError, LimitError, ProviderFallback
 from edgeformer.runtime.options import GenerationConfig, Hypothesis, Limits, is_int
+from edgeformer.runtime.providers import CPU, GPU_MEMORY, assignment, caller_level, placements
 from edgeformer.runtime.search import StepModel, greedy_or_sample, pad
 from edgeformer.runtime.search import search as python_search
 from edgeformer.runtime.tokenizer import load_tokenizer
@@ -125,8 +126,7 @@ class Runtime:
             # one session
             self.search_session = self._open(SEARCH, threads)
             self.manifest.graphs[SEARCH].check_names(*graph_io(self.search_session), self.path / SEARCH_FILE)
-            self.provider = self.search_session.get_providers()[0]
-            self.device = provider(self.provider).device
+            self._placed(self.search_session)
         else:
             self._open_two_graphs()
         self.tokenizer = (load_tokenizer(self.path, self.manifest.files) if self.manifest.tokenizer else None)
@@ -151,7 +151,11 @@ class Runtime:
         if not isinstance(bundle, (str, PathLike)):
             raise InputError(f"bundle must be a folder's path, not {type(bundle).__name__}")
         self.limits = limits or Limits()
-        self.requested_providers = resolve_providers(providers)
+        # where the sessions may go, best first (the CPU last), and why the choices left out were
+        self.placements, self.provider_notes = placements(providers)
+        self._warned = 0
+        self._opening = threading.Lock()
+        self.assigned: dict[str, dict[str, int]] = {}  # graph file -> nodes per provider, where not all on the CPU
         session_options(optimization)  # an unknown level is refused before the folder is read
         self.path = Path(bundle)
 
@@ -166,17 +170,39 @@ class Runtime:
         return self.manifest.misses
 
     def _open(self, graph: str, threads: int | None) -> ort.InferenceSession:
-        options = session_options(self.optimization, threads, self.spin, stop_spinning=graph != DECODER)
         # The encoder's attention takes memory in the square of the source, once a call: allocated without an
         # arena, it goes back when the run ends (README: Runtime, "Memory"). The decoder keeps its arena.
-        options.enable_cpu_mem_arena = graph != ENCODER
-        return open_session(self.path / self.manifest.graph_files[graph], options, self.requested_providers)
+        return self._open_file(self.path / self.manifest.graph_files[graph],
+                               lambda: session_options(self.optimization, threads, self.spin,
+                                                       stop_spinning=graph != DECODER, arena=graph != ENCODER))
+
+    def _open_file(self, path: Path, make_options: Any) -> ort.InferenceSession:
+        """A session on the first placement that takes the graph; a choice passed over is a warning (and a note in
+        provider_notes), once."""
+        session = open_first(path, make_options, self.placements, self.provider_notes)
+        taken = assignment(session)
+        if taken:
+            self.assigned[path.name] = taken
+        for note in self.provider_notes[self._warned:]:
+            warnings.warn(ProviderFallback(note), stacklevel=caller_level())
+        self._warned = len(self.provider_notes)
+        return session
+
+    def _placed(self, session: ort.InferenceSession) -> None:
+        """The provider that runs most of `session`'s nodes (else the first it lists), and where its outputs stay:
+        on the device of the provider asked, where it took any of them (a GPU provider leaves shape arithmetic to
+        the CPU, and its cache still stays on the GPU)."""
+        taken = assignment(session)
+        self.provider = max(taken, key=lambda p: taken[p]) if taken else session.get_providers()[0]
+        placement = self.placements[0]
+        runs = placement.provider in (taken or session.get_providers())
+        self.device = GPU_MEMORY.get(placement.provider, "cpu") if runs else "cpu"
+        self.device_id = placement.device_id if runs else 0
 
     def _open_two_graphs(self) -> dict[str, ort.InferenceSession]:
         self._sessions = {ENCODER: self._open(ENCODER, self.threads),
                           DECODER: self._open(DECODER, self.decoder_threads)}
-        self.provider = self._sessions[DECODER].get_providers()[0]  # the one that actually runs
-        self.device = provider(self.provider).device
+        self._placed(self._sessions[DECODER])  # the one that actually runs
         if self.manifest.cache == "buffer" and self.device != "cpu":
             # its buffers are host memory read and written in place, which a device copies when they are bound
             raise BundleError(f"{self.path} passes its cache in CPU buffers, which {self.provider} cannot run; make "
@@ -185,8 +211,8 @@ class Runtime:
         # which one a call uses depends on its rows, and a session's threads are fixed when it opens. It costs
         # little: only a model whose step reads fewer than SMALL_STEP_WEIGHTS weights gets one.
         self.one_thread_decoder = (
-            self._open(DECODER, 1) if self.decoder_threads_asked is None and self.threads != 1 and self.device == "cpu"
-            and self.step_weights < SMALL_STEP_WEIGHTS else None)
+            self._open(DECODER, 1) if self.decoder_threads_asked is None and self.threads != 1
+            and self.provider == CPU and self.step_weights < SMALL_STEP_WEIGHTS else None)
         for name, session in self._sessions.items():
             self.manifest.graphs[name].check_names(*graph_io(session), self.path / self.manifest.graph_files[name])
         return self._sessions
@@ -195,7 +221,10 @@ class Runtime:
     def sessions(self) -> dict[str, ort.InferenceSession]:
         """The encoder's and the decoder's sessions, opened when first needed where the bundle's search runs in one
         graph."""
-        return self._sessions if self._sessions is not None else self._open_two_graphs()
+        if self._sessions is None:
+            with self._opening:  # generate serves many threads: the first calls of a one-graph bundle open these
+                return self._sessions if self._sessions is not None else self._open_two_graphs()
+        return self._sessions
 
     # -- checks ------------------------------------------------------------------------------------------------
 
@@ -256,7 +285,8 @@ class Runtime:
         """Logits and sequences come back to the host; caches stay where the provider computes them."""
         binding.clear_binding_outputs()
         for name in outputs:
-            binding.bind_output(name, "cpu" if name in TO_HOST else self.device)
+            binding.bind_output(name, "cpu" if name in TO_HOST else self.device,
+                                0 if name in TO_HOST else self.device_id)
 
     def _run(self, graph: str, inputs: dict[str, np.ndarray | ort.OrtValue], outputs: list[str]) -> list:
         session = self.search_session if graph == SEARCH else self.sessions[graph]
@@ -460,7 +490,7 @@ class _Steps(StepModel):
         self._set_past(runtime.empty_past(batch, max(1, min(steps, INITIAL_CAPACITY)) if self.buffered else 0))
         self.presents = [n for n in runtime.decoder_outputs if n.startswith("present.")]
         self.present_to_past = [past_for(n) for n in self.presents]
-        self.cache_device = StepBinding.device(runtime.device)
+        self.cache_device = StepBinding.device(runtime.device, runtime.device_id)
         self.on_host = self.leaves = on_host  # on a device, rows leaving would go through the host
         self.host = StepBinding.device("cpu")
         # The tokens of each step are written into this bound array: on the CPU onnxruntime reads it in place.

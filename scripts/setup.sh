@@ -13,7 +13,10 @@ echo "setting up .venv (first run only; log in .venv/setup.log)..." >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if ! { .venv/bin/python -m pip install --upgrade pip "setuptools>=77" wheel &&
        .venv/bin/python -m pip install "torch==2.13.0" &&
-       .venv/bin/python -m pip install -e ".[export,bench,dev,hf,optimum]"; } > .venv/setup.log 2>&1; then
+       .venv/bin/python -m pip install -e ".[export,bench,dev,hf,optimum,ep-openvino,ep-webgpu]" &&
+       # a plugin provider with a CPU device on any x86 or ARM machine; its metadata asks onnxruntime<1.31, and it
+       # runs on 1.32 (tests/test_providers.py)
+       .venv/bin/python -m pip install --no-deps "onnxruntime-ggml==0.2.0"; } > .venv/setup.log 2>&1; then
     tail -30 .venv/setup.log >&2
     echo "set-up failed; the whole log is in .venv/setup.log" >&2
     exit 1
@@ -23,5 +26,12 @@ fi
 if command -v npm > /dev/null; then
     (cd examples/node && ONNXRUNTIME_NODE_INSTALL=skip npm install --no-audit --no-fund >> ../../.venv/setup.log 2>&1) ||
         echo "npm could not install examples/node's onnxruntime-node (see .venv/setup.log); its test will be skipped" >&2
+fi
+# OpenVINO on any x86 CPU: the onnxruntime-openvino wheel, which replaces onnxruntime (so a Python of its own), with
+# the runtime installed beside it (--no-deps: edgeformer asks for onnxruntime itself). Its tests and bench use it.
+if ! { [ -x .venv-openvino/bin/python ] || "$PY" -m venv .venv-openvino; } ||
+   ! { .venv-openvino/bin/python -m pip install "onnxruntime-openvino==1.24.1" "sentencepiece>=0.2" &&
+       .venv-openvino/bin/python -m pip install --no-deps -e .; } >> .venv/setup.log 2>&1; then
+    echo "could not set up .venv-openvino (see .venv/setup.log); the OpenVINO tests will be skipped" >&2
 fi
 echo "$WANT" > "$STAMP"

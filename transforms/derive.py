@@ -20,6 +20,7 @@ from edgeformer.export.graph_store import dedupe_initializers, reorder, save_gra
 from edgeformer.export.parity import ParityError
 from edgeformer.runtime.bundle import Manifest, atomic_folder, producer_versions
 from edgeformer.runtime.families import get_family
+from edgeformer.runtime.providers import require
 from edgeformer.runtime.tokenizer import tokenizer_files
 from edgeformer.transforms.graph_edits import quiet
 from edgeformer.transforms.judge import misses
@@ -48,6 +49,7 @@ class Judging:
     eval: Path | str | None = None
     metric: str | None = None
     inputs: int = 200
+    check_on: tuple[str, ...] = ()  # providers the variant is judged on too (its gate holds on each), then recorded
 
 
 def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeOptions | QuantizeOptions,
@@ -62,6 +64,10 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
     source = Manifest.load(bundle)
     search = None if search == NO_SEARCH else search or (source.search or {}).get("strategy")
     step = transform(variant)
+    if isinstance(judging.check_on, str) or not all(isinstance(c, str) for c in judging.check_on):
+        raise ValueError(f"check_on takes provider names, such as ('ggml', 'openvino:CPU'), not {judging.check_on!r}")
+    for choice in judging.check_on:  # a provider that is not here fails now, not after the graphs are made
+        require(choice)
     if search is not None:  # onnxruntime's BeamSearch takes the concatenated cache, never buffers
         if isinstance(options, OptimizeOptions):
             if options.cache == "buffer":
@@ -115,10 +121,20 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
             figures = family.judge(bundle, tmp, inputs, provider=provider)
             gate = TRANSFORMS[made].gate
             missed = misses(gate, figures)
+            checked = [{"choice": provider, **figures}]
+            for choice in judging.check_on:
+                say(f"{made}: checking on {choice}")
+                there = family.judge(bundle, tmp, inputs, provider=choice)
+                missed += [f"on {choice}: {m}" for m in misses(gate, there)]
+                if not any(counts.get(there["asked"]) for counts in there["nodes"].values()):
+                    missed.append(f"on {choice}: {there['asked']} runs none of its nodes (the CPU provider ran them "
+                                  "all: `edgeformer providers` shows which operators it takes)")
+                checked.append({"choice": choice, **there})
             if missed and not allow_drop:
                 raise ParityError(f"{made} bundle misses its target against its source bundle: {'; '.join(missed)}. "
                                   "Nothing was written; pass --allow-drop (allow_drop=True) to write it anyway")
-            manifest.variant_parity = {**figures, "target": asdict(gate), "misses": missed}
+            manifest.variant_parity = {**figures, "target": asdict(gate), "misses": missed,
+                                       "checked_on": [_on_provider(c) for c in checked]}
             manifest.write(tmp)  # the files are those the first save listed and hashed
             if search is not None:
                 from edgeformer.transforms.search import with_search  # onnx's protobuf work, only when asked
@@ -127,6 +143,13 @@ def derive(bundle: Path | str, out: Path | str, variant: str, options: OptimizeO
             size = manifest.bytes(tmp)
     return VariantReport(made, time.perf_counter() - start, size, source.bytes(bundle), figures, missed,
                          manifest.search)
+
+
+def _on_provider(figures: dict) -> dict:
+    """What the manifest keeps of a check on one provider."""
+    keys = ("choice", "provider", "asked", "nodes", "notes", "max_abs_logprob_diff", "greedy_token_agreement",
+            "metric_variant")
+    return {k: figures[k] for k in keys if k in figures}
 
 
 def optimize(bundle: Path | str, out: Path | str, level: str = "extended", provider: str = "cpu",

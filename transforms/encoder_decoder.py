@@ -4,6 +4,7 @@ static quantization calibrates on."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import numpy as np
 from edgeformer.export.evaluation import EvalSet, eval_set
 from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.encoder_decoder import DECODER, ENCODER
+from edgeformer.runtime.errors import ProviderFallback
+from edgeformer.runtime.providers import require
 from edgeformer.runtime.search import pad
 from edgeformer.runtime.session import Runtime
 from edgeformer.runtime.tokenizer import load_tokenizer
@@ -27,7 +30,10 @@ def judge(source: Path, candidate: Path, inputs: EvalSet, provider: str = "cpu",
     """The candidate bundle against the bundle it came from, both fed the source's greedy tokens."""
     # both verified already: the source as derive loaded it, the candidate as it was just written
     ref = Runtime(source, threads=2, verify=False)
-    new = Runtime(candidate, providers=[provider, "cpu"], threads=2, verify=False)
+    asked = require(provider).provider  # judged where asked, or not at all ("" for a policy: onnxruntime's choice)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProviderFallback)  # a graph the provider cannot take: in the figures' notes
+        new = Runtime(candidate, providers=[provider, "cpu"], threads=2, verify=False)
     # the bundle's own settings, greedy, within what learned positions allow
     gen = ref.generation_config(strategy="greedy", num_return_sequences=1, max_new_tokens=min(
         ref.generation.max_new_tokens, ref.manifest.max_positions or ref.generation.max_new_tokens))
@@ -45,6 +51,8 @@ def judge(source: Path, candidate: Path, inputs: EvalSet, provider: str = "cpu",
             total += len(chunk)
             tokens = la.argmax(-1)
     figures: dict = {"against": f"{ref.manifest.variant} bundle", "provider": new.provider,
+                     **({"asked": asked or new.provider, "nodes": new.assigned, "notes": new.provider_notes}
+                        if provider != "cpu" else {}),
                      "inputs": len(inputs.sources), "judged_on": inputs.judged_on,
                      "max_abs_logprob_diff": worst, "greedy_token_agreement": agree / total}
     if inputs.metric is not None:

@@ -10,7 +10,9 @@ from pathlib import Path
 import onnx
 
 from edgeformer.runtime.bundle import Manifest
-from edgeformer.runtime.engine import CPU, available, open_session, provider, session_options
+from edgeformer.runtime.engine import CPU, open_session, provider, session_options
+from edgeformer.runtime.errors import InputError
+from edgeformer.runtime.providers import require
 from edgeformer.transforms.fusion import fuse_attention
 from edgeformer.transforms.graph_edits import GraphTransform, replace_memcpy
 from edgeformer.transforms.options import OptimizeOptions
@@ -19,11 +21,15 @@ from edgeformer.transforms.self_cache import buffer_self_cache
 
 def optimize_transform(options: OptimizeOptions, bundle: Path) -> tuple[GraphTransform, dict]:
     """The per-graph transform and the settings recorded in the manifest."""
+    if options.provider.lower().startswith("auto"):
+        raise ValueError("optimize for a named provider (--provider cpu, cuda...), not onnxruntime's choice: the "
+                         "graphs are saved as optimized for one")
+    try:
+        require(options.provider)  # optimized where it runs: the provider must be here
+    except InputError as e:
+        raise InputError(f"cannot optimize for {provider(options.provider).name}: {e}; optimize on a machine that "
+                         "has it") from None
     chosen = provider(options.provider)
-    if chosen.name not in available():
-        raise ValueError(f"cannot optimize for {chosen.name}: onnxruntime here has only "
-                         f"{available()}; optimize on a machine with that provider (for CUDA: "
-                         "onnxruntime-gpu and a GPU)")
     attention = chosen.fused_attention if options.fuse_attention is None else options.fuse_attention
     cache = options.cache or ("buffer" if attention and chosen.name == CPU else "concat")
     if cache == "buffer" and not attention:
@@ -31,12 +37,13 @@ def optimize_transform(options: OptimizeOptions, bundle: Path) -> tuple[GraphTra
     if cache == "buffer" and chosen.name != CPU:
         raise ValueError(f"the buffered cache runs on the CPU only (onnxruntime's GroupQueryAttention on "
                          f"{chosen.name} takes no float32); optimize for it with --cache concat")
-    return fuse(options.level, chosen.name, attention, cache), {"level": options.level, "provider": chosen.name,
+    return fuse(options.level, options.provider, attention, cache), {"level": options.level, "provider": chosen.name,
                                                                 "fuse_attention": attention, "cache": cache,
                                                                 "cache_asked": options.cache}
 
 
 def fuse(level: str, provider_name: str, attention: bool, cache: str = "concat") -> GraphTransform:
+    """provider_name: as the user gave it ('cuda', 'cuda:1'...)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     def transform(path: Path, graph: str, manifest: Manifest) -> tuple[onnx.ModelProto, dict]:
@@ -57,7 +64,7 @@ def fuse(level: str, provider_name: str, attention: bool, cache: str = "concat")
         with tempfile.TemporaryDirectory() as tmp:
             fused.save_model_to_file(str(Path(tmp) / "fused.onnx"))
             open_session(Path(tmp) / "fused.onnx", session_options(level, optimized_path=Path(tmp) / "optimized.onnx"),
-                         [provider_name])
+                         require(provider_name))
             proto = onnx.load(str(Path(tmp) / "optimized.onnx"))
         copies = replace_memcpy(proto)
         ops = Counter(n.op_type for n in proto.graph.node)
