@@ -28,9 +28,10 @@ if command -v npm > /dev/null; then
         echo "npm could not install examples/node's onnxruntime-node (see .venv/setup.log); its test will be skipped" >&2
 fi
 # OpenVINO on any x86 CPU: the onnxruntime-openvino wheel, which replaces onnxruntime (so a Python of its own), with
-# the runtime installed beside it (--no-deps: edgeformer asks for onnxruntime itself). Its tests and bench use it.
+# edgeformer installed beside it (--no-deps: edgeformer asks for onnxruntime itself) and onnx, so that `quantize
+# --check-on openvino` runs there too. Its tests and bench use it.
 if ! { [ -x .venv-openvino/bin/python ] || "$PY" -m venv .venv-openvino; } ||
-   ! { .venv-openvino/bin/python -m pip install "onnxruntime-openvino==1.24.1" "sentencepiece>=0.2" &&
+   ! { .venv-openvino/bin/python -m pip install "onnxruntime-openvino==1.24.1" "sentencepiece>=0.2" "onnx>=1.16" &&
        .venv-openvino/bin/python -m pip install --no-deps -e .; } >> .venv/setup.log 2>&1; then
     echo "could not set up .venv-openvino (see .venv/setup.log); the OpenVINO tests will be skipped" >&2
 fi

@@ -199,6 +199,24 @@ def test_openvino_runs_the_bundle_with_the_cpus_tokens_in_its_own_python(shipped
     assert got["provider"] == P.CPU and got["notes"][0].startswith("openvino:NPU: OpenVINOExecutionProvider offers")
 
 
+def test_a_variant_made_where_openvino_runs_is_checked_there_and_says_so(shipped_bundle, tmp_path: Path) -> None:
+    if not OPENVINO_PYTHON.exists():
+        pytest.skip("no .venv-openvino (scripts/setup.sh makes it: onnxruntime-openvino, which replaces onnxruntime)")
+    out = tmp_path / "int8-static"
+    verb = ["quantize", str(shipped_bundle("post-sinusoidal")), str(out), "--to", "int8", "--method", "static",
+            "--check-on", "openvino", "--eval-size", "16"]
+    run = subprocess.run([str(OPENVINO_PYTHON), "-m", "edgeformer.cli", *verb], capture_output=True, text=True,
+                         cwd=ROOT, check=False, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from edgeformer.runtime.bundle import Manifest
+
+    cpu, openvino = Manifest.load(out).variant_parity["checked_on"]
+    assert cpu["choice"] == "cpu" and openvino["provider"] == openvino["asked"] == "OpenVINOExecutionProvider"
+    for counts in openvino["nodes"].values():  # static QDQ int8 runs on OpenVINO whole
+        assert counts == {"OpenVINOExecutionProvider": sum(counts.values())}
+    assert openvino["greedy_token_agreement"] >= 0.9
+
+
 def test_providers_command_lists_devices_plugins_without_one_and_how_bundles_run(shipped_bundle) -> None:
     ggml = plugin("onnxruntime-ggml")
     bundle = shipped_bundle("post-sinusoidal")
