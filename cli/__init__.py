@@ -58,8 +58,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     from edgeformer.model.train import TrainConfig, train
 
     torch.set_num_threads(args.threads) if args.threads else None
-    metrics = train(Path(args.out), TrainConfig(task=args.task, steps=args.steps, seed=args.seed), force=args.force,
-                    progress=not args.json)
+    if args.task == "digits":  # the image task: a ViT (model/vit_train.py)
+        from edgeformer.model.vit_train import DigitsTraining, train_digits
+
+        found = train_digits(Path(args.out), DigitsTraining(steps=args.steps or DigitsTraining.steps, seed=args.seed),
+                             force=args.force, progress=not args.json)
+        if args.json:
+            print(json.dumps(found))
+            return
+        print(table(["metric", "value"], [["held-out accuracy", f"{found['accuracy']:.2%}"],
+                                           ["training time", f"{found['train_seconds']:.0f} s"],
+                                           ["parameters", f"{found['parameters']:,}"]]))
+        print(f"checkpoint written to {args.out}")
+        return
+    metrics = train(Path(args.out), TrainConfig(task=args.task, steps=args.steps or 1500, seed=args.seed),
+                    force=args.force, progress=not args.json)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -97,9 +110,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     p = result.parity
     print(table(["", ""], [["bundle", str(result.path)], ["export time", f"{result.seconds:.1f} s"],
                            ["bundle size", f"{result.bundle_bytes / 1e6:.2f} MB"],
-                           ["max |diff| encoder", f"{p['max_abs_diff']['encoder']:.2e}"],
-                           ["max |diff| decoder logits", f"{p['max_abs_diff']['decoder']:.2e}"],
-                           ["greedy token agreement", f"{p['greedy_token_agreement']:.2%}"],
+                           *[[f"max |diff| {graph}" + (" logits" if graph == "decoder" else ""), f"{diff:.2e}"]
+                             for graph, diff in p["max_abs_diff"].items()],
+                           *[[label, f"{p[key]:.2%}"] for key, label in (("greedy_token_agreement",
+                                                                          "greedy token agreement"),
+                                                                         ("top1_agreement", "top-1 agreement"))
+                             if key in p],
                            *([["search in one graph", _searched(result.search)]] if result.search else [])]))
 
 
@@ -266,12 +282,26 @@ def cmd_info(args: argparse.Namespace) -> None:
         return
     c = m.config
     print(f"bundle {args.bundle}: {m.family}, variant {m.variant}, format v{m.format_version}, opset {m.opset}, "
-          f"{m.bytes(Path(args.bundle)) / 1e6:.2f} MB, cache {m.cache}"
+          f"{m.bytes(Path(args.bundle)) / 1e6:.2f} MB" + (f", cache {m.cache}" if m.family != "vit" else "")
           + (f", trained on the built-in task {m.task}" if m.task else ""))
+    if m.family == "vit":
+        print(f"model: ViT, {c['image_size']}x{c['image_size']} images of {c['channels']} channels in patches of "
+              f"{c['patch_size']}, d_model {c['d_model']}, {c['n_heads']} heads, {c['n_layers']} layers, d_ff "
+              f"{c['d_ff']}, {c['num_classes']} classes")
+        print(f"preprocessing: uint8 pixels x {c['rescale']:.6g}, then (x - {c['mean']}) / {c['std']}, channels first")
+    else:
+        _model_line(c, m)
+    _show_bundle(m)
+
+
+def _model_line(c: Any, m: Any) -> None:
     print(f"model: d_model {c['d_model']}, {c['n_heads']} heads, {c['n_encoder_layers']}+{c['n_decoder_layers']} "
           f"layers, d_ff {c['d_ff']}, vocab {c['src_vocab_size']}/{c['tgt_vocab_size']}, {c['activation']}, "
           f"{c['position']} positions" + (f" (at most {m.max_positions})" if m.max_positions else " (unbounded)")
           + f", {c['norm']}-norm")
+
+
+def _show_bundle(m: Any) -> None:
     if m.generation:
         print("generation defaults: " + ", ".join(f"{k} {v}" for k, v in m.generation.items()))
     if m.search:
@@ -300,6 +330,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def _show_parity(m: Any) -> None:
     p = m.parity
+    if p and "images_compared" in p:  # an image classifier's
+        print(f"\nparity against {p['reference']} at export ({p['provider']}, {p['images_compared']} images at batch "
+              f"sizes {p['batches']}): max |logit diff| {p['max_abs_diff']['model']:.2e}, top-1 agreement "
+              f"{p['top1_agreement']:.2%}")
+        return
     if p:
         print(f"\nparity against {p['reference']} at export ({p['provider']}, {p['tokens_compared']} decoding steps):")
         print(table(["graph", "max |diff|", "tolerance"],
@@ -362,6 +397,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     limits = Limits(source_tokens=args.limit_source_tokens, new_tokens=args.limit_new_tokens, rows=args.limit_rows)
     rt = Runtime(args.bundle, providers=args.provider.split(","), threads=args.threads,
                  decoder_threads=args.decoder_threads, limits=limits, search=args.search)
+    if not hasattr(rt, "generate"):
+        raise InputError(f"{args.bundle} is an image classifier's bundle: `edgeformer classify {args.bundle} "
+                         "IMAGE ...`")
     if rt.misses:
         print(f"warning: this {rt.variant} bundle was written with --allow-drop and misses its target: "
               + "; ".join(rt.misses), file=sys.stderr)
@@ -416,6 +454,36 @@ def cmd_providers(args: argparse.Namespace) -> None:
         for r in runs:
             for note in r["notes"]:
                 print(f"note: {Path(r['bundle']).name} on {r['choice']}: {note}")
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from edgeformer.runtime.classifier import Classifier
+    from edgeformer.runtime.errors import InputError
+
+    rt = Classifier(args.bundle, providers=args.provider.split(","), threads=args.threads)
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise ImportError("reading images needs Pillow: pip install 'edgeformer[images]'") from None
+    size, mode = rt.config["image_size"], {1: "L", 3: "RGB"}.get(rt.config["channels"])
+    if mode is None:
+        raise InputError(f"{rt.config['channels']}-channel images: classify them as arrays with Runtime.classify")
+    images = []
+    for path in args.images:
+        try:
+            with Image.open(path) as image:  # resized as the model was trained: bilinear, to its square
+                images.append(np.asarray(image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)))
+        except (OSError, UnidentifiedImageError) as e:
+            raise InputError(f"{path}: not an image Pillow reads ({e})") from None
+    found = rt.classify(np.stack(images), top_k=args.top_k)
+    if args.json:
+        print(json.dumps([{"image": p, "top": [{"label": label, "probability": prob} for label, prob in top]}
+                          for p, top in zip(args.images, found, strict=True)]))
+        return
+    print(table(["image", "label", "probability"], [[p, label, f"{prob:.3f}"] for p, top in
+                                                     zip(args.images, found, strict=True) for label, prob in top]))
 
 
 def cmd_parity(args: argparse.Namespace) -> None:
@@ -517,9 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("train", help="train a model on a built-in task and save a checkpoint")
-    p.add_argument("--task", default="dates")
+    p.add_argument("--task", default="dates", help="dates (the encoder-decoder), or digits (a ViT on scikit-learn's "
+                   "handwritten digits)")
     p.add_argument("--out", default="checkpoints/dates")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=None, help="default: 1500 for dates, 3500 for digits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
@@ -580,6 +649,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse more than this many inputs x beams (or samples) in one call (default %(default)s)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("classify", help="classify images with an image classifier's bundle (runtime, Pillow)")
+    p.add_argument("bundle")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG...), resized to the model's size")
+    p.add_argument("--top-k", type=_positive, default=5)
+    p.add_argument("--provider", default="cpu", help="as for generate")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_classify)
 
     p = verbs.add_parser("providers", help="the execution providers this machine offers, and how bundles run on "
                          "each (runtime only)")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from edgeformer.export.parity import Tolerance
 from edgeformer.runtime.spec import GraphSpec
 
-FAMILY_MODULES = {"encoder-decoder": "edgeformer.export.encoder_decoder"}
+FAMILY_MODULES = {"encoder-decoder": "edgeformer.export.encoder_decoder", "vit": "edgeformer.export.vit"}
 
 
 class FamilyExport(Protocol):

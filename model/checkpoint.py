@@ -31,7 +31,8 @@ TASK_FILE = "task.json"  # the built-in task a model was trained on: its variant
 DEFAULT_MODEL = "dates"
 # Model families on the PyTorch side: family -> its config class and its model class, "module:name". config.json
 # names its family; one without a name is the encoder-decoder (every checkpoint written before families were).
-MODELS = {"encoder-decoder": ("edgeformer.model.config:TransformerConfig", "edgeformer.model.transformer:Transformer")}
+MODELS = {"encoder-decoder": ("edgeformer.model.config:TransformerConfig", "edgeformer.model.transformer:Transformer"),
+          "vit": ("edgeformer.model.vit:ViTConfig", "edgeformer.model.vit:ViT")}
 
 
 class CheckpointError(ValueError):
@@ -41,6 +42,10 @@ class CheckpointError(ValueError):
 def default_checkpoint() -> Path:
     """The trained model that ships inside the package, the default of every verb."""
     return Path(str(resources.files("edgeformer.model") / "weights" / DEFAULT_MODEL))
+
+
+# The second model that ships inside the package: a ViT trained on the built-in digits (model/vit_train.py).
+DIGITS_CHECKPOINT = Path(str(resources.files("edgeformer.model") / "weights" / "digits"))
 
 
 def state_tensors(model: Transformer) -> dict[str, torch.Tensor]:

@@ -11,8 +11,6 @@ vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import threading
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edgeformer.runtime.base import OnProviders
 from edgeformer.runtime.bundle import MANIFEST_FILE, Manifest
 from edgeformer.runtime.encoder_decoder import (
     DECODER,
@@ -41,17 +40,16 @@ from edgeformer.runtime.engine import (
     ORT_ERRORS,
     StepBinding,
     graph_io,
-    open_first,
     session_options,
 )
-from edgeformer.runtime.errors import BundleError, EngineError, InputError, LimitError, ProviderFallback
+from edgeformer.runtime.errors import BundleError, EngineError, InputError, LimitError
+from edgeformer.runtime.families import family_runtime
 from edgeformer.runtime.options import GenerationConfig, Hypothesis, Limits, is_int
-from edgeformer.runtime.providers import CPU, GPU_MEMORY, assignment, caller_level, placements
+from edgeformer.runtime.providers import CPU
 from edgeformer.runtime.search import StepModel, greedy_or_sample, pad
 from edgeformer.runtime.search import search as python_search
 from edgeformer.runtime.tokenizer import load_tokenizer
 
-MAX_THREADS = 1024  # onnxruntime takes an int32; no machine this runs on has more cores
 SEARCH_MODES = ("auto", "graph", "python")  # where a bundle with a one-graph search searches (Runtime's `search`)
 TO_HOST = ("logits", "sequences", "sequences_scores")  # outputs read on the host; caches stay on the device
 
@@ -71,7 +69,7 @@ def step_weights(config: dict[str, Any]) -> int:
     return layers * (6 * d * d + 2 * d * d_ff) + d * int(config["tgt_vocab_size"])
 
 
-class Runtime:
+class Runtime(OnProviders):
     """A loaded bundle (or a folder in Hugging Face Optimum's layout: `layout`, and runtime/optimum.py).
     Thread-safe: `generate` keeps all of its state in local variables.
 
@@ -81,12 +79,16 @@ class Runtime:
     layout = "edgeformer"  # what the folder is: our bundle, with a manifest; "optimum": Optimum's layout, without
 
     def __new__(cls, bundle: Path | str, *args: Any, **kwargs: Any) -> Runtime:
-        """A folder in Hugging Face Optimum's seq2seq layout opens as an OptimumRuntime (runtime/optimum.py)."""
+        """A folder in Hugging Face Optimum's seq2seq layout opens as an OptimumRuntime (runtime/optimum.py); a bundle
+        of another family as that family's runtime (`RUNTIMES` in runtime/families.py: an image classifier's, say)."""
         if cls is Runtime and isinstance(bundle, (str, PathLike)):
             from edgeformer.runtime.optimum import OptimumRuntime, is_optimum_folder
 
             if is_optimum_folder(Path(bundle)):
                 return super().__new__(OptimumRuntime)
+            runtime = family_runtime(Path(bundle))
+            if runtime is not None:
+                return runtime(bundle, *args, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, bundle: Path | str, providers: Sequence[str] = ("cpu",), threads: int | None = None,
@@ -139,65 +141,12 @@ class Runtime:
         self.self_cache_inputs = [t for t in self.manifest.graphs[DECODER].inputs if is_self_cache(t.name)]
         self.cache_dtype = np.dtype(self.self_cache_inputs[0].dtype) if self.self_cache_inputs else np.float32
 
-    def _take_arguments(self, bundle: Path | str, providers: Sequence[str], threads: int | None, optimization: str,
-                        decoder_threads: int | None, limits: Limits | None) -> None:
-        """Check what every runtime is given, before the folder is read; keep the path, limits and providers."""
-        for name, value in (("threads", threads), ("decoder_threads", decoder_threads)):
-            if value is not None and (not is_int(value) or not 1 <= value <= MAX_THREADS):
-                raise InputError(f"{name}={value!r}: give a number of threads in [1, {MAX_THREADS}], or None for "
-                                 "the default")
-        if limits is not None and not isinstance(limits, Limits):
-            raise InputError(f"limits must be a Limits, not {type(limits).__name__}")
-        if not isinstance(bundle, (str, PathLike)):
-            raise InputError(f"bundle must be a folder's path, not {type(bundle).__name__}")
-        self.limits = limits or Limits()
-        # where the sessions may go, best first (the CPU last), and why the choices left out were
-        self.placements, self.provider_notes = placements(providers)
-        self._warned = 0
-        self._opening = threading.Lock()
-        self.assigned: dict[str, dict[str, int]] = {}  # graph file -> nodes per provider, where not all on the CPU
-        session_options(optimization)  # an unknown level is refused before the folder is read
-        self.path = Path(bundle)
-
-    @property
-    def variant(self) -> str:
-        """What the folder holds: the bundle's variant (fp32, int8...)."""
-        return self.manifest.variant
-
-    @property
-    def misses(self) -> list[str]:
-        """The targets a bundle written with --allow-drop missed."""
-        return self.manifest.misses
-
     def _open(self, graph: str, threads: int | None) -> ort.InferenceSession:
         # The encoder's attention takes memory in the square of the source, once a call: allocated without an
         # arena, it goes back when the run ends (README: Runtime, "Memory"). The decoder keeps its arena.
         return self._open_file(self.path / self.manifest.graph_files[graph],
                                lambda: session_options(self.optimization, threads, self.spin,
                                                        stop_spinning=graph != DECODER, arena=graph != ENCODER))
-
-    def _open_file(self, path: Path, make_options: Any) -> ort.InferenceSession:
-        """A session on the first placement that takes the graph; a choice passed over is a warning (and a note in
-        provider_notes), once."""
-        session = open_first(path, make_options, self.placements, self.provider_notes)
-        taken = assignment(session)
-        if taken:
-            self.assigned[path.name] = taken
-        for note in self.provider_notes[self._warned:]:
-            warnings.warn(ProviderFallback(note), stacklevel=caller_level())
-        self._warned = len(self.provider_notes)
-        return session
-
-    def _placed(self, session: ort.InferenceSession) -> None:
-        """The provider that runs most of `session`'s nodes (else the first it lists), and where its outputs stay:
-        on the device of the provider asked, where it took any of them (a GPU provider leaves shape arithmetic to
-        the CPU, and its cache still stays on the GPU)."""
-        taken = assignment(session)
-        self.provider = max(taken, key=lambda p: taken[p]) if taken else session.get_providers()[0]
-        placement = self.placements[0]
-        runs = placement.provider in (taken or session.get_providers())
-        self.device = GPU_MEMORY.get(placement.provider, "cpu") if runs else "cpu"
-        self.device_id = placement.device_id if runs else 0
 
     def _open_two_graphs(self) -> dict[str, ort.InferenceSession]:
         self._sessions = {ENCODER: self._open(ENCODER, self.threads),

@@ -60,6 +60,25 @@ def tiny_model(seed: int = 0, **overrides: object) -> Transformer:
     return model.eval()
 
 
+def tiny_vit(seed: int = 0, **overrides: object) -> Any:
+    """A random ViT of 12x12 RGB images in 3x3 patches, small enough to export in a second."""
+    import torch
+
+    from edgeformer.model.vit import ViT, ViTConfig
+
+    torch.manual_seed(seed)
+    settings: dict[str, Any] = {"image_size": 12, "patch_size": 3, "channels": 3, "num_classes": 7, "d_model": 32,
+                                "n_heads": 4, "n_layers": 2, "d_ff": 64, "labels": tuple("abcdefg"),
+                                "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.3, 0.25), **overrides}
+    model = ViT(ViTConfig(**settings))
+    with torch.no_grad():  # random but decisive logits, and biases that would show if one were left out
+        model.head.weight.mul_(8.0)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)
+    return model.eval()
+
+
 def random_sources(n: int, vocab: int, seed: int, longest: int = 20) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(4, vocab, rng.integers(1, longest + 1)).tolist() for _ in range(n)]

@@ -81,7 +81,7 @@ def test_a_checkpoint_names_its_model_family_and_one_without_is_an_encoder_decod
     (lambda ck: (ck / "model.safetensors").unlink(), "model.safetensors: missing"),
     (lambda ck: (ck / "config.json").write_text("{nope"), "not valid JSON"),
     (lambda ck: (ck / "config.json").unlink(), "config.json: no such file"),
-    (lambda ck: (ck / "config.json").write_text('{"family": "vit"}'), "unknown model family 'vit'"),
+    (lambda ck: (ck / "config.json").write_text('{"family": "swin"}'), "unknown model family 'swin'"),
     (lambda ck: (ck / "config.json").write_text("[1, 2]"), "not a JSON object"),
 ])
 def test_corrupt_checkpoint_names_the_file(tmp_path: Path, damage, message: str) -> None:

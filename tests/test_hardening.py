@@ -250,7 +250,8 @@ def _rename_input(d: dict) -> None:
     (lambda d: [], "the manifest must be dict, not list"),
     (_set("format_version", "3"), "format version '3' is not supported"),
     (_set("format_version", 2), "format version 2 is not supported by this runtime, which reads version 4"),
-    (_set("family", "vit"), "unknown model family 'vit'"),
+    (_set("family", "swin"), "unknown model family 'swin'"),
+    (_set("family", "vit"), "image_size must be a positive integer"),  # a known family, a config not of it
     (_set("cache", "ring"), "cache 'ring' is not one a encoder-decoder bundle may have"),
     (_set("cache", "buffer"), "the decoder graph's declared inputs and outputs are not those"),
     (_set("family", 3), "family must be str, not int"),

@@ -25,7 +25,8 @@ BEAM = GenerationConfig(strategy="beam", num_beams=4, num_return_sequences=2, ma
 
 
 def test_importing_the_runtime_never_imports_torch() -> None:
-    code = ("import sys; import edgeformer.runtime.session, edgeformer.runtime.bundle, edgeformer.cli; "
+    code = ("import sys; import edgeformer.runtime.session, edgeformer.runtime.bundle, edgeformer.runtime.classifier, "
+            "edgeformer.cli; "
             "bad = [m for m in ('torch', 'onnx', 'safetensors') if m in sys.modules]; "
             "assert not bad, bad; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

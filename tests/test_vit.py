@@ -1,0 +1,149 @@
+"""The Vision Transformer family: our encoder blocks fed patches, exported through the same seam as the
+encoder-decoder, run by the runtime (numpy + onnxruntime) with the bundle's own preprocessing, refusing what it
+cannot classify; the digits task and the model trained on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeformer.runtime.classifier import Classifier
+from edgeformer.runtime.errors import InputError, LimitError
+from edgeformer.runtime.options import Limits
+from edgeformer.runtime.session import Runtime
+from tests.helpers import edgeformer, tiny_vit
+
+
+@pytest.fixture(scope="module")
+def vit_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    from edgeformer.export.onnx_export import export
+    from edgeformer.model.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("vit")
+    model = tiny_vit()
+    save_checkpoint(model, root / "checkpoint")
+    export(root / "checkpoint", root / "bundle")
+    return model, root / "bundle"
+
+
+def images(n: int, seed: int = 0, size: int = 12) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def torch_logits(model: object, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    from edgeformer.runtime.classifier import preprocess
+
+    with torch.no_grad():
+        return model(torch.from_numpy(preprocess(batch, model.config))).numpy()  # type: ignore[operator,attr-defined]
+
+
+def test_the_vit_blocks_are_the_transformers_encoder_layers() -> None:
+    from edgeformer.model.transformer import EncoderLayer
+
+    model = tiny_vit()
+    assert all(type(layer) is EncoderLayer for layer in model.layers)
+    assert model.layers[0].self_attn_block.pre_norm and model.layers[0].ffn.activation.__class__.__name__ == "GELU"
+
+
+def test_runtime_of_a_vit_bundle_classifies_as_pytorch_does_at_any_batch(vit_bundle) -> None:
+    model, bundle = vit_bundle
+    rt = Runtime(bundle)
+    assert isinstance(rt, Classifier) and rt.variant == "fp32"
+    for n in (1, 5, 16):  # the batch axis is dynamic
+        batch = images(n, seed=n)
+        got, want = rt.logits(batch), torch_logits(model, batch)
+        assert got.shape == (n, 7) and np.abs(got - want).max() < 1e-4
+        top = rt.classify(batch, top_k=3)
+        assert [[label for label, _ in t] for t in top] == [
+            [model.config.labels[i] for i in np.argsort(-w, kind="stable")[:3]] for w in want]
+        for t in top:
+            probs = [p for _, p in t]
+            assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-9
+    # float images in [0, 1] are the uint8 ones rescaled
+    batch = images(4)
+    assert np.allclose(rt.logits(batch.astype(np.float32) / 255), rt.logits(batch), atol=1e-5)
+
+
+def test_the_manifest_carries_the_preprocessing_and_the_parity(vit_bundle) -> None:
+    from edgeformer.runtime.bundle import Manifest
+
+    _, bundle = vit_bundle
+    m = Manifest.load(bundle)
+    assert m.family == "vit" and m.graph_files == {"model": "model.onnx"}
+    assert (m.config["mean"], m.config["std"], m.config["rescale"]) == ([0.4, 0.5, 0.6], [0.2, 0.3, 0.25], 1 / 255)
+    assert m.parity["max_abs_diff"]["model"] < 1e-4 and m.parity["batches"] == [1, 3, 8]
+    out = edgeformer("info", str(bundle))
+    assert out.returncode == 0, out.stderr
+    assert "model: ViT, 12x12 images of 3 channels" in out.stdout and "top-1 agreement 100.00%" in out.stdout
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (np.zeros((2, 16, 16, 3), np.uint8), "resize them to 12x12"),
+    (np.zeros((2, 12, 12), np.uint8), r"takes \(N, 12, 12, 3\)"),
+    (np.zeros((0, 12, 12, 3), np.uint8), "no images"),
+    (np.full((1, 12, 12, 3), 2.0, np.float32), r"in \[0, 1\]"),
+    (np.full((1, 12, 12, 3), np.nan, np.float32), r"finite"),
+    (np.zeros((1, 12, 12, 3), np.int32), "dtype int32"),
+    ([[0]], "a numpy array"),
+])
+def test_images_it_cannot_classify_are_refused_by_name(vit_bundle, bad: object, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        Runtime(vit_bundle[1]).classify(bad)
+
+
+def test_too_many_images_or_a_bad_top_k_are_refused(vit_bundle) -> None:
+    rt = Runtime(vit_bundle[1], limits=Limits(rows=4))
+    with pytest.raises(LimitError, match="5 images in one call, above the limit of 4"):
+        rt.classify(images(5))
+    for top_k in (0, 1.5, True):
+        with pytest.raises(InputError, match="top_k"):
+            rt.classify(images(1), top_k=top_k)  # type: ignore[arg-type]
+
+
+def test_the_cli_classifies_image_files_and_refuses_generate(vit_bundle, tmp_path: Path) -> None:
+    from PIL import Image
+
+    model, bundle = vit_bundle
+    paths = []
+    for i, image in enumerate(images(2, seed=9)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    out = edgeformer("classify", str(bundle), *map(str, paths), "--top-k", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    want = torch_logits(model, images(2, seed=9))  # the files hold the images at the model's size: no resizing
+    assert [f["top"][0]["label"] for f in found] == [model.config.labels[int(w.argmax())] for w in want]
+    bad = edgeformer("classify", str(bundle), str(tmp_path / "nothing.png"))
+    assert bad.returncode != 0 and bad.stderr.startswith("edgeformer classify: error: ")
+    wrong = edgeformer("generate", str(bundle), "5 6")
+    assert wrong.returncode != 0 and "image classifier's bundle" in wrong.stderr
+
+
+def test_the_digits_are_the_shipped_split_and_a_short_training_saves_a_loadable_vit(tmp_path: Path) -> None:
+    from edgeformer.model.checkpoint import load_checkpoint
+    from edgeformer.model.vit import ViT
+    from edgeformer.model.vit_train import DIGITS_CONFIG, DigitsTraining, digits, train_digits
+
+    (train_x, _), (test_x, test_y) = digits("train"), digits("test")
+    assert train_x.shape == (1437, 8, 8, 1) and test_x.shape == (360, 8, 8, 1) and train_x.dtype == np.uint8
+    assert train_x.max() == 255 and sorted(set(test_y.tolist())) == list(range(10))
+    found = train_digits(tmp_path / "vit", DigitsTraining(steps=20), progress=False)
+    assert 0 <= found["accuracy"] <= 1
+    model, _ = load_checkpoint(tmp_path / "vit")
+    assert isinstance(model, ViT) and model.config == DIGITS_CONFIG
+
+
+def test_the_shipped_digits_model_is_at_least_97_percent_right_through_the_runtime(tmp_path: Path) -> None:
+    from edgeformer.export.families import family_export
+    from edgeformer.export.onnx_export import export
+    from edgeformer.model.checkpoint import DIGITS_CHECKPOINT
+
+    export(DIGITS_CHECKPOINT, tmp_path / "digits")
+    report = family_export("vit").runtime_parity(tmp_path / "digits", DIGITS_CHECKPOINT, n=360)
+    assert report["images"] == 360 and report["top-1 identical to PyTorch"] == 1.0
+    assert report["accuracy (runtime)"] == report["accuracy (PyTorch)"] >= 0.97
