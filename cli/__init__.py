@@ -189,7 +189,7 @@ def _show_variant(report: Any, as_json: bool) -> None:
                      "source)"],
             ["judged on", f"{f['judged_on']['inputs']} ({f['inputs']} inputs)"],
             [f"max |log-prob diff| to the {f['against']}", f"{f['max_abs_logprob_diff']:.2e}"],
-            ["greedy token agreement", f"{f['greedy_token_agreement']:.2%}"]]
+            [f"{f.get('agreement', 'greedy token')} agreement", f"{f['greedy_token_agreement']:.2%}"]]
     if "metric" in f:
         rows.append([f"{f['metric']} (source -> this)", f"{f['metric_source']:.2f} -> {f['metric_variant']:.2f}"])
     if report.misses:
@@ -361,7 +361,8 @@ def _show_variant_parity(m: Any) -> None:
     if v:
         judged = v.get("judged_on", {}).get("inputs", "inputs")
         print(f"\n{m.variant} against the {v['against']} on {v['inputs']} {judged}: max |log-prob diff| "
-              f"{v['max_abs_logprob_diff']:.2e}, greedy token agreement {v['greedy_token_agreement']:.2%}"
+              f"{v['max_abs_logprob_diff']:.2e}, {v.get('agreement', 'greedy token')} agreement "
+              f"{v['greedy_token_agreement']:.2%}"
               + (f", {v['metric']} {v['metric_source']:.2f} -> {v['metric_variant']:.2f}" if "metric" in v else ""))
         if v.get("checked_on"):
             print(table(["checked on", "provider", "max |log-prob diff|", "greedy agreement", "nodes on it"],

@@ -59,8 +59,8 @@ def check_parity(model: ViT, sessions: dict[str, ort.InferenceSession], specs: d
 def runtime_parity(bundle: Path, checkpoint: Path | str | None = None, n: int = 200, eval: Path | str | None = None,
                    threads: int | None = None) -> dict[str, Any]:
     """The bundle run by the runtime (preprocessing included) against the checkpoint on held-out digits."""
-    from edgeformer.model.vit_train import digits, preprocess
-    from edgeformer.runtime.classifier import Classifier
+    from edgeformer.model.digits import digits
+    from edgeformer.runtime.classifier import Classifier, preprocess
 
     if eval is not None:
         raise ValueError("a ViT bundle is judged on the built-in digits; --eval takes text inputs")

@@ -1,5 +1,4 @@
-"""The built-in image task, digits: scikit-learn's 1,797 handwritten digits (8x8, one channel, shipped inside the
-package, no download), split 80/20 stratified, and a small ViT trained on it: `edgeformer train --task digits`."""
+"""A small ViT trained on the built-in digits (model/digits.py): `edgeformer train --task digits`."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeformer.model.checkpoint import save_checkpoint
+from edgeformer.model.digits import digits
 from edgeformer.model.vit import ViT, ViTConfig
 from edgeformer.runtime.classifier import preprocess
 
@@ -19,20 +19,6 @@ from edgeformer.runtime.classifier import preprocess
 DIGITS_CONFIG = ViTConfig(image_size=8, patch_size=2, channels=1, num_classes=10, d_model=64, n_heads=4, n_layers=4,
                           d_ff=128, dropout=0.1, layer_norm_eps=1e-6, labels=tuple(str(i) for i in range(10)),
                           mean=(0.5,), std=(0.5,))
-
-
-def digits(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 8, 8, 1) uint8 in [0, 255], labels (N,)) of the train or test split (80/20, stratified)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if split not in ("train", "test"):
-        raise ValueError(f"digits has a train and a test split, not {split!r}")
-    data = load_digits()
-    images = np.round(data.images * (255 / 16)).astype(np.uint8)[..., None]  # 0..16 -> 0..255
-    train_x, test_x, train_y, test_y = train_test_split(images, data.target, test_size=0.2, random_state=0,
-                                                        stratify=data.target)
-    return (train_x, train_y) if split == "train" else (test_x, test_y)
 
 
 @dataclass(frozen=True)

@@ -126,8 +126,9 @@ def test_the_cli_classifies_image_files_and_refuses_generate(vit_bundle, tmp_pat
 
 def test_the_digits_are_the_shipped_split_and_a_short_training_saves_a_loadable_vit(tmp_path: Path) -> None:
     from edgeformer.model.checkpoint import load_checkpoint
+    from edgeformer.model.digits import digits
     from edgeformer.model.vit import ViT
-    from edgeformer.model.vit_train import DIGITS_CONFIG, DigitsTraining, digits, train_digits
+    from edgeformer.model.vit_train import DIGITS_CONFIG, DigitsTraining, train_digits
 
     (train_x, _), (test_x, test_y) = digits("train"), digits("test")
     assert train_x.shape == (1437, 8, 8, 1) and test_x.shape == (360, 8, 8, 1) and train_x.dtype == np.uint8
@@ -147,3 +148,33 @@ def test_the_shipped_digits_model_is_at_least_97_percent_right_through_the_runti
     report = family_export("vit").runtime_parity(tmp_path / "digits", DIGITS_CHECKPOINT, n=360)
     assert report["images"] == 360 and report["top-1 identical to PyTorch"] == 1.0
     assert report["accuracy (runtime)"] == report["accuracy (PyTorch)"] >= 0.97
+
+
+@pytest.mark.parametrize(("to", "method"), [("int8", "dynamic"), ("int8", "static"), ("int4", "dynamic"),
+                                            ("fp16", "dynamic")])
+def test_each_quantized_vit_is_judged_on_images_and_classifies_as_its_source(vit_bundle, tmp_path: Path, to: str,
+                                                                            method: str) -> None:
+    from edgeformer.runtime.bundle import Manifest
+    from edgeformer.transforms.derive import Judging, quantize
+    from edgeformer.transforms.registry import TRANSFORMS
+
+    _, bundle = vit_bundle
+    report = quantize(bundle, tmp_path / to, to=to, method=method, calibration_size=32, judging=Judging(inputs=48))
+    figures = Manifest.load(tmp_path / to).variant_parity
+    assert figures["judged_on"]["inputs"] == "random images" and figures["agreement"] == "top-1"
+    gate = TRANSFORMS[to].gate  # random weights: held to the gate, as every variant
+    assert report.misses == [] and figures["greedy_token_agreement"] >= (gate.min_token_agreement or 0)
+    assert Runtime(tmp_path / to).logits(images(6, seed=4)).shape == (6, 7)
+
+
+def test_the_shipped_digits_model_in_int8_keeps_96_percent_held_out(tmp_path: Path) -> None:
+    from edgeformer.export.onnx_export import export
+    from edgeformer.model.checkpoint import DIGITS_CHECKPOINT
+    from edgeformer.transforms.derive import Judging, optimize, quantize
+
+    export(DIGITS_CHECKPOINT, tmp_path / "fp32")
+    optimize(tmp_path / "fp32", tmp_path / "opt", judging=Judging(inputs=360))
+    report = quantize(tmp_path / "opt", tmp_path / "int8", to="int8", judging=Judging(inputs=360))
+    assert report.figures["judged_on"]["inputs"] == "the built-in digits, test split"
+    assert report.figures["inputs"] == 360
+    assert report.figures["metric_source"] >= 97.0 and report.figures["metric_variant"] >= 96.0

@@ -21,8 +21,8 @@ def misses(gate: Gate, figures: dict) -> list[str]:
     if gate.max_logprob_diff is not None and not figures["max_abs_logprob_diff"] <= gate.max_logprob_diff:
         found.append(f"max |log-prob difference| {figures['max_abs_logprob_diff']:.3g} > {gate.max_logprob_diff}")
     if gate.min_token_agreement is not None and figures["greedy_token_agreement"] < gate.min_token_agreement:
-        found.append(f"greedy token agreement {figures['greedy_token_agreement']:.2%} < "
-                     f"{gate.min_token_agreement:.0%}")
+        what = figures.get("agreement", "greedy token")  # an image classifier's: top-1
+        found.append(f"{what} agreement {figures['greedy_token_agreement']:.2%} < {gate.min_token_agreement:.0%}")
     if gate.max_metric_drop is not None and "metric" in figures:
         drop = figures["metric_source"] - figures["metric_variant"]
         if drop > gate.max_metric_drop:

@@ -12,6 +12,7 @@ import onnx
 from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.engine import CPU, open_session, provider, session_options
 from edgeformer.runtime.errors import InputError
+from edgeformer.runtime.families import get_family
 from edgeformer.runtime.providers import require
 from edgeformer.transforms.fusion import fuse_attention
 from edgeformer.transforms.graph_edits import GraphTransform, replace_memcpy
@@ -31,7 +32,10 @@ def optimize_transform(options: OptimizeOptions, bundle: Path) -> tuple[GraphTra
                          "has it") from None
     chosen = provider(options.provider)
     attention = chosen.fused_attention if options.fuse_attention is None else options.fuse_attention
-    cache = options.cache or ("buffer" if attention and chosen.name == CPU else "concat")
+    caches = get_family(Manifest.load(bundle, verify=False).family).caches  # a family without one: "concat" alone
+    cache = options.cache or ("buffer" if attention and chosen.name == CPU and "buffer" in caches else "concat")
+    if cache not in caches:
+        raise ValueError(f"--cache {cache}: this family's graphs pass no cache of that kind")
     if cache == "buffer" and not attention:
         raise ValueError("the buffered cache (--cache buffer) needs the fused attention; drop --fuse-attention no")
     if cache == "buffer" and chosen.name != CPU:

@@ -51,7 +51,7 @@ QUANTIZED = tuple(v for v, t in TRANSFORMS.items() if t.step == "quantize")
 
 # How each model family's variants are measured: a module with inputs(...), judge(...) and calibration_feeds(...)
 # (transforms/encoder_decoder.py); a new family adds its module and a line here.
-FAMILY_JUDGING = {"encoder-decoder": "edgeformer.transforms.encoder_decoder"}
+FAMILY_JUDGING = {"encoder-decoder": "edgeformer.transforms.encoder_decoder", "vit": "edgeformer.transforms.vit"}
 
 
 def family_judging(family: str) -> Any:
