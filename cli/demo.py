@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -16,6 +18,7 @@ from edgeformer.model.checkpoint import default_checkpoint, load_checkpoint
 from edgeformer.model.generate import TorchSteps, generate, pad_batch
 from edgeformer.model.tasks import get_task
 from edgeformer.report.format import figure_text, ratio_text, table
+from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.session import Runtime
 from edgeformer.transforms.derive import build_variants
 from edgeformer.transforms.registry import CPU_VARIANTS
@@ -77,4 +80,69 @@ def demo(threads: int = 2, examples: int = 8, new_tokens: int = 16) -> None:
         print(table(["system", "encoder ms", "ms/token", "step p90", "speed-up per token (95% CI)"],
                     [[name, f"{v.encoder_ms:.2f}", f"{v.per_token_ms:.3f}", f"{v.per_token_p90_ms:.3f}",
                       ratio_text(v.speedup, v.speedup_low, v.speedup_high)] for name, v in lat.items()]))
+        vit_demo(threads, Path(tmp))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
+
+
+SHADES = " .:-=+*#%@"  # a pixel's darkness, for digits drawn in text
+
+
+def vit_demo(threads: int, tmp: Path, shown: int = 6, rounds: int = 5, calls: int = 40) -> None:
+    """The second shipped model: a ViT on the built-in digits, exported, its variants, their accuracy, a few digits
+    and their labels, and the latency per image against PyTorch."""
+    from edgeformer.model.checkpoint import DIGITS_CHECKPOINT
+    from edgeformer.model.digits import digits
+    from edgeformer.model.vit import ViT
+    from edgeformer.runtime.classifier import Classifier, preprocess
+
+    model = cast(ViT, load_checkpoint(DIGITS_CHECKPOINT)[0])
+    c = model.config
+    print(f"\n7. the second shipped model ({DIGITS_CHECKPOINT}): a Vision Transformer on scikit-learn's handwritten "
+          f"digits, {c.image_size}x{c.image_size} in patches of {c.patch_size}, {c.n_layers} blocks of width "
+          f"{c.d_model} (the Transformer's encoder layers), {sum(p.numel() for p in model.parameters()):,} parameters")
+    result = export(DIGITS_CHECKPOINT, tmp / "digits-fp32")
+    built = build_variants(tmp / "digits-fp32", tmp / "digits", CPU_VARIANTS[1:])
+    classifiers = {name: Classifier(path, threads=threads) for name, (path, _) in built.items()}
+    images, labels = digits("test")
+    with torch.no_grad():
+        ref = model(torch.from_numpy(preprocess(images, c))).numpy().argmax(-1)
+    found = {name: rt.logits(images).argmax(-1) for name, rt in classifiers.items()}
+    print(f"   each variant checked against its source on 200 held-out digits before it was written; here all "
+          f"{len(images)}:")
+    print(table(["system", "size MB", "accuracy", "top-1 = PyTorch's"],
+                [["PyTorch", "-", f"{(ref == labels).mean():.2%}", "-"]]
+                + [[name, f"{Manifest.load(rt.path, verify=False).bytes(rt.path) / 1e6:.2f}",
+                    f"{(found[name] == labels).mean():.2%}", f"{(found[name] == ref).mean():.2%}"]
+                   for name, rt in classifiers.items()]))
+    print("\n   a few held-out digits, and what each system reads:")
+    for row in range(c.image_size):
+        print("   " + "   ".join("".join(SHADES[int(v) * (len(SHADES) - 1) // 255] * 2 for v in images[i, row, :, 0])
+                                  for i in range(shown)))
+    width = 2 * c.image_size + 3
+    for name, labels_read in (("label", labels), ("PyTorch", ref), *found.items()):
+        print("   " + "".join(f"{labels_read[i]!s:<{width}}" for i in range(shown)) + f"  {name}")
+    print(f"\n   latency per image at batch 1, {threads} threads: {rounds} rounds of {calls} calls, medians; ratios "
+          "within rounds")
+    one = images[:1]
+    pixels = torch.from_numpy(preprocess(one, c))
+
+    def torch_call() -> None:
+        with torch.inference_mode():
+            model(pixels)
+
+    systems: dict[str, Callable[[], object]] = {"PyTorch eager": torch_call}
+    systems.update({f"runtime {n}": partial(rt.logits, one) for n, rt in classifiers.items()})
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(rounds):
+        for name, call in systems.items():
+            call()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+            times[name].append((time.perf_counter() - t0) / calls * 1000)
+    base = times["PyTorch eager"]
+    print(table(["system", "ms/image", "vs PyTorch"],
+                [[name, f"{sorted(ms)[len(ms) // 2]:.3f}",
+                  f"{sorted(b / m for b, m in zip(base, ms, strict=True))[len(ms) // 2]:.2f}x"]
+                 for name, ms in times.items()]))
+    del result

@@ -79,6 +79,28 @@ def tiny_vit(seed: int = 0, **overrides: object) -> Any:
     return model.eval()
 
 
+def hf_vit_folder(root: Path, **overrides: object) -> Path:
+    """A random Hugging Face ViTForImageClassification (32x32 RGB, patches of 8), weights spread so that logits are
+    far from zero, saved with an image processor of ImageNet's mean and std."""
+    import torch
+    import transformers
+
+    settings: dict[str, Any] = {"image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_size": 48,
+                                "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96,
+                                "id2label": {i: f"class{i}" for i in range(5)},
+                                "label2id": {f"class{i}": i for i in range(5)}, **overrides}
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(**settings)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    folder = root / "hf-vit"
+    model.save_pretrained(str(folder))
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                                   image_std=[0.229, 0.224, 0.225]).save_pretrained(str(folder))
+    return folder
+
+
 def random_sources(n: int, vocab: int, seed: int, longest: int = 20) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(4, vocab, rng.integers(1, longest + 1)).tolist() for _ in range(n)]

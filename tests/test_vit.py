@@ -178,3 +178,67 @@ def test_the_shipped_digits_model_in_int8_keeps_96_percent_held_out(tmp_path: Pa
     assert report.figures["judged_on"]["inputs"] == "the built-in digits, test split"
     assert report.figures["inputs"] == 360
     assert report.figures["metric_source"] >= 97.0 and report.figures["metric_variant"] >= 96.0
+
+
+def test_a_hugging_face_vit_imports_with_its_preprocessing_and_classifies_as_hugging_face(tmp_path: Path) -> None:
+    import torch
+    import transformers
+
+    from edgeformer.export.onnx_export import export
+    from tests.helpers import hf_vit_folder
+
+    folder = hf_vit_folder(tmp_path)
+    out = edgeformer("import", "vit", str(folder), str(tmp_path / "ckpt"))
+    assert out.returncode == 0, out.stderr
+    export(tmp_path / "ckpt", tmp_path / "bundle")
+    rt = Runtime(tmp_path / "bundle")
+    assert rt.labels == [f"class{i}" for i in range(5)] and rt.config["mean"] == [0.485, 0.456, 0.406]
+    batch = images(4, seed=2, size=32)
+    # Hugging Face's own pipeline: its image processor, then its model
+    processor = transformers.ViTImageProcessor.from_pretrained(str(folder))
+    reference = transformers.ViTForImageClassification.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        want = reference(**processor(images=list(batch), return_tensors="pt")).logits.numpy()
+    got = rt.logits(batch)
+    assert np.abs(want).max() > 1 and np.abs(got - want).max() < 1e-4
+    assert [t[0][0] for t in rt.classify(batch)] == [f"class{i}" for i in want.argmax(-1)]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"hidden_act": "relu"}, "hidden_act='relu': only gelu"),
+    ({"qkv_bias": False}, "qkv_bias=false"),
+    ({"image_size": [32, 16]}, "square sizes only"),
+])
+def test_a_vit_the_importer_cannot_express_is_refused_by_name(tmp_path: Path, overrides: dict, message: str) -> None:
+    from edgeformer.model.importers.common import ImporterError
+    from edgeformer.model.importers.vit import import_vit
+    from tests.helpers import hf_vit_folder
+
+    folder = hf_vit_folder(tmp_path, **overrides)
+    with pytest.raises(ImporterError, match=message):
+        import_vit(folder, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_vit_bench_times_ours_and_pytorch_on_the_same_weights_and_writes_ratios(tmp_path: Path) -> None:
+    from edgeformer.benchmarks.vit import run, write
+    from edgeformer.export.onnx_export import export
+    from edgeformer.model.importers.vit import import_vit
+    from tests.helpers import hf_vit_folder
+
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    hf_vit_folder(tmp_path).rename(folder / "hf")
+    import_vit(folder / "hf", folder / "edgeformer-ckpt")
+    export(folder / "edgeformer-ckpt", folder / "edgeformer-fp32")
+    ours, torch_ = (run(folder, s, batch=3, threads=2, repeats=2) for s in ("edgeformer-fp32", "torch-fp32"))
+    for found in (ours, torch_):
+        assert found["batch"] == 3 and found["ms_per_image"] > 0
+        assert found["images_per_s"] == pytest.approx(1000 / found["ms_per_image"])
+    rows = [{"system": s, "batch": 3, "threads": 2, "ms_per_image": m, "images_per_s": 1000 / m,
+             "rounds_ms_per_image": [m], "peak_rss_mb": 100.0, "vs_torch-fp32": v, "vs_optimum-int8": None}
+            for s, m, v in (("torch-fp32", 10.0, 1.0), ("edgeformer-int8", 2.5, 4.0))]
+    write(rows, tmp_path / "out", "torch-fp32")
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "edgeformer-int8  3      2.50      400.0     4.00x" in text
+    assert (tmp_path / "out" / "ms_per_image.png").stat().st_size > 1000

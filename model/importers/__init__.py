@@ -11,6 +11,7 @@ IMPORTERS = {  # name -> (module, what it reads)
     "marian": ("edgeformer.model.importers.marian", "a Hugging Face MarianMT (OPUS-MT) folder"),
     "torch-transformer": ("edgeformer.model.importers.torch_transformer",
                           "a state dict of a model built on torch.nn.Transformer"),
+    "vit": ("edgeformer.model.importers.vit", "a Hugging Face ViTForImageClassification folder"),
 }
 
 
