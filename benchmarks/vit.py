@@ -67,14 +67,16 @@ def make(out: Path, small: bool = False) -> None:
 
 
 def _pixels(images: np.ndarray, hf: Path) -> Any:
+    """The images as Hugging Face's image processor makes them (its rescale, mean and std): our preprocessing, which
+    the tests hold equal to ViTImageProcessor's."""
     import torch
 
     from edgeformer.model.importers.vit import PROCESSOR_DEFAULTS
+    from edgeformer.runtime.classifier import preprocess
 
-    processor = {**PROCESSOR_DEFAULTS, **json.loads((hf / "preprocessor_config.json").read_text())}
-    x = images.astype(np.float32) * np.float32(processor["rescale_factor"])
-    mean, std = np.asarray(processor["image_mean"], np.float32), np.asarray(processor["image_std"], np.float32)
-    return torch.from_numpy(np.ascontiguousarray(((x - mean) / std).transpose(0, 3, 1, 2), dtype=np.float32))
+    p = {**PROCESSOR_DEFAULTS, **json.loads((hf / "preprocessor_config.json").read_text())}
+    return torch.from_numpy(preprocess(images, {"rescale": p["rescale_factor"], "mean": p["image_mean"],
+                                                "std": p["image_std"]}))
 
 
 def caller(folder: Path, system: str, images: np.ndarray, threads: int) -> Callable[[], Any]:

@@ -448,7 +448,7 @@ def cmd_providers(args: argparse.Namespace) -> None:
     print(table(keys, [[r[k] for k in keys] for r in found]))
     if runs:
         print()
-        print(table(["bundle", "variant", "choice", "decoder on", "nodes on the provider asked", "tokens = CPU's"],
+        print(table(["bundle", "variant", "choice", "runs on", "nodes on the provider asked", "outputs = CPU's"],
                     [[Path(r["bundle"]).name, r["variant"], r["choice"], r["runs on"],
                       nodes_text(r["nodes"], provider(r["choice"]).name) if r["runs on"] != "-" else "-",
                       {True: "yes", False: "NO", None: "-"}[r["tokens as CPU"]]] for r in runs]))

@@ -23,8 +23,6 @@ from edgeformer.runtime.providers import (
     SHORT_NAMES,
     Placement,
     assignment,
-    built_in,
-    devices,
     known_names,
 )
 
@@ -68,12 +66,6 @@ def provider(name: str) -> Provider:
                     fused_attention=full in FUSED_ATTENTION)
 
 
-def available() -> list[str]:
-    """The compute providers that offer a device here, by onnxruntime's names: the wheel's own and the registered
-    plugin packages' (AzureExecutionProvider, a remote-call provider, is not one)."""
-    return list(dict.fromkeys([*built_in(), *(d.provider for d in devices())]))
-
-
 def session_options(optimization: str = "all", threads: int | None = None, spin: bool = False,
                     stop_spinning: bool = True, optimized_path: Path | None = None,
                     arena: bool = True) -> ort.SessionOptions:
@@ -100,12 +92,17 @@ def session_options(optimization: str = "all", threads: int | None = None, spin:
     return options
 
 
+def _session(path: Path, options: ort.SessionOptions, placement: Placement) -> ort.InferenceSession:
+    # without onnxruntime's own fallback, which prints to stdout and retries on the CPU: the next choice is ours
+    return ort.InferenceSession(str(path), options, providers=placement.configure(options), enable_fallback=0)
+
+
 def open_session(path: Path, options: ort.SessionOptions | None = None,
                  placement: Placement = CPU_PLACEMENT) -> ort.InferenceSession:
     """A session of the graph at `path` where `placement` says; BundleError if onnxruntime cannot load it."""
     options = options or session_options()
     try:
-        return ort.InferenceSession(str(path), options, providers=placement.configure(options), enable_fallback=0)
+        return _session(path, options, placement)
     except ORT_ERRORS as e:
         raise BundleError(f"{path}: onnxruntime cannot load this graph on {placement.label} ({str(e)[:500]})"
                           ) from None
@@ -122,9 +119,7 @@ def open_first(path: Path, make_options: Callable[[], ort.SessionOptions], place
         if placement.provider != CPU:
             options.add_session_config_entry(RECORD_ASSIGNMENT, "1")
         try:
-            # without onnxruntime's own fallback, which prints to stdout and retries on the CPU: the next choice is ours
-            session = ort.InferenceSession(str(path), options, providers=placement.configure(options),
-                                           enable_fallback=0)
+            session = _session(path, options, placement)
         except ORT_ERRORS as e:
             if len(placements) == 1:
                 raise BundleError(f"{path}: onnxruntime cannot load this graph ({str(e)[:500]})") from None

@@ -3,11 +3,6 @@ declares its `Family` (see runtime/spec.py) and one line here."""
 
 from __future__ import annotations
 
-import json
-import pkgutil
-from pathlib import Path
-from typing import Any
-
 from edgeformer.runtime.encoder_decoder import ENCODER_DECODER
 from edgeformer.runtime.spec import Family
 from edgeformer.runtime.vit import VIT
@@ -25,14 +20,3 @@ def get_family(name: str) -> Family:
 
 # The runtime of each family whose bundles `Runtime(bundle)` does not run itself: family -> "module:class".
 RUNTIMES = {VIT.name: "edgeformer.runtime.classifier:Classifier"}
-
-
-def family_runtime(folder: Path) -> Any:
-    """The runtime class of the bundle in `folder`, where its manifest names a family in RUNTIMES; else None (the
-    encoder-decoder's Runtime, which reads the manifest in full and says what is wrong with it)."""
-    try:
-        with open(folder / "edgeformer.json", "rb") as f:
-            family = json.loads(f.read(1 << 20)).get("family")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return pkgutil.resolve_name(RUNTIMES[family]) if isinstance(family, str) and family in RUNTIMES else None

@@ -11,6 +11,8 @@ vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import json
+import pkgutil
 from collections.abc import Callable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
@@ -20,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeformer.runtime.base import OnProviders
-from edgeformer.runtime.bundle import MANIFEST_FILE, Manifest
+from edgeformer.runtime.bundle import MANIFEST_FILE, MANIFEST_LIMIT, Manifest
 from edgeformer.runtime.encoder_decoder import (
     DECODER,
     ENCODER,
@@ -43,7 +45,7 @@ from edgeformer.runtime.engine import (
     session_options,
 )
 from edgeformer.runtime.errors import BundleError, EngineError, InputError, LimitError
-from edgeformer.runtime.families import family_runtime
+from edgeformer.runtime.families import RUNTIMES
 from edgeformer.runtime.options import GenerationConfig, Hypothesis, Limits, is_int
 from edgeformer.runtime.providers import CPU
 from edgeformer.runtime.search import StepModel, greedy_or_sample, pad
@@ -59,6 +61,17 @@ SMALL_STEP_WEIGHTS = 2_000_000
 # A buffered self-attention cache starts with room for the steps a call asks for, at most this many, and doubles
 # when they run out: a call that asks for many new tokens and ends early does not hold memory for all of them.
 INITIAL_CAPACITY = 128
+
+
+def family_runtime(folder: Path) -> Any:
+    """The runtime class of the bundle in `folder`, where its manifest names a family in RUNTIMES; else None (this
+    Runtime, which reads the manifest in full and says what is wrong with it)."""
+    try:
+        with open(folder / MANIFEST_FILE, "rb") as f:
+            family = json.loads(f.read(MANIFEST_LIMIT)).get("family")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return pkgutil.resolve_name(RUNTIMES[family]) if isinstance(family, str) and family in RUNTIMES else None
 
 
 def step_weights(config: dict[str, Any]) -> int:

@@ -38,30 +38,35 @@ def offers() -> list[dict[str, Any]]:
     return rows
 
 
-def _sources(vocab: int, n: int = 4, length: int = 12) -> list[list[int]]:
+def outputs(rt: Any, new_tokens: int = 16) -> list:
+    """What a bundle's answer on a provider is compared by: a classifier's top class for four random images of its
+    size, a generator's greedy tokens (EOS ignored) for four random inputs."""
     rng = np.random.default_rng(0)
-    return [[int(t) for t in rng.integers(4, vocab, length)] for _ in range(n)]
+    c = rt.config
+    if hasattr(rt, "classify"):
+        images = rng.integers(0, 256, (4, c["image_size"], c["image_size"], c["channels"]), dtype=np.uint8)
+        return [int(i) for i in rt.logits(images).argmax(-1)]
+    sources = [[int(t) for t in rng.integers(4, int(c["src_vocab_size"]), 12)] for _ in range(4)]
+    gen = rt.generation_config(strategy="greedy", max_new_tokens=new_tokens, num_return_sequences=1, ignore_eos=True)
+    return [h[0].tokens for h in rt.generate(sources, gen)]
 
 
-def variants_on(bundles: Sequence[Path], choices: Sequence[str], new_tokens: int = 16) -> list[dict[str, Any]]:
-    """Each bundle on each choice: where its graphs' nodes run, the notes of what fell back, and whether greedy
-    tokens for a few random inputs equal the CPU provider's."""
+def variants_on(bundles: Sequence[Path], choices: Sequence[str]) -> list[dict[str, Any]]:
+    """Each bundle on each choice: where its graphs' nodes run, the notes of what fell back, and whether its
+    outputs (`outputs`) equal the CPU provider's ("tokens as CPU")."""
     from edgeformer.runtime.session import Runtime
 
     rows = []
     for bundle in bundles:
         reference = Runtime(bundle, threads=2)
-        gen = reference.generation_config(strategy="greedy", max_new_tokens=new_tokens, num_return_sequences=1,
-                                          ignore_eos=True)
-        sources = _sources(int(reference.config["src_vocab_size"]))
-        expected = [h[0].tokens for h in reference.generate(sources, gen)]
+        expected = outputs(reference)
         for choice in choices:
             row: dict[str, Any] = {"bundle": str(bundle), "variant": reference.variant, "choice": choice}
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ProviderFallback)  # kept in provider_notes
                     rt = Runtime(bundle, providers=[choice], threads=2)
-                got = [h[0].tokens for h in rt.generate(sources, gen)]
+                got = outputs(rt)
             except EdgeformerError as e:
                 rows.append({**row, "runs on": "-", "nodes": {}, "tokens as CPU": None, "notes": [str(e)]})
                 continue

@@ -242,3 +242,10 @@ def test_the_vit_bench_times_ours_and_pytorch_on_the_same_weights_and_writes_rat
     text = (tmp_path / "out" / "results.md").read_text()
     assert "edgeformer-int8  3      2.50      400.0     4.00x" in text
     assert (tmp_path / "out" / "ms_per_image.png").stat().st_size > 1000
+
+
+def test_the_providers_command_runs_a_vit_bundle_on_each_provider(vit_bundle) -> None:
+    out = edgeformer("providers", str(vit_bundle[1]), "--json")
+    assert out.returncode == 0, out.stderr
+    cpu = next(r for r in json.loads(out.stdout)["variants"] if r["choice"] == "cpu")
+    assert cpu["tokens as CPU"] is True and cpu["variant"] == "fp32"

@@ -4,7 +4,6 @@ static quantization calibrates on."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +11,10 @@ import numpy as np
 from edgeformer.export.evaluation import EvalSet, eval_set
 from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.encoder_decoder import DECODER, ENCODER
-from edgeformer.runtime.errors import ProviderFallback
-from edgeformer.runtime.providers import require
 from edgeformer.runtime.search import pad
 from edgeformer.runtime.session import Runtime
 from edgeformer.runtime.tokenizer import load_tokenizer
+from edgeformer.transforms.judge import on_provider
 
 
 def inputs(source: Manifest, bundle: Path, path: Path | str | None, n: int, metric: str | None = None,
@@ -30,10 +28,8 @@ def judge(source: Path, candidate: Path, inputs: EvalSet, provider: str = "cpu",
     """The candidate bundle against the bundle it came from, both fed the source's greedy tokens."""
     # both verified already: the source as derive loaded it, the candidate as it was just written
     ref = Runtime(source, threads=2, verify=False)
-    asked = require(provider).provider  # judged where asked, or not at all ("" for a policy: onnxruntime's choice)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ProviderFallback)  # a graph the provider cannot take: in the figures' notes
-        new = Runtime(candidate, providers=[provider, "cpu"], threads=2, verify=False)
+    new, placed = on_provider(lambda providers: Runtime(candidate, providers=providers, threads=2, verify=False),
+                              provider)
     # the bundle's own settings, greedy, within what learned positions allow
     gen = ref.generation_config(strategy="greedy", num_return_sequences=1, max_new_tokens=min(
         ref.generation.max_new_tokens, ref.manifest.max_positions or ref.generation.max_new_tokens))
@@ -50,9 +46,7 @@ def judge(source: Path, candidate: Path, inputs: EvalSet, provider: str = "cpu",
             agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
             total += len(chunk)
             tokens = la.argmax(-1)
-    figures: dict = {"against": f"{ref.manifest.variant} bundle", "provider": new.provider,
-                     **({"asked": asked or new.provider, "nodes": new.assigned, "notes": new.provider_notes}
-                        if provider != "cpu" else {}),
+    figures: dict = {"against": f"{ref.manifest.variant} bundle", "provider": new.provider, **placed,
                      "inputs": len(inputs.sources), "judged_on": inputs.judged_on,
                      "max_abs_logprob_diff": worst, "greedy_token_agreement": agree / total}
     if inputs.metric is not None:

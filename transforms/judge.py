@@ -3,7 +3,15 @@ variants are measured is the family's (transforms/encoder_decoder.py); the figur
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from edgeformer.runtime.errors import ProviderFallback
+from edgeformer.runtime.providers import require
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -28,3 +36,16 @@ def misses(gate: Gate, figures: dict) -> list[str]:
         if drop > gate.max_metric_drop:
             found.append(f"{figures['metric']} drops {drop:.1f} points (allowed {gate.max_metric_drop})")
     return found
+
+
+def on_provider(open_runtime: Callable[[Sequence[str]], R], provider: str) -> tuple[R, dict[str, Any]]:
+    """The candidate's runtime, opened on `provider` (the CPU after it), and what the figures record of where it ran:
+    for a provider other than the CPU, the one asked, the nodes each graph put on each provider and the notes of what
+    fell back. A provider not here is refused before anything opens."""
+    asked = require(provider).provider  # "" for a policy: onnxruntime's choice
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProviderFallback)  # a graph the provider cannot take: in the notes
+        runtime: Any = open_runtime([provider, "cpu"])
+    if provider == "cpu":
+        return runtime, {}
+    return runtime, {"asked": asked or runtime.provider, "nodes": runtime.assigned, "notes": runtime.provider_notes}

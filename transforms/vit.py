@@ -12,8 +12,9 @@ import numpy as np
 
 from edgeformer.runtime.bundle import Manifest
 from edgeformer.runtime.classifier import Classifier, preprocess
-from edgeformer.runtime.providers import require
+from edgeformer.runtime.session import log_softmax
 from edgeformer.runtime.vit import MODEL, PIXELS
+from edgeformer.transforms.judge import on_provider
 
 DIGITS_LAYOUT = {"image_size": 8, "channels": 1, "num_classes": 10}  # the built-in task's images and classes
 BATCH = 64
@@ -53,26 +54,18 @@ def inputs(source: Manifest, bundle: Path, path: Path | str | None, n: int, metr
                     judged_on={"inputs": "random images", "count": n})
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
 def judge(source: Path, candidate: Path, inputs: ImageSet, provider: str = "cpu") -> dict:
     """The candidate against the bundle it came from, on the same images."""
-    asked = require(provider).provider
     ref = Classifier(source, threads=2, verify=False)
-    new = Classifier(candidate, providers=[provider, "cpu"], threads=2, verify=False)
+    new, placed = on_provider(lambda providers: Classifier(candidate, providers=providers, threads=2, verify=False),
+                              provider)
     a = np.concatenate([ref.logits(inputs.images[i: i + BATCH]) for i in range(0, len(inputs.images), BATCH)])
     b = np.concatenate([new.logits(inputs.images[i: i + BATCH]) for i in range(0, len(inputs.images), BATCH)])
     figures: dict[str, Any] = {
         "against": f"{ref.manifest.variant} bundle", "provider": new.provider, "inputs": len(a),
         "judged_on": inputs.judged_on, "agreement": "top-1",
-        "max_abs_logprob_diff": float(np.abs(_log_softmax(a) - _log_softmax(b)).max()),
-        "greedy_token_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
-        **({"asked": asked or new.provider, "nodes": new.assigned, "notes": new.provider_notes}
-           if provider != "cpu" else {})}
+        "max_abs_logprob_diff": float(np.abs(log_softmax(a) - log_softmax(b)).max()),
+        "greedy_token_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()), **placed}
     if inputs.labels is not None:  # accuracy in points, as every metric
         figures.update(metric="accuracy", metric_source=100 * float((a.argmax(-1) == inputs.labels).mean()),
                        metric_variant=100 * float((b.argmax(-1) == inputs.labels).mean()))

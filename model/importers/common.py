@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -107,6 +108,38 @@ def place(model: Transformer, table: dict[str, Source], theirs: dict[str, Tensor
 
 def refuse(problems: list[str], what: str) -> None:
     raise_if(problems, f"{what} uses options edgeformer cannot express faithfully")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # Hugging Face's, by choice
+
+
+def hf_config(folder: Path) -> dict[str, Any]:
+    """A Hugging Face model folder's config.json."""
+    try:
+        return dict(json.loads((folder / "config.json").read_text()))
+    except FileNotFoundError:
+        raise ImporterError(f"{folder / 'config.json'}: missing; is {folder} a Hugging Face model folder?") from None
+
+
+def hf_tensors(folder: Path, say: Callable[[str], None]) -> dict[str, Tensor]:
+    """A Hugging Face model folder's weights, from the first of WEIGHT_FILES it holds."""
+    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise ImporterError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    say(f"reading {weights.name}")
+    return read_tensors(weights)
+
+
+def hf_reference(model_class: str, folder: Path, say: Callable[[str], None], **kwargs: Any) -> Any:
+    """transformers' `model_class` loaded from `folder`, in float32 and eval mode, to check an import against; None,
+    said, where transformers is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        say("transformers is not installed: skipped the check against Hugging Face (pip install edgeformer[hf])")
+        return None
+    say(f"checking against Hugging Face's {model_class}")
+    return getattr(transformers, model_class).from_pretrained(str(folder), **kwargs).eval().float()
 
 
 def read_tensors(path: Path) -> dict[str, Tensor]:

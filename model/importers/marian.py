@@ -19,10 +19,12 @@ from edgeformer.model.importers.common import (
     Source,
     compare,
     expand,
+    hf_config,
+    hf_reference,
+    hf_tensors,
     modules_to_tensors,
     place,
     raise_if,
-    read_tensors,
     refuse,
 )
 from edgeformer.model.transformer import PositionalEncoding, Transformer
@@ -138,17 +140,9 @@ def import_marian(folder: Path | str, out: Path | str, force: bool = False, chec
     target.spm, vocab.json) -> an edgeformer checkpoint at `out`, with its tokenizer and generation defaults."""
     say = log or (lambda _msg: None)
     folder = Path(folder)
-    try:
-        hf = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise ImporterError(f"{folder / 'config.json'}: missing; is {folder} a Hugging Face model folder?") from None
+    hf = hf_config(folder)
     config = marian_config(hf)
-    weights = next((folder / n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-                    if (folder / n).is_file()), None)
-    if weights is None:
-        raise ImporterError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    say(f"reading {weights.name}")
-    theirs = read_tensors(weights)
+    theirs = hf_tensors(folder, say)
     problems = _marian_positions_ok(theirs, config)
     shared = "model.shared.weight" if config.share_embeddings else "model.encoder.embed_tokens.weight"
     target = "model.shared.weight" if config.share_embeddings else "model.decoder.embed_tokens.weight"
@@ -200,13 +194,9 @@ def _marian_tokenizer(folder: Path, say: Callable[[str], None]) -> MarianTokeniz
 
 
 def _check_marian(model: Transformer, folder: Path, say: Callable[[str], None]) -> None:
-    try:
-        from transformers import MarianMTModel
-    except ImportError:
-        say("transformers is not installed: skipped the check against Hugging Face (pip install edgeformer[hf])")
+    reference = hf_reference("MarianMTModel", folder, say)
+    if reference is None:
         return
-    say("checking against Hugging Face's MarianMTModel")
-    reference = MarianMTModel.from_pretrained(str(folder)).eval().float()
 
     def run(src: Tensor, src_mask: Tensor, tgt: Tensor, tgt_mask: Tensor) -> Tensor:
         return reference(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt).logits

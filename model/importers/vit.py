@@ -18,10 +18,12 @@ from edgeformer.model.importers.common import (
     ImporterError,
     Source,
     expand,
+    hf_config,
+    hf_reference,
+    hf_tensors,
     modules_to_tensors,
     place,
     raise_if,
-    read_tensors,
     refuse,
 )
 from edgeformer.model.vit import ViT, ViTConfig
@@ -95,20 +97,11 @@ def import_vit(folder: Path | str, out: Path | str, force: bool = False, check: 
     preprocessor_config.json where it has one) -> an edgeformer checkpoint at `out`."""
     say = log or (lambda _msg: None)
     folder = Path(folder)
-    try:
-        hf = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise ImporterError(f"{folder / 'config.json'}: missing; is {folder} a Hugging Face model folder?") from None
+    hf = hf_config(folder)
     processor_file = folder / "preprocessor_config.json"
     processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
     config = vit_config(hf, processor)
-    weights = next((folder / n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-                    if (folder / n).is_file()), None)
-    if weights is None:
-        raise ImporterError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    say(f"reading {weights.name}")
-    theirs = read_tensors(weights)
-    theirs = {k.removeprefix("model."): v for k, v in theirs.items()}
+    theirs = hf_tensors(folder, say)
     raise_if([f"{k}: a pooler, which ViTForImageClassification does not use" for k in theirs
               if k.startswith("vit.pooler.")], "cannot import these weights")
     model = ViT(config).eval()
@@ -119,13 +112,9 @@ def import_vit(folder: Path | str, out: Path | str, force: bool = False, check: 
 
 
 def _check_vit(model: ViT, folder: Path, say: Callable[[str], None]) -> None:
-    try:
-        from transformers import ViTForImageClassification
-    except ImportError:
-        say("transformers is not installed: skipped the check against Hugging Face (pip install edgeformer[hf])")
+    reference = hf_reference("ViTForImageClassification", folder, say, attn_implementation="eager")
+    if reference is None:
         return
-    say("checking against Hugging Face's ViTForImageClassification")
-    reference = ViTForImageClassification.from_pretrained(str(folder), attn_implementation="eager").eval().float()
     c = model.config
     pixels = torch.randn(3, c.channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
