@@ -167,13 +167,17 @@ def test_each_quantized_vit_is_judged_on_images_and_classifies_as_its_source(vit
     assert Runtime(tmp_path / to).logits(images(6, seed=4)).shape == (6, 7)
 
 
-def test_the_shipped_digits_model_in_int8_keeps_96_percent_held_out(tmp_path: Path) -> None:
+def test_the_shipped_digits_model_fuses_its_attention_and_in_int8_keeps_96_percent_held_out(tmp_path: Path) -> None:
     from edgeformer.export.onnx_export import export
     from edgeformer.model.checkpoint import DIGITS_CHECKPOINT
+    from edgeformer.runtime.bundle import Manifest
     from edgeformer.transforms.derive import Judging, optimize, quantize
 
     export(DIGITS_CHECKPOINT, tmp_path / "fp32")
     optimize(tmp_path / "fp32", tmp_path / "opt", judging=Judging(inputs=360))
+    manifest = Manifest.load(tmp_path / "opt")
+    fused = manifest.transforms[-1]["graphs"]["model"]["fused_operators"]  # no mask: the zero bias fuses away
+    assert fused["MultiHeadAttention"] == manifest.config["n_layers"]
     report = quantize(tmp_path / "opt", tmp_path / "int8", to="int8", judging=Judging(inputs=360))
     assert report.figures["judged_on"]["inputs"] == "the built-in digits, test split"
     assert report.figures["inputs"] == 360

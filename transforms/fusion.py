@@ -17,7 +17,8 @@ small model costs, so every node the kernel can absorb goes.
 A block is fused only where the kernel computes what the nodes did: softmax over the last axis, a constant scalar
 scale (passed on as the kernel's `scale`), heads split by Reshape to (num_heads, head_dim) with the transposes
 the kernel assumes, and an additive bias that is the source mask's padding (or, with a past, the causal mask
-alone). Anything else is left as it is. Layer-norm fusions (epsilon included) are onnxruntime's own.
+alone; in an encoder, all zeros: the ViT's, which masks nothing). Anything else is left as it is. Layer-norm
+fusions (epsilon included) are onnxruntime's own.
 """
 
 from __future__ import annotations
@@ -105,6 +106,17 @@ def _mask_int32(model: onnx.ModelProto, mask_input: str, cache: dict[str, str]) 
     return cache[mask_input]
 
 
+def _zeros(g: _Graph, name: str) -> bool:
+    """Whether `name` is all zeros: a constant, or ConstantOfShape of a zero (a bias that masks nothing)."""
+    value = _constant(g, name)
+    if value is None:
+        node = g.op(name, "ConstantOfShape")
+        if node is None:
+            return False
+        value = next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), np.zeros(1))
+    return not np.any(value)
+
+
 def _padding_mask_input(g: _Graph, bias: str) -> str | None:
     """The graph's (B, S) mask input behind an additive padding bias, following Mul/Sub/Cast/Unsqueeze."""
     stack, seen = [bias], set()
@@ -186,10 +198,11 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
             new_v = _split_heads_source(g, v_src, num_heads)
             mask = _padding_mask_input(g, bias)
             if (reshape_k is None or not _head_split(g, reshape_k, num_heads) or _perm(k_node) != [0, 2, 3, 1]
-                    or new_v is None or mask is None):
+                    or new_v is None or (mask is None and not _zeros(g, bias))):
                 continue
             (new_k, k_bias), (new_v, v_bias) = g.unbiased(reshape_k.input[0]), g.unbiased(new_v)
-            inputs = [query, new_k, new_v, "", _mask_int32(model, mask, masks)]
+            # no mask where the bias is all zeros (the ViT: every patch sees every other)
+            inputs = [query, new_k, new_v, "", *([_mask_int32(model, mask, masks)] if mask is not None else [])]
         biases = [q_bias, k_bias, v_bias]
         if any(b is not None for b in biases):
             inputs[3] = _qkv_bias(model, f"/attention_{fused}/qkv_bias", biases)
