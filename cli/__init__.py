@@ -392,12 +392,10 @@ def _fold_cache_rows(rows: list[list[str]]) -> list[list[str]]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from edgeformer.runtime.errors import InputError
-    from edgeformer.runtime.options import Limits
     from edgeformer.runtime.session import Runtime
 
-    limits = Limits(source_tokens=args.limit_source_tokens, new_tokens=args.limit_new_tokens, rows=args.limit_rows)
     rt = Runtime(args.bundle, providers=args.provider.split(","), threads=args.threads,
-                 decoder_threads=args.decoder_threads, limits=limits, search=args.search)
+                 decoder_threads=args.decoder_threads, limits=_limits(args), search=args.search)
     if not hasattr(rt, "generate"):
         raise InputError(f"{args.bundle} is an image classifier's bundle: `edgeformer classify {args.bundle} "
                          "IMAGE ...`")
@@ -487,6 +485,41 @@ def cmd_classify(args: argparse.Namespace) -> None:
                                                      zip(args.images, found, strict=True) for label, prob in top]))
 
 
+def _need_serve_extra() -> None:
+    try:
+        importlib.import_module("ray.serve")
+    except ImportError:
+        sys.exit("this verb needs Ray, in the serve extra: pip install 'edgeformer[serve]'")
+
+
+def _limits(args: argparse.Namespace) -> Any:
+    from edgeformer.runtime.options import Limits
+
+    return Limits(source_tokens=args.limit_source_tokens, new_tokens=args.limit_new_tokens, rows=args.limit_rows)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    _need_serve_extra()
+    from edgeformer.runtime.errors import InputError
+    from edgeformer.runtime.session import Runtime
+    from edgeformer.serve.service import Settings, serve_bundle
+
+    # a bundle or an option that cannot serve is refused here, before Ray starts
+    rt = Runtime(args.bundle, providers=args.provider.split(","), threads=args.threads, limits=_limits(args))
+    if not hasattr(rt, "generate"):
+        raise InputError(f"{args.bundle} is an image classifier's bundle; serve serves bundles that generate")
+    del rt
+    if not 0 <= args.batch_wait_ms <= 1000:
+        raise InputError(f"--batch-wait-ms {args.batch_wait_ms}: give a wait in [0, 1000] ms")
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port {args.port}: give a port in [1, 65535]")
+    settings = Settings(str(Path(args.bundle).resolve()), max_batch=args.max_batch,
+                        batch_wait_ms=args.batch_wait_ms, threads=args.threads,
+                        providers=tuple(args.provider.split(",")), limits=_limits(args))
+    serve_bundle(settings, replicas=args.replicas, host=args.host, port=args.port, replica_cpus=args.replica_cpus,
+                 log_level=args.log_level, proxy=args.proxy)
+
+
 def cmd_parity(args: argparse.Namespace) -> None:
     _need_export_extra()
     from edgeformer.export.families import family_export
@@ -572,12 +605,36 @@ LAYOUT_HELP = ("edgeformer (default): our bundle; optimum: a folder in Hugging F
                "bundle before it is written")
 
 
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", choices=["greedy", "beam", "sample"], help="default: the bundle's, else greedy")
+    p.add_argument("--max-new-tokens", type=int, help="default: the bundle's, else 64")
+    p.add_argument("--min-new-tokens", type=int)
+    p.add_argument("--beams", type=int, help="default: the bundle's, else 4")
+    p.add_argument("--n-best", type=int)
+    p.add_argument("--length-penalty", type=float)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    from edgeformer.runtime.options import Limits
+
+    limits = Limits()
+    p.add_argument("--limit-source-tokens", type=_positive, default=limits.source_tokens, metavar="N",
+                   help="refuse inputs longer than this (default %(default)s)")
+    p.add_argument("--limit-new-tokens", type=_positive, default=limits.new_tokens, metavar="N",
+                   help="refuse --max-new-tokens above this (default %(default)s)")
+    p.add_argument("--limit-rows", type=_positive, default=limits.rows, metavar="N",
+                   help="refuse more than this many inputs x beams (or samples) in one call (default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # the allowed values of options, from the modules that own them (none of them needs torch or onnx)
     from edgeformer.model.importers import IMPORTERS
     from edgeformer.model.metrics import METRICS
     from edgeformer.runtime.encoder_decoder import CACHES, SEARCHES
-    from edgeformer.runtime.options import Limits
     from edgeformer.transforms.options import AUTO, INT8_METHODS, INT8_PRESETS, OFFLINE_LEVELS
     from edgeformer.transforms.registry import QUANTIZED
 
@@ -631,25 +688,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-threads", type=int, default=None,
                    help="the decoder's intra-op threads; default: 1 where a step is small (a small model at a "
                         "small batch), else --threads")
-    p.add_argument("--strategy", choices=["greedy", "beam", "sample"], help="default: the bundle's, else greedy")
-    p.add_argument("--max-new-tokens", type=int, help="default: the bundle's, else 64")
-    p.add_argument("--min-new-tokens", type=int)
-    p.add_argument("--beams", type=int, help="default: the bundle's, else 4")
-    p.add_argument("--n-best", type=int)
-    p.add_argument("--length-penalty", type=float)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=None)
-    limits = Limits()
-    p.add_argument("--limit-source-tokens", type=_positive, default=limits.source_tokens, metavar="N",
-                   help="refuse inputs longer than this (default %(default)s)")
-    p.add_argument("--limit-new-tokens", type=_positive, default=limits.new_tokens, metavar="N",
-                   help="refuse --max-new-tokens above this (default %(default)s)")
-    p.add_argument("--limit-rows", type=_positive, default=limits.rows, metavar="N",
-                   help="refuse more than this many inputs x beams (or samples) in one call (default %(default)s)")
+    _add_generation_flags(p)
+    _add_limit_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("serve", help="serve a bundle over HTTP on Ray Serve, with dynamic batching (serve extra)")
+    p.add_argument("bundle")
+    p.add_argument("--replicas", type=_positive, default=1, help="replicas, each holding the bundle's runtime")
+    p.add_argument("--max-batch", type=_positive, default=32,
+                   help="requests gathered into one generate call (1: batching off)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="how long a batch waits for more requests once it has one")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=None, help="each replica's intra-op threads")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica")
+    p.add_argument("--provider", default="cpu", help="as for generate")
+    p.add_argument("--proxy", default="ray", choices=["ray", "haproxy"],
+                   help="what takes requests to the replicas: Ray Serve's proxy, or the HAProxy that Ray Serve ships "
+                        "(several times the requests/s; it also listens on :8404 and :9101, every interface)")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="Ray's and the replicas' (INFO logs every request)")
+    _add_limit_flags(p)
+    p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("classify", help="classify images with an image classifier's bundle (runtime, Pillow)")
     p.add_argument("bundle")

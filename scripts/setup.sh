@@ -13,7 +13,7 @@ echo "setting up .venv (first run only; log in .venv/setup.log)..." >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if ! { .venv/bin/python -m pip install --upgrade pip "setuptools>=77" wheel &&
        .venv/bin/python -m pip install "torch==2.13.0" &&
-       .venv/bin/python -m pip install -e ".[export,bench,dev,hf,optimum,images,ep-openvino,ep-webgpu]" &&
+       .venv/bin/python -m pip install -e ".[export,bench,dev,hf,optimum,images,serve,ep-openvino,ep-webgpu]" &&
        # a plugin provider with a CPU device on any x86 or ARM machine; its metadata asks onnxruntime<1.31, and it
        # runs on 1.32 (tests/test_providers.py)
        .venv/bin/python -m pip install --no-deps "onnxruntime-ggml==0.2.0"; } > .venv/setup.log 2>&1; then
