@@ -520,6 +520,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
                  log_level=args.log_level, proxy=args.proxy)
 
 
+def cmd_translate(args: argparse.Namespace) -> None:
+    from edgeformer.runtime.session import Runtime
+    from edgeformer.serve.corpus import translate
+
+    defaults = Runtime(args.bundle).generation if Path(args.bundle).is_dir() else None
+    summary = translate(args.bundle, args.input, args.output, _gen_config(args, defaults), batch_size=args.batch_size,
+                        engine=args.engine, replicas=args.replicas, as_ids=args.ids, threads=args.threads,
+                        limits=_limits(args), force=args.force,
+                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(dataclasses.asdict(summary)))
+    else:
+        print(f"{summary.lines:,} lines translated into {args.output} in {summary.seconds:.1f} s ({summary.engine}"
+              + (f"; {summary.resumed} of {summary.batches} batches from an earlier run)" if summary.resumed else ")"))
+
+
 def cmd_parity(args: argparse.Namespace) -> None:
     _need_export_extra()
     from edgeformer.export.families import family_export
@@ -712,6 +728,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray's and the replicas' (INFO logs every request)")
     _add_limit_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("translate", help="a corpus through a bundle, a line in and a line out, resumable; on Ray "
+                                           "Data where Ray is installed (serve extra), else in this process")
+    p.add_argument("bundle")
+    p.add_argument("--input", required=True, help="a text file, one input a line (token ids with --ids)")
+    p.add_argument("--output", required=True,
+                   help="where the outputs go, a line an input line; OUTPUT.parts holds a run's finished batches "
+                        "until it ends, and a run that stopped resumes from them")
+    p.add_argument("--ids", action="store_true", help="inputs and outputs are token ids")
+    p.add_argument("--batch-size", type=_positive, default=32, help="lines a generate call (sorted by length)")
+    p.add_argument("--engine", default="auto", choices=["auto", "ray", "local"],
+                   help="ray: Ray Data (a cluster with RAY_ADDRESS); local: this process; auto: ray where installed")
+    p.add_argument("--replicas", type=_positive, default=1, help="Ray Data actors, each holding the runtime")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
+    _add_generation_flags(p)
+    _add_limit_flags(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_translate)
 
     p = verbs.add_parser("classify", help="classify images with an image classifier's bundle (runtime, Pillow)")
     p.add_argument("bundle")

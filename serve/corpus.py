@@ -1,0 +1,259 @@
+"""`edgeformer translate`: a corpus through a bundle, a line in and a line out, on Ray Data across a cluster's actors
+or in this process where Ray is not installed.
+
+Lines are sorted by length into batches (little padding), and each batch's outputs are written to a part file of
+their own, atomically, as soon as they are done: a run that stops (a crash, Ctrl-C, a lost node) resumes where it
+was, and what is written stays written. The output keeps the input's order and is written, atomically, once every
+part is in; the parts folder then goes. Every line is checked before any is run: a bad one stops the run with its
+line number, before anything is written. Blank lines stay blank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeformer.runtime.errors import EdgeformerError, InputError
+from edgeformer.runtime.options import GenerationConfig, Limits
+from edgeformer.runtime.session import Runtime
+
+ENGINES = ("auto", "ray", "local")
+JOB_FILE = "job.json"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Written whole or not at all: a temporary file beside it, renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def part_path(parts: Path, batch: int) -> Path:
+    return parts / f"{batch:06d}.json"
+
+
+def outputs(rt: Runtime, src: list[list[int]], gen: GenerationConfig, as_ids: bool) -> list[str]:
+    """Each source's best hypothesis as one line: text, or token ids with as_ids (or a bundle without a tokenizer)."""
+    best = [hs[0].tokens for hs in rt.generate(src, gen)]
+    if as_ids or rt.tokenizer is None:
+        return [" ".join(map(str, tokens)) for tokens in best]
+    # a line a source: a newline the tokenizer makes would shift every line after it
+    return [rt.tokenizer.decode(tokens).replace("\n", " ").replace("\r", " ") for tokens in best]
+
+
+@dataclass(frozen=True)
+class Work:
+    """What every worker needs to run batches: where the bundle and the parts are, and how to run."""
+
+    bundle: str
+    parts: str
+    gen: dict[str, Any]
+    as_ids: bool
+    threads: int | None
+    limits: Limits
+
+    def runtime(self) -> Runtime:
+        return Runtime(self.bundle, threads=self.threads, limits=self.limits)
+
+    def run(self, rt: Runtime, batch: int, src: list[list[int]]) -> int:
+        """One batch translated and its part written; the number of lines."""
+        lines = outputs(rt, src, GenerationConfig.from_dict(self.gen), self.as_ids)
+        write_atomically(part_path(Path(self.parts), batch), json.dumps(lines))
+        return len(lines)
+
+
+class Translator:
+    """A Ray Data actor: loads the runtime once, then runs the batches it is handed (one a call)."""
+
+    def __init__(self, work: Work) -> None:
+        self.work = work
+        self.rt = work.runtime()
+
+    def __call__(self, rows: dict[str, Any]) -> dict[str, Any]:
+        lines = [self.work.run(self.rt, int(batch), json.loads(src)) for batch, src in zip(rows["batch"], rows["src"],
+                                                                                           strict=True)]
+        return {"batch": list(rows["batch"]), "lines": lines}
+
+
+@dataclass
+class Progress:
+    """One line on standard error: lines done of all, and the rate; rewritten in place on a terminal."""
+
+    total: int
+    done: int = 0
+    started: float = 0.0
+    shown: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.started = self.shown = time.monotonic()
+
+    def add(self, lines: int) -> None:
+        self.done += lines
+        now = time.monotonic()
+        tty = sys.stderr.isatty()
+        if self.done < self.total and now - self.shown < (0.2 if tty else 5.0):
+            return
+        self.shown = now
+        rate = self.done / max(now - self.started, 1e-9)
+        print(("\r" if tty else "") + f"translated {self.done:,} of {self.total:,} lines "
+              f"({100 * self.done / max(self.total, 1):.0f}%), {rate:,.0f} lines/s", end="" if tty else "\n",
+              file=sys.stderr, flush=True)
+        if tty and self.done >= self.total:
+            print(file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Summary:
+    lines: int
+    batches: int
+    resumed: int  # batches already done by an earlier run
+    engine: str
+    seconds: float
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line} is not UTF-8 text") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def checked_sources(rt: Runtime, lines: Sequence[str], gen: GenerationConfig, as_ids: bool) -> list[list[int] | None]:
+    """Each line as token ids (None for a blank one), every line checked before any runs."""
+    found: list[list[int] | None] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            found.append(None)
+            continue
+        try:
+            if as_ids or rt.tokenizer is None:
+                try:
+                    ids = [int(t) for t in line.replace(",", " ").split()]
+                except ValueError:
+                    raise InputError("not space-separated token ids (the bundle has no tokenizer, or --ids was "
+                                     "given)") from None
+            else:
+                ids = rt.tokenize([line])[0]
+            found.append(rt.check_inputs([ids], gen)[0])
+        except InputError as e:
+            raise InputError(f"line {number}: {e}") from None
+    return found
+
+
+def translate(bundle: Path | str, source: Path | str, output: Path | str, gen: GenerationConfig | None = None,
+              batch_size: int = 32, engine: str = "auto", replicas: int = 1, as_ids: bool = False,
+              threads: int | None = None, limits: Limits | None = None, force: bool = False,
+              log: Callable[[str], None] = print) -> Summary:
+    """Translate the lines of `source` into `output`, resuming a run that stopped (its parts in OUTPUT.parts)."""
+    start = time.monotonic()
+    source, output, limits = Path(source), Path(output), limits or Limits()
+    if engine not in ENGINES:
+        raise InputError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if not 1 <= batch_size <= limits.rows:
+        raise InputError(f"--batch-size {batch_size}: give a size in [1, {limits.rows}] (--limit-rows)")
+    if output.exists() and not force:
+        raise InputError(f"{output} exists; pass --force to replace it")
+    if not output.parent.is_dir():
+        raise InputError(f"{output.parent} is not a folder: create it first")
+    rt = Runtime(bundle, threads=threads, limits=limits)
+    if not hasattr(rt, "generate"):
+        raise InputError(f"{bundle} is an image classifier's bundle; translate runs bundles that generate")
+    gen = gen or rt.generation
+    if gen.strategy == "sample" and gen.seed is None:
+        raise InputError("sampling without a seed: a resumed run would not match; give --seed")
+    rows = batch_size * (gen.num_beams if gen.strategy == "beam" else gen.num_return_sequences)
+    if rows > limits.rows:
+        raise InputError(f"--batch-size {batch_size} x {rows // batch_size} beams or samples are {rows} rows, above "
+                         f"the limit of {limits.rows}; lower --batch-size")
+    lines = read_lines(source)
+    src = checked_sources(rt, lines, gen, as_ids)
+    order = sorted((i for i, s in enumerate(src) if s is not None), key=lambda i: (len(src[i] or ()), i))
+    batches = [order[k: k + batch_size] for k in range(0, len(order), batch_size)]
+
+    parts = output.with_name(output.name + ".parts")
+    key = hashlib.sha256(json.dumps({"source": hashlib.sha256(source.read_bytes()).hexdigest(),
+                                     "manifest": hashlib.sha256((Path(bundle) / "edgeformer.json").read_bytes())
+                                     .hexdigest() if (Path(bundle) / "edgeformer.json").is_file() else str(bundle),
+                                     "gen": gen.to_dict(), "batch_size": batch_size, "as_ids": as_ids},
+                                    sort_keys=True).encode()).hexdigest()
+    if parts.is_dir():
+        try:
+            recorded = json.loads((parts / JOB_FILE).read_text())["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if recorded != key:
+            raise InputError(f"{parts} holds a run of another input, bundle or settings; remove it to start over")
+    else:
+        parts.mkdir()
+        write_atomically(parts / JOB_FILE, json.dumps({"key": key, "source": str(source), "batches": len(batches)}))
+    pending = [k for k in range(len(batches)) if not part_path(parts, k).is_file()]
+    resumed = len(batches) - len(pending)
+    use_ray = engine == "ray" or (engine == "auto" and _ray_installed())
+    log(f"translating {len(order):,} lines of {source} in {len(batches):,} batches"
+        + (f", resuming: {resumed:,} already done" if resumed else "")
+        + (f", on Ray Data with {replicas} actor{'s' if replicas > 1 else ''}" if use_ray else ", in this process"))
+    work = Work(str(Path(bundle).resolve()), str(parts.resolve()), gen.to_dict(), as_ids, threads, limits)
+    progress = Progress(len(order))
+    waiting = set(pending)
+    progress.add(sum(len(batches[k]) for k in range(len(batches)) if k not in waiting))
+    if pending:
+        if use_ray:
+            _on_ray(work, [(k, [src[i] for i in batches[k]]) for k in pending], replicas, progress)
+        else:
+            for k in pending:
+                progress.add(work.run(rt, k, [src[i] or [] for i in batches[k]]))
+
+    translated = [""] * len(lines)
+    for k, batch in enumerate(batches):
+        done = json.loads(part_path(parts, k).read_text(encoding="utf-8"))
+        if len(done) != len(batch):
+            raise EdgeformerError(f"{part_path(parts, k)} holds {len(done)} lines, not {len(batch)}; remove {parts} "
+                                  "to start over")
+        for i, line in zip(batch, done, strict=True):
+            translated[i] = line
+    write_atomically(output, "".join(line + "\n" for line in translated))
+    shutil.rmtree(parts)
+    return Summary(len(order), len(batches), resumed, "ray" if use_ray else "local", time.monotonic() - start)
+
+
+def _ray_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+def _on_ray(work: Work, pending: list[tuple[int, list[Any]]], replicas: int, progress: Progress) -> None:
+    """The pending batches through a pool of Translator actors on Ray Data (a cluster with RAY_ADDRESS)."""
+    import logging
+
+    import ray
+    import ray.data
+
+    ray.init(logging_level=logging.WARNING, include_dashboard=False, ignore_reinit_error=True,
+             log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its progress bars and plan: ours counts lines
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    items = [{"batch": k, "src": json.dumps(src)} for k, src in pending]
+    done = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * replicas)).map_batches(
+        Translator, fn_constructor_args=(work,), batch_size=1, concurrency=replicas, num_cpus=1)
+    for row in done.iter_rows():
+        progress.add(int(row["lines"]))
