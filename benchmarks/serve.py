@@ -3,7 +3,7 @@ concurrent clients, with dynamic batching on (--max-batch 32) and off (--max-bat
 of its own (and Ray's), the clients in this one. Every answer is checked: a good request must get what the runtime
 answers it alone, token for token, and a bad one a 4xx with a message; anything else is counted lost or mangled.
 
-    .venv/bin/python benchmarks/serve.py grid BUNDLE --out benchmarks/results/serve-avx2
+    .venv/bin/python benchmarks/serve.py grid BUNDLE --out benchmarks/results/serve-avx512-vnni
     .venv/bin/python benchmarks/serve.py mixed BUNDLE --requests 10000 --clients 32
 
 Each is measured with Ray Serve's own proxy and with the HAProxy it ships (`--proxy`). `grid` sends one text a

@@ -517,7 +517,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         batch_wait_ms=args.batch_wait_ms, threads=args.threads,
                         providers=tuple(args.provider.split(",")), limits=_limits(args))
     serve_bundle(settings, replicas=args.replicas, host=args.host, port=args.port, replica_cpus=args.replica_cpus,
-                 log_level=args.log_level, proxy=args.proxy)
+                 log_level=args.log_level, proxy=args.proxy, metrics_port=args.metrics_port)
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
@@ -724,6 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy", default="ray", choices=["ray", "haproxy"],
                    help="what takes requests to the replicas: Ray Serve's proxy, or the HAProxy that Ray Serve ships "
                         "(several times the requests/s; it also listens on :8404 and :9101, every interface)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="where Ray serves Prometheus metrics (/metrics), when serve starts Ray; default: Ray picks")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="Ray's and the replicas' (INFO logs every request)")
     _add_limit_flags(p)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
@@ -100,7 +100,8 @@ class Generator:
         if isinstance(result, EdgeformerError):  # the inputs passed every check: the engine failed
             return JSONResponse({"error": str(result)}, status_code=500)
         self.tokens.inc(sum(len(hs[0].tokens) for hs in result))
-        return answer(self.rt, result)
+        # serialized here: FastAPI's encoder walks every value of a returned dict first, a cost on each request
+        return Response(json.dumps(answer(self.rt, result)), media_type="application/json")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)  # set in __init__
     async def batched(self, jobs: list[Job]) -> list[list[list[Hypothesis]] | EdgeformerError]:
@@ -128,11 +129,13 @@ PROXIES = ("ray", "haproxy")
 
 
 def serve_bundle(settings: Settings, replicas: int = 1, host: str = "127.0.0.1", port: int = 8000,
-                 replica_cpus: float = 1.0, log_level: str = "WARNING", proxy: str = "ray") -> None:
+                 replica_cpus: float = 1.0, log_level: str = "WARNING", proxy: str = "ray",
+                 metrics_port: int | None = None) -> None:
     """Start (or join, with RAY_ADDRESS) a Ray cluster, deploy the bundle, and serve until SIGINT or SIGTERM.
     proxy: what takes the HTTP requests to the replicas: Ray Serve's own proxy (Python), or "haproxy", the HAProxy
     that Ray Serve ships and runs in its place (RAY_SERVE_ENABLE_HA_PROXY), several times the requests/s on a small
-    machine (README: Serving); Ray's HAProxy also serves its stats on :8404 and metrics on :9101, every interface."""
+    machine (README: Serving); Ray's HAProxy also serves its stats on :8404 and metrics on :9101, every interface.
+    metrics_port: where the cluster that this starts serves Prometheus metrics (None: a port Ray picks)."""
     import ray
 
     if proxy not in PROXIES:
@@ -145,7 +148,8 @@ def serve_bundle(settings: Settings, replicas: int = 1, host: str = "127.0.0.1",
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         # a replica that stops keeps answering while HAProxy reloads without it (half a second here), not 30 s
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
-    ray.init(logging_level=logging.getLevelName(log_level), include_dashboard=False, configure_logging=True)
+    ray.init(logging_level=logging.getLevelName(log_level), include_dashboard=False, configure_logging=True,
+             _metrics_export_port=metrics_port)
     # SIGTERM is how a supervisor stops a service: a clean stop, not the stack dump of the crash handler that
     # ray.init installs (so these come after it)
     stop = threading.Event()
