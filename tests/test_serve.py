@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,16 @@ from tests.helpers import edgeformer, texts
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None or importlib.util.find_spec("aiohttp") is None,
                                reason="Ray Serve is not installed: pip install 'edgeformer[serve]'")
+
+
+def test_serving_imports_neither_torch_nor_onnx() -> None:
+    """A replica holds the runtime alone: what the device install has, plus Ray."""
+    modules = "edgeformer.serve.requests, edgeformer.serve.corpus" + (
+        ", edgeformer.serve.service" if importlib.util.find_spec("ray") else "")
+    code = (f"import sys; import {modules}; "
+            "bad = [m for m in ('torch', 'onnx', 'safetensors') if m in sys.modules]; assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
