@@ -84,7 +84,8 @@ def bad_cases(vocab: int) -> list[Case]:
         ({"inputs": ["x" * 5000]}, 413), ({"inputs": ["12 May 2020"], "stream": "yes"}, 400),
         ({"inputs": ["12 May 2020", "1 June 2001"], "stream": True}, 400), ([1, 2, 3], 400)]
     cases = [Case(json.dumps(body).encode(), status) for body, status in bodies]
-    return [*cases, Case(b"{not json", 400), Case(b"\xff\xfe", 400), Case(b"", 400)]
+    odd = [b"{not json", b"\xff\xfe", b"", b"[" * 100_000, b'{"inputs": [[' + b"9" * 5000 + b']]}']
+    return [*cases, *(Case(body, 400) for body in odd)]
 
 
 def mixed_cases(bundle: Path, n: int, seed: int = 0, bad_share: float = 0.1) -> list[Case]:

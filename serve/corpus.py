@@ -18,9 +18,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgeformer.runtime.errors import EdgeformerError, InputError
 from edgeformer.runtime.options import GenerationConfig, Limits
@@ -36,6 +38,8 @@ def write_atomically(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the name points at it: a power cut leaves no empty part
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,10 +61,9 @@ def outputs(rt: Runtime, src: list[list[int]], gen: GenerationConfig, as_ids: bo
 
 @dataclass(frozen=True)
 class Work:
-    """What every worker needs to run batches: where the bundle and the parts are, and how to run."""
+    """What every worker needs to run batches: where the bundle is, and how to run it."""
 
     bundle: str
-    parts: str
     gen: dict[str, Any]
     as_ids: bool
     threads: int | None
@@ -69,24 +72,27 @@ class Work:
     def runtime(self) -> Runtime:
         return Runtime(self.bundle, threads=self.threads, limits=self.limits)
 
-    def run(self, rt: Runtime, batch: int, src: list[list[int]]) -> int:
-        """One batch translated and its part written; the number of lines."""
-        lines = outputs(rt, src, GenerationConfig.from_dict(self.gen), self.as_ids)
-        write_atomically(part_path(Path(self.parts), batch), json.dumps(lines))
-        return len(lines)
+    def run(self, rt: Runtime, batch: int, src: list[list[int]]) -> list[str]:
+        """One batch's output lines. A seeded sample draws from a seed of the batch's own, so that batches do not
+        repeat each other's draws and a resumed run draws what the first would have."""
+        gen = GenerationConfig.from_dict(self.gen)
+        if gen.seed is not None:
+            gen = replace(gen, seed=int(np.random.SeedSequence([gen.seed, batch]).generate_state(1)[0]))
+        return outputs(rt, src, gen, self.as_ids)
 
 
 class Translator:
-    """A Ray Data actor: loads the runtime once, then runs the batches it is handed (one a call)."""
+    """A Ray Data actor: loads the runtime once, then translates the batches it is handed. The lines go back to
+    the driver, which writes the parts: on a cluster an actor's disk is not the driver's."""
 
     def __init__(self, work: Work) -> None:
         self.work = work
         self.rt = work.runtime()
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, Any]:
-        lines = [self.work.run(self.rt, int(batch), json.loads(src)) for batch, src in zip(rows["batch"], rows["src"],
-                                                                                           strict=True)]
-        return {"batch": list(rows["batch"]), "lines": lines}
+        done = [json.dumps(self.work.run(self.rt, int(batch), json.loads(src)))
+                for batch, src in zip(rows["batch"], rows["src"], strict=True)]
+        return {"batch": list(rows["batch"]), "lines": done}
 
 
 @dataclass
@@ -127,12 +133,15 @@ class Summary:
 
 def read_lines(path: Path) -> list[str]:
     try:
-        return path.read_bytes().decode("utf-8").splitlines()
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise InputError(f"{path}: line {line} is not UTF-8 text") from None
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    # lines end at \n alone (and a \r before it): str.splitlines would also split at \x0c, \x85, \u2028...
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def checked_sources(rt: Runtime, lines: Sequence[str], gen: GenerationConfig, as_ids: bool) -> list[list[int] | None]:
@@ -193,6 +202,8 @@ def translate(bundle: Path | str, source: Path | str, output: Path | str, gen: G
                                      .hexdigest() if (Path(bundle) / "edgeformer.json").is_file() else str(bundle),
                                      "gen": gen.to_dict(), "batch_size": batch_size, "as_ids": as_ids},
                                     sort_keys=True).encode()).hexdigest()
+    if parts.is_dir() and not any(parts.iterdir()):  # made by a run stopped before it wrote anything
+        parts.rmdir()
     if parts.is_dir():
         try:
             recorded = json.loads((parts / JOB_FILE).read_text())["key"]
@@ -203,29 +214,33 @@ def translate(bundle: Path | str, source: Path | str, output: Path | str, gen: G
     else:
         parts.mkdir()
         write_atomically(parts / JOB_FILE, json.dumps({"key": key, "source": str(source), "batches": len(batches)}))
-    pending = [k for k in range(len(batches)) if not part_path(parts, k).is_file()]
+    pending = [k for k in range(len(batches)) if _part(parts, k, len(batches[k])) is None]
     resumed = len(batches) - len(pending)
     use_ray = engine == "ray" or (engine == "auto" and _ray_installed())
     log(f"translating {len(order):,} lines of {source} in {len(batches):,} batches"
         + (f", resuming: {resumed:,} already done" if resumed else "")
         + (f", on Ray Data with {replicas} actor{'s' if replicas > 1 else ''}" if use_ray else ", in this process"))
-    work = Work(str(Path(bundle).resolve()), str(parts.resolve()), gen.to_dict(), as_ids, threads, limits)
+    work = Work(str(Path(bundle).resolve()), gen.to_dict(), as_ids, threads, limits)
     progress = Progress(len(order))
     waiting = set(pending)
     progress.add(sum(len(batches[k]) for k in range(len(batches)) if k not in waiting))
+
+    def finished(k: int, done: list[str]) -> None:  # a batch's lines, on disk before they are counted
+        write_atomically(part_path(parts, k), json.dumps(done))
+        progress.add(len(done))
+
     if pending:
         if use_ray:
-            _on_ray(work, [(k, [src[i] for i in batches[k]]) for k in pending], replicas, progress)
+            _on_ray(work, [(k, [src[i] for i in batches[k]]) for k in pending], replicas, finished)
         else:
             for k in pending:
-                progress.add(work.run(rt, k, [src[i] or [] for i in batches[k]]))
+                finished(k, work.run(rt, k, [src[i] or [] for i in batches[k]]))
 
     translated = [""] * len(lines)
     for k, batch in enumerate(batches):
-        done = json.loads(part_path(parts, k).read_text(encoding="utf-8"))
-        if len(done) != len(batch):
-            raise EdgeformerError(f"{part_path(parts, k)} holds {len(done)} lines, not {len(batch)}; remove {parts} "
-                                  "to start over")
+        done = _part(parts, k, len(batch))
+        if done is None:
+            raise EdgeformerError(f"{part_path(parts, k)} is missing or cut short; run again to redo it")
         for i, line in zip(batch, done, strict=True):
             translated[i] = line
     write_atomically(output, "".join(line + "\n" for line in translated))
@@ -239,7 +254,19 @@ def _ray_installed() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
-def _on_ray(work: Work, pending: list[tuple[int, list[Any]]], replicas: int, progress: Progress) -> None:
+def _part(parts: Path, k: int, lines: int) -> list[str] | None:
+    """A finished batch's lines, or None where its part is missing or is not `lines` lines (a run cut off while
+    writing it: done again)."""
+    try:
+        done = json.loads(part_path(parts, k).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(done, list) and len(done) == lines and all(isinstance(line, str) for line in done)
+    return done if ok else None
+
+
+def _on_ray(work: Work, pending: list[tuple[int, list[Any]]], replicas: int,
+            finished: Callable[[int, list[str]], None]) -> None:
     """The pending batches through a pool of Translator actors on Ray Data (a cluster with RAY_ADDRESS)."""
     import logging
 
@@ -256,4 +283,4 @@ def _on_ray(work: Work, pending: list[tuple[int, list[Any]]], replicas: int, pro
     done = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * replicas)).map_batches(
         Translator, fn_constructor_args=(work,), batch_size=1, concurrency=replicas, num_cpus=1)
     for row in done.iter_rows():
-        progress.add(int(row["lines"]))
+        finished(int(row["batch"]), json.loads(row["lines"]))

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from edgeformer.runtime.errors import EdgeformerError, InputError, LimitError
+from edgeformer.runtime.errors import EdgeformerError, EngineError, InputError, LimitError
 from edgeformer.runtime.options import GenerationConfig, Hypothesis
 from edgeformer.runtime.session import Runtime
 
-MAX_BODY = 1 << 20  # bytes: far above any request the limits let through, and a bound on what is parsed
+MAX_BODY = 8 << 20  # bytes: above what the default limits let through (1024 rows of 1024 ids), a bound on reading
 SETTINGS = tuple(f.name for f in fields(GenerationConfig))
 FIELDS = ("inputs", "stream", *SETTINGS)
+DEFAULTS = GenerationConfig()
+BEAM_ONLY = ("num_beams", "length_penalty", "early_stopping")
+SAMPLE_ONLY = ("temperature", "top_k", "top_p", "seed")
+IGNORED = {"greedy": BEAM_ONLY + SAMPLE_ONLY, "beam": SAMPLE_ONLY, "sample": BEAM_ONLY}
 
 
 class RequestError(Exception):
@@ -40,8 +44,13 @@ class Job:
 
     @property
     def batch_key(self) -> GenerationConfig | None:
-        """What jobs must share to run in one generate call (None: this one runs alone)."""
-        return None if self.gen.strategy == "sample" and self.gen.seed is not None else self.gen
+        """What jobs must share to run in one generate call (None: this one runs alone): their settings, those
+        that their strategy ignores set aside (a greedy request's seed or temperature, a beam's top_p)."""
+        if self.gen.strategy == "sample" and self.gen.seed is not None:
+            return None
+        ignored = IGNORED[self.gen.strategy]
+        return replace(self.gen, suppress_tokens=tuple(sorted(set(self.gen.suppress_tokens))),
+                       **{k: getattr(DEFAULTS, k) for k in ignored})
 
 
 def parse(body: bytes, rt: Runtime) -> Job:
@@ -51,8 +60,9 @@ def parse(body: bytes, rt: Runtime) -> Job:
                                 "fewer inputs per request")
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"the request body is not JSON ({e}); send {{\"inputs\": [...]}}") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8 or not JSON, an integer of 4,300 digits, nesting too deep
+        raise RequestError(400, f"the request body is not JSON we read ({str(e)[:120]}); send "
+                                "{\"inputs\": [...]}") from None
     if not isinstance(request, dict):
         raise RequestError(400, f"the request must be a JSON object with \"inputs\", not a {type(request).__name__}")
     unknown = sorted(set(request) - set(FIELDS))
@@ -66,21 +76,28 @@ def parse(body: bytes, rt: Runtime) -> Job:
     settings = {k: v for k, v in request.items() if k in SETTINGS}
     try:
         gen = GenerationConfig.from_dict({**rt.generation.to_dict(), **settings})
-        ids = rt.check_inputs(_token_ids(request["inputs"], rt), gen)
+        ids = rt.check_inputs(_token_ids(request["inputs"], rt, gen), gen)
     except LimitError as e:
         raise RequestError(413, str(e)) from None
     except (InputError, TypeError) as e:
         raise RequestError(400, str(e)) from None
+    except (ValueError, RuntimeError, UnicodeError) as e:  # what a tokenizer raises on text it cannot take
+        raise RequestError(400, f"the tokenizer cannot take these texts ({str(e)[:120]})") from None
     if stream and (len(ids) != 1 or gen.strategy == "beam" or gen.num_return_sequences != 1):
         raise RequestError(400, "streaming sends the tokens of one sequence as they come: give one input, with "
                                 "strategy greedy or sample and num_return_sequences 1")
     return Job(ids, gen, stream)
 
 
-def _token_ids(inputs: Any, rt: Runtime) -> Any:
-    """Texts through the bundle's tokenizer; token-id lists as they are (the runtime checks them)."""
+def _token_ids(inputs: Any, rt: Runtime, gen: GenerationConfig) -> Any:
+    """Texts through the bundle's tokenizer; token-id lists as they are (the runtime checks them). The rows are
+    counted first: a request of a million short texts is refused before any is tokenized."""
     if not isinstance(inputs, list) or not inputs:
         raise InputError(f"\"inputs\" must be a non-empty list of texts or of token-id lists, not {inputs!r:.60}")
+    per_input = gen.num_beams if gen.strategy == "beam" else gen.num_return_sequences
+    if len(inputs) * per_input > rt.limits.rows:
+        raise LimitError(f"{len(inputs)} inputs x {per_input} beams or samples are {len(inputs) * per_input} rows, "
+                         f"above the service's limit of {rt.limits.rows}; send fewer inputs per request")
     texts = [isinstance(x, str) for x in inputs]
     if all(texts):
         return rt.tokenize(inputs)
@@ -99,12 +116,17 @@ def run_batch(rt: Runtime, jobs: Sequence[Job]) -> list[list[list[Hypothesis]] |
     for members in groups.values():
         gen = jobs[members[0]].gen
         per_input = gen.num_beams if gen.strategy == "beam" else gen.num_return_sequences
-        for chunk in _chunks(members, [len(jobs[i].ids) * per_input for i in members], rt.limits.rows):
+        chunks = _chunks(members, [len(jobs[i].ids) * per_input for i in members], rt.limits.rows)
+        while chunks:
+            chunk = chunks.pop(0)
             try:
                 hyps = rt.generate([ids for i in chunk for ids in jobs[i].ids], gen)
-            except EdgeformerError as e:
-                for i in chunk:
-                    results[i] = e
+            except Exception as e:  # one request's failure must not answer for the others
+                if len(chunk) > 1:  # run them one by one: only the failing one fails
+                    chunks[:0] = [[i] for i in chunk]
+                else:
+                    results[chunk[0]] = e if isinstance(e, EdgeformerError) else EngineError(
+                        f"generation failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
             for i in chunk:
                 results[i], hyps = hyps[:len(jobs[i].ids)], hyps[len(jobs[i].ids):]

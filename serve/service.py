@@ -27,7 +27,7 @@ from ray.serve.metrics import Counter, Histogram
 from edgeformer.runtime.errors import EdgeformerError
 from edgeformer.runtime.options import Hypothesis, Limits
 from edgeformer.runtime.session import Runtime
-from edgeformer.serve.requests import Job, RequestError, answer, parse, run_batch, text
+from edgeformer.serve.requests import MAX_BODY, Job, RequestError, answer, parse, run_batch, text
 
 MIN_ONGOING = 256  # requests a replica holds at once, at least: the rest wait at the proxy, which backs off
 app = FastAPI(title="edgeformer", docs_url=None, redoc_url=None)
@@ -50,6 +50,21 @@ class Settings:
 
 def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, read no further than MAX_BODY (a declared or a streamed length above it is refused unread)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise RequestError(413, f"the request body has {int(declared)} bytes, above the service's {MAX_BODY}; send "
+                                "fewer inputs per request")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY:
+            raise RequestError(413, f"the request body is above the service's {MAX_BODY} bytes; send fewer inputs "
+                                    "per request")
+    return bytes(body)
 
 
 def summary(rt: Runtime, settings: Settings) -> dict[str, Any]:
@@ -91,7 +106,7 @@ class Generator:
     @app.post("/v1/generate")
     async def generate(self, request: Request) -> Any:
         try:
-            job = parse(await request.body(), self.rt)
+            job = parse(await read_body(request), self.rt)
         except RequestError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
         if job.stream:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeformer.runtime.errors import EngineError
 from edgeformer.runtime.options import GenerationConfig, Limits
 from edgeformer.runtime.session import Runtime
 from edgeformer.serve.requests import Job, RequestError, parse, run_batch
@@ -49,6 +50,10 @@ def demo(exported) -> Path:
     (b'{"inputs": ["1 May 2001"], "max_new_tokens": 100000}', 413, "--limit-new-tokens"),
     (b'{"inputs": ["1 May 2001", "2 May 2001"], "stream": true}', 400, "give one input"),
     (b'{"inputs": ["1 May 2001"], "stream": 1}', 400, "\"stream\" must be true or false"),
+    (b"[" * 100_000, 400, "not JSON we read"),  # deeper than Python's recursion
+    (b'{"inputs": [[' + b"9" * 5000 + b"]]}", 400, "not JSON we read"),  # an int above Python's 4,300 digits
+    (json.dumps({"inputs": ["1 May 2001"] * 300, "strategy": "beam", "num_beams": 4}).encode(), 413,
+     "300 inputs x 4 beams or samples are 1200 rows"),
 ])
 def test_a_bad_request_is_refused_before_it_is_queued_with_a_status_and_the_fix(demo: Path, body: bytes, status: int,
                                                                                  message: str) -> None:
@@ -77,6 +82,34 @@ def test_requests_batched_together_get_what_each_gets_alone(demo: Path) -> None:
     assert all(len(r) == len(job.ids) for r, job in zip(batched, jobs, strict=True))  # type: ignore[arg-type]
 
 
+def test_requests_that_differ_only_in_what_their_strategy_ignores_share_a_batch() -> None:
+    greedy = [Job([[4]], GenerationConfig(seed=s, temperature=t)) for s, t in ((None, 1.0), (3, 0.5))]
+    beams = [Job([[4]], GenerationConfig(strategy="beam", top_p=p, suppress_tokens=st))
+             for p, st in ((1.0, (3, 5)), (0.5, (5, 3)))]
+    assert greedy[0].batch_key == greedy[1].batch_key and beams[0].batch_key == beams[1].batch_key
+    assert Job([[4]], GenerationConfig(max_new_tokens=3)).batch_key != greedy[0].batch_key
+    assert Job([[4]], GenerationConfig(strategy="sample", seed=1)).batch_key is None  # its draws: its own
+
+
+def test_a_request_that_fails_in_a_batch_fails_alone(demo: Path) -> None:
+    rt = Runtime(demo)
+    generate = rt.generate
+    poisoned = [99]
+
+    def failing(src, gen=None, **kw):  # type: ignore[no-untyped-def]
+        if any(list(s) == poisoned for s in src):
+            raise MemoryError("out of memory")
+        return generate(src, gen, **kw)
+
+    rt.generate = failing  # type: ignore[method-assign]
+    jobs = [Job([[5, 6, 7]], GenerationConfig()), Job([poisoned], GenerationConfig()),
+            Job([[8, 9]], GenerationConfig())]
+    results = run_batch(rt, jobs)
+    assert isinstance(results[1], EngineError) and "MemoryError: out of memory" in str(results[1])
+    assert [r[0][0].tokens for r in (results[0], results[2])] == [  # type: ignore[index]
+        generate(job.ids)[0][0].tokens for job in (jobs[0], jobs[2])]
+
+
 def test_a_batch_above_the_row_limit_runs_in_calls_within_it(demo: Path) -> None:
     rt = Runtime(demo, limits=Limits(rows=5))
     calls: list[int] = []
@@ -89,7 +122,7 @@ def test_a_batch_above_the_row_limit_runs_in_calls_within_it(demo: Path) -> None
     rt.generate = counted  # type: ignore[method-assign]
     jobs = [Job(rt.tokenize(texts(2, seed=i)), GenerationConfig()) for i in range(6)]  # 12 rows
     results = run_batch(rt, jobs)
-    assert calls == [4, 4, 4] and max(calls) <= 5
+    assert calls == [4, 4, 4]
     assert [[h.tokens for h in hs] for r in results for hs in r] == [  # type: ignore[union-attr]
         [h.tokens for h in hs] for job in jobs for hs in generate(job.ids, job.gen)]
 
@@ -179,8 +212,8 @@ def test_a_replica_that_dies_is_replaced_and_every_request_sent_meanwhile_is_ans
     killer.start()
     outcomes = send(f"{service.url}/v1/generate", cases, clients=8, timeout=60)
     killer.join()
-    assert len(outcomes) == len(cases)  # none hangs: each is answered, or fails with a status or a broken connection
     assert all(o.status in (200, 0) or o.status >= 500 for o in outcomes)
+    assert max(o.seconds for o in outcomes if o.status != 200) < 20  # a failure says so at once: none hangs
     assert any(o.status != 200 for o in outcomes), "the replica was not killed while requests were in flight"
     assert sum(o.status == 200 for o in outcomes) > 100  # it answered before the kill (and after, once replaced)
     deadline = time.monotonic() + 90
