@@ -3,7 +3,7 @@ concurrent clients, with dynamic batching on (--max-batch 32) and off (--max-bat
 of its own (and Ray's), the clients in this one. Every answer is checked: a good request must get what the runtime
 answers it alone, token for token, and a bad one a 4xx with a message; anything else is counted lost or mangled.
 
-    .venv/bin/python benchmarks/serve.py grid BUNDLE --out benchmarks/results/serve-avx512-vnni
+    .venv/bin/python benchmarks/serve.py grid BUNDLE --out benchmarks/results/serve-avx512-vnni   # 3 rounds
     .venv/bin/python benchmarks/serve.py mixed BUNDLE --requests 10000 --clients 32
 
 Each is measured with Ray Serve's own proxy and with the HAProxy it ships (`--proxy`). `grid` sends one text a
@@ -208,36 +208,57 @@ def point(url: str, cases: Sequence[Case], clients: int) -> dict[str, Any]:
 
 
 def grid(bundle: Path, clients: Sequence[int], max_batch: int, wait_ms: float, per_client: int,
-         proxies: Sequence[str], out: Path | None) -> list[dict[str, Any]]:
+         proxies: Sequence[str], rounds: int, out: Path | None) -> list[dict[str, Any]]:
+    """Every point in each of `rounds` interleaved rounds (batching on, then off, a fresh service each); the ratios
+    are taken within a round, and the table gives the medians over rounds."""
     cases = good_cases(bundle, max(200, per_client * max(clients)))
-    rows = []
-    for proxy in proxies:
-        for batching, batch in (("on", max_batch), ("off", 1)):
-            with Service(bundle, "--max-batch", str(batch), "--batch-wait-ms", str(wait_ms), "--proxy",
-                         proxy) as service:
-                for c in clients:
-                    row = {"proxy": proxy, "batching": batching, "max_batch": batch,
-                           **point(f"{service.url}/v1/generate", cases[:max(200, per_client * c)], c)}
-                    print(f"proxy {proxy:7} batching {batching:3} clients {c:4}: {row['rps']:7.1f} requests/s, "
-                          f"p50 {row['p50_ms']:7.1f} ms, p99 {row['p99_ms']:7.1f} ms, {row['problems']} problems",
-                          flush=True)
-                    rows.append(row)
-        mine = [r for r in rows if r["proxy"] == proxy]
-        for c in clients:
-            on, off = (next(r for r in mine if r["batching"] == b and r["clients"] == c) for b in ("on", "off"))
-            on["vs_off"] = on["rps"] / off["rps"]
-        # the single-request latency: one client, the same service
-        for batching in ("on", "off"):
-            same = [r for r in mine if r["batching"] == batching]
-            single = next(r["p50_ms"] for r in same if r["clients"] == min(clients))
-            for r in same:
-                r["p99_vs_single"] = r["p99_ms"] / single
+    measured = []
+    for round_ in range(1, rounds + 1):
+        for proxy in proxies:
+            mine = []
+            for batching, batch in (("on", max_batch), ("off", 1)):
+                with Service(bundle, "--max-batch", str(batch), "--batch-wait-ms", str(wait_ms), "--proxy",
+                             proxy) as service:
+                    for c in clients:
+                        row = {"round": round_, "proxy": proxy, "batching": batching, "max_batch": batch,
+                               **point(f"{service.url}/v1/generate", cases[:max(200, per_client * c)], c)}
+                        print(f"round {round_} proxy {proxy:7} batching {batching:3} clients {c:4}: "
+                              f"{row['rps']:7.1f} requests/s, p50 {row['p50_ms']:7.1f} ms, p99 {row['p99_ms']:7.1f} "
+                              f"ms, {row['problems']} problems", flush=True)
+                        mine.append(row)
+            for c in clients:
+                on, off = (next(r for r in mine if r["batching"] == b and r["clients"] == c) for b in ("on", "off"))
+                on["vs_off"] = on["rps"] / off["rps"]
+            for batching in ("on", "off"):  # the single-request latency: one client, the same service
+                same = [r for r in mine if r["batching"] == batching]
+                single = next(r["p50_ms"] for r in same if r["clients"] == min(clients))
+                for r in same:
+                    r["p99_vs_single"] = r["p99_ms"] / single
+            measured += mine
+    rows = medians(measured)
     if out is not None:
-        write(rows, out)
+        write(rows, measured, out)
     return rows
 
 
-def write(rows: list[dict[str, Any]], out: Path) -> None:
+def medians(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A row per proxy, batching and clients: the median over rounds of each figure and ratio."""
+    rows = []
+    for key in dict.fromkeys((r["proxy"], r["batching"], r["clients"]) for r in measured):
+        same = [r for r in measured if (r["proxy"], r["batching"], r["clients"]) == key]
+        row = {"proxy": key[0], "batching": key[1], "clients": key[2], "rounds": len(same),
+               "requests": same[0]["requests"], "problems": sum(r["problems"] for r in same)}
+        for figure in ("rps", "p50_ms", "p99_ms", "vs_off", "p99_vs_single"):
+            if figure in same[0]:
+                row[figure] = statistics.median(r[figure] for r in same)
+        if "vs_off" in same[0]:
+            row["vs_off_range"] = [min(r["vs_off"] for r in same), max(r["vs_off"] for r in same)]
+        row["p99_vs_single_range"] = [min(r["p99_vs_single"] for r in same), max(r["p99_vs_single"] for r in same)]
+        rows.append(row)
+    return rows
+
+
+def write(rows: list[dict[str, Any]], measured: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
     from edgeformer.benchmarks.sweep import machine, replace_file
@@ -247,14 +268,20 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    replace_file(out / "results.json", lambda p: p.write_text(json.dumps({"machine": machine(), "records": rows},
-                                                                         indent=1) + "\n"))
+    replace_file(out / "results.json", lambda p: p.write_text(json.dumps(
+        {"machine": machine(), "records": rows, "rounds": measured}, indent=1) + "\n"))
+
+    def spread(r: dict[str, Any], key: str) -> str:
+        low, high = r[f"{key}_range"]
+        return f"{r[key]:.2f}x ({low:.2f}-{high:.2f})"
+
     lines = [[r["proxy"], r["batching"], r["clients"], r["requests"], f"{r['rps']:.1f}", f"{r['p50_ms']:.1f}",
-              f"{r['p99_ms']:.1f}", f"{r['vs_off']:.2f}x" if "vs_off" in r else "",
-              f"{r['p99_vs_single']:.2f}x", r["problems"]] for r in rows]
-    replace_file(out / "results.md", lambda p: p.write_text(table(
-        ["proxy", "batching", "clients", "requests", "requests/s", "p50 ms", "p99 ms", "vs off", "p99 vs single",
-         "problems"], lines) + "\n"))
+              f"{r['p99_ms']:.1f}", spread(r, "vs_off") if "vs_off" in r else "", spread(r, "p99_vs_single"),
+              r["problems"]] for r in rows]
+    replace_file(out / "results.md", lambda p: p.write_text(
+        f"medians of {rows[0]['rounds']} interleaved rounds; ratios within a round, (lowest-highest)\n\n" + table(
+            ["proxy", "batching", "clients", "requests", "requests/s", "p50 ms", "p99 ms", "vs off", "p99 vs single",
+             "problems"], lines) + "\n"))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for proxy, batching in dict.fromkeys((r["proxy"], r["batching"]) for r in rows):
         points = sorted((r["clients"], r["rps"], r["p99_ms"]) for r in rows
@@ -297,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     p.add_argument("--per-client", type=int, default=20, help="requests per client at each point (at least 200)")
     p.add_argument("--proxies", default="ray,haproxy", help="the services' --proxy, each measured in turn")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table gives their medians")
     p.add_argument("--out", type=Path, default=None)
     p = verbs.add_parser("mixed", help="many mixed requests, good and bad: every answer checked")
     p.add_argument("bundle", type=Path)
@@ -307,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.verb == "grid":
         grid(args.bundle, [int(c) for c in args.clients.split(",")], args.max_batch, args.batch_wait_ms,
-             args.per_client, args.proxies.split(","), args.out)
+             args.per_client, args.proxies.split(","), args.rounds, args.out)
     elif mixed(args.bundle, args.requests, args.clients, args.max_batch, args.proxy):
         sys.exit(1)
 
