@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,23 +159,25 @@ class Service:
     def __init__(self, bundle: Path, *flags: str, start_timeout: float = 180.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.devnull, "w")  # noqa: SIM115 (closed in close())
         # ports of their own for HAProxy's stats and metrics: a stopped service's HAProxy may linger a while
         env = {**os.environ, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
         self.process = subprocess.Popen([sys.executable, "-m", "edgeformer.cli", "serve", str(bundle), "--port",
-                                         str(self.port), *flags], stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                        start_new_session=True, env=env)
+                                         str(self.port), *flags], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True, env=env)
         deadline = time.monotonic() + start_timeout
-        assert self.process.stdout is not None
-        for line in self.process.stdout:  # it prints "serving ..." once the replicas answer
-            if line.startswith("serving "):
-                break
-            if time.monotonic() > deadline:
-                break
-        if self.process.poll() is not None or time.monotonic() > deadline:
-            self.close()
-            raise RuntimeError(f"edgeformer serve {bundle} did not start (exit {self.process.returncode})")
+        while not self.healthy():  # once the replicas answer
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"edgeformer serve {bundle} did not start (exit {self.process.returncode})")
+            time.sleep(0.2)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
 
     def close(self) -> int:
         """SIGTERM, as a supervisor stops it; its exit status."""
@@ -185,7 +188,6 @@ class Service:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        self.log.close()
         return code
 
     def __enter__(self) -> Service:

@@ -43,12 +43,16 @@ GEN_FLAGS = {"strategy": "strategy", "max_new_tokens": "max_new_tokens", "min_ne
              "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed"}
 
 
+def _gen_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation settings a user gave as flags, by GenerationConfig's names."""
+    return {field: getattr(args, flag) for flag, field in GEN_FLAGS.items() if getattr(args, flag) is not None}
+
+
 def _gen_config(args: argparse.Namespace, defaults: Any = None) -> Any:
     """The flags a user gave, over the bundle's defaults (over GenerationConfig's when there is no bundle)."""
     from edgeformer.runtime.options import GenerationConfig
 
-    given = {field: getattr(args, flag) for flag, field in GEN_FLAGS.items() if getattr(args, flag) is not None}
-    return dataclasses.replace(defaults or GenerationConfig(), **given)
+    return dataclasses.replace(defaults or GenerationConfig(), **_gen_flags(args))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -393,6 +397,7 @@ def _fold_cache_rows(rows: list[list[str]]) -> list[list[str]]:
 def cmd_generate(args: argparse.Namespace) -> None:
     from edgeformer.runtime.errors import InputError
     from edgeformer.runtime.session import Runtime
+    from edgeformer.runtime.tokenizer import parse_ids
 
     rt = Runtime(args.bundle, providers=args.provider.split(","), threads=args.threads,
                  decoder_threads=args.decoder_threads, limits=_limits(args), search=args.search)
@@ -408,7 +413,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise InputError("nothing to generate: give inputs as arguments or on standard input")
     if args.ids or rt.tokenizer is None:
         try:
-            src = [[int(t) for t in s.replace(",", " ").split()] for s in inputs]
+            src = [parse_ids(s) for s in inputs]
         except ValueError:
             raise InputError("inputs must be space-separated token ids (this bundle has no tokenizer, or --ids "
                              "was given)") from None
@@ -521,11 +526,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
-    from edgeformer.runtime.session import Runtime
     from edgeformer.serve.corpus import translate
 
-    defaults = Runtime(args.bundle).generation if Path(args.bundle).is_dir() else None
-    summary = translate(args.bundle, args.input, args.output, _gen_config(args, defaults), batch_size=args.batch_size,
+    summary = translate(args.bundle, args.input, args.output, settings=_gen_flags(args), batch_size=args.batch_size,
                         engine=args.engine, replicas=args.replicas, as_ids=args.ids, threads=args.threads,
                         limits=_limits(args), force=args.force,
                         log=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -27,7 +27,8 @@ from edgeformer.runtime.onnx_refs import external_locations
 from edgeformer.runtime.spec import GraphSpec
 from edgeformer.runtime.tokenizer import TOKENIZER_FILE
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_FILE", "BundleError", "Listed", "Manifest", "atomic_folder"]
+__all__ = ["FORMAT_VERSION", "MANIFEST_FILE", "BundleError", "Listed", "Manifest", "atomic_folder", "write_file",
+           "writer_lock"]
 
 MANIFEST_FILE = "edgeformer.json"
 FORMAT_NAME = "edgeformer-bundle"
@@ -56,7 +57,7 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(f"cannot write {target}: {e.strerror or e}") from None
-    with _writer_lock(target) as locked:
+    with writer_lock(target) as locked:
         if locked:
             _recover(target)
         if target.exists() and not force:
@@ -126,7 +127,7 @@ def _recover(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def _writer_lock(target: Path) -> Iterator[bool]:
+def writer_lock(target: Path) -> Iterator[bool]:
     """Hold `.NAME.lock` beside `target` (flock, released by the kernel if the process dies); removed on release.
     Where fcntl does not exist (Windows) writers are not serialized, and what a killed writer left stays: without
     the lock, another writer's folders cannot be told from a dead one's."""
@@ -159,6 +160,22 @@ def _writer_lock(target: Path) -> Iterator[bool]:
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
+
+
+def write_file(path: Path, text: str) -> None:
+    """Replace `path` with `text`, whole or not at all: a temporary file beside it, on disk (fsync) before it is
+    renamed into place, and the rename on disk too."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _flush_folder(path.parent)
 
 
 def _flush(folder: Path) -> None:

@@ -89,6 +89,11 @@ class GenerationConfig:
         if problems:
             raise InputError("invalid generation settings: " + "; ".join(problems))
 
+    @property
+    def rows_per_input(self) -> int:
+        """The decoder rows each input takes: its beams, or its samples (greedy: one)."""
+        return self.num_beams if self.strategy == "beam" else self.num_return_sequences
+
     def to_dict(self) -> dict[str, Any]:
         """As JSON holds it (the form from_dict reads)."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}

@@ -227,7 +227,7 @@ class Runtime(OnProviders):
         if gen.max_new_tokens > self.limits.new_tokens:
             raise LimitError(f"max_new_tokens={gen.max_new_tokens} is above this runtime's limit of "
                              f"{self.limits.new_tokens}; lower it, or raise Limits.new_tokens (--limit-new-tokens)")
-        rows = len(ids) * (gen.num_beams if gen.strategy == "beam" else gen.num_return_sequences)
+        rows = len(ids) * gen.rows_per_input
         if rows > self.limits.rows:
             raise LimitError(f"{len(ids)} inputs x {rows // len(ids)} beams or samples are {rows} rows, above this "
                              f"runtime's limit of {self.limits.rows}; split the inputs into smaller batches, or "

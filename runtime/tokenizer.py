@@ -16,6 +16,12 @@ from typing import Any, ClassVar, Protocol
 
 from edgeformer.runtime.errors import BundleError
 
+
+def parse_ids(text: str) -> list[int]:
+    """Token ids written as text: separated by spaces or commas. ValueError where one is not an integer."""
+    return [int(t) for t in text.replace(",", " ").split()]
+
+
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIALS))
 TOKENIZER_FILE = "tokenizer.json"

@@ -12,38 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeformer.runtime.bundle import MANIFEST_FILE, write_file, writer_lock
 from edgeformer.runtime.errors import EdgeformerError, InputError
 from edgeformer.runtime.options import GenerationConfig, Limits
 from edgeformer.runtime.session import Runtime
+from edgeformer.runtime.tokenizer import parse_ids
 
 ENGINES = ("auto", "ray", "local")
 JOB_FILE = "job.json"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Written whole or not at all: a temporary file beside it, renamed over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the name points at it: a power cut leaves no empty part
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def part_path(parts: Path, batch: int) -> Path:
@@ -64,7 +50,7 @@ class Work:
     """What every worker needs to run batches: where the bundle is, and how to run it."""
 
     bundle: str
-    gen: dict[str, Any]
+    gen: GenerationConfig
     as_ids: bool
     threads: int | None
     limits: Limits
@@ -75,7 +61,7 @@ class Work:
     def run(self, rt: Runtime, batch: int, src: list[list[int]]) -> list[str]:
         """One batch's output lines. A seeded sample draws from a seed of the batch's own, so that batches do not
         repeat each other's draws and a resumed run draws what the first would have."""
-        gen = GenerationConfig.from_dict(self.gen)
+        gen = self.gen
         if gen.seed is not None:
             gen = replace(gen, seed=int(np.random.SeedSequence([gen.seed, batch]).generate_state(1)[0]))
         return outputs(rt, src, gen, self.as_ids)
@@ -131,14 +117,13 @@ class Summary:
     seconds: float
 
 
-def read_lines(path: Path) -> list[str]:
+def read_lines(path: Path, data: bytes) -> list[str]:
+    """The lines of a file's bytes (`path` names it in errors)."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        line = data[:e.start].count(b"\n") + 1
         raise InputError(f"{path}: line {line} is not UTF-8 text") from None
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
     # lines end at \n alone (and a \r before it): str.splitlines would also split at \x0c, \x85, \u2028...
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     return lines[:-1] if lines and lines[-1] == "" else lines
@@ -154,7 +139,7 @@ def checked_sources(rt: Runtime, lines: Sequence[str], gen: GenerationConfig, as
         try:
             if as_ids or rt.tokenizer is None:
                 try:
-                    ids = [int(t) for t in line.replace(",", " ").split()]
+                    ids = parse_ids(line)
                 except ValueError:
                     raise InputError("not space-separated token ids (the bundle has no tokenizer, or --ids was "
                                      "given)") from None
@@ -169,8 +154,10 @@ def checked_sources(rt: Runtime, lines: Sequence[str], gen: GenerationConfig, as
 def translate(bundle: Path | str, source: Path | str, output: Path | str, gen: GenerationConfig | None = None,
               batch_size: int = 32, engine: str = "auto", replicas: int = 1, as_ids: bool = False,
               threads: int | None = None, limits: Limits | None = None, force: bool = False,
-              log: Callable[[str], None] = print) -> Summary:
-    """Translate the lines of `source` into `output`, resuming a run that stopped (its parts in OUTPUT.parts)."""
+              settings: Mapping[str, Any] | None = None, log: Callable[[str], None] = print) -> Summary:
+    """Translate the lines of `source` into `output`, resuming a run that stopped (its parts in OUTPUT.parts).
+    gen: the settings (default: the bundle's), and `settings` the fields to change in them (the CLI's flags). One
+    run of an output at a time: a second is refused while the first holds the output's lock."""
     start = time.monotonic()
     source, output, limits = Path(source), Path(output), limits or Limits()
     if engine not in ENGINES:
@@ -184,68 +171,83 @@ def translate(bundle: Path | str, source: Path | str, output: Path | str, gen: G
     rt = Runtime(bundle, threads=threads, limits=limits)
     if not hasattr(rt, "generate"):
         raise InputError(f"{bundle} is an image classifier's bundle; translate runs bundles that generate")
-    gen = gen or rt.generation
+    gen = replace(gen or rt.generation, **(settings or {}))
     if gen.strategy == "sample" and gen.seed is None:
         raise InputError("sampling without a seed: a resumed run would not match; give --seed")
-    rows = batch_size * (gen.num_beams if gen.strategy == "beam" else gen.num_return_sequences)
-    if rows > limits.rows:
-        raise InputError(f"--batch-size {batch_size} x {rows // batch_size} beams or samples are {rows} rows, above "
-                         f"the limit of {limits.rows}; lower --batch-size")
-    lines = read_lines(source)
+    if batch_size * gen.rows_per_input > limits.rows:
+        raise InputError(f"--batch-size {batch_size} x {gen.rows_per_input} beams or samples are "
+                         f"{batch_size * gen.rows_per_input} rows, above the limit of {limits.rows}; lower "
+                         "--batch-size")
+    try:
+        data = source.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {source}: {e.strerror or e}") from None
+    lines = read_lines(source, data)
     src = checked_sources(rt, lines, gen, as_ids)
     order = sorted((i for i, s in enumerate(src) if s is not None), key=lambda i: (len(src[i] or ()), i))
     batches = [order[k: k + batch_size] for k in range(0, len(order), batch_size)]
-
-    parts = output.with_name(output.name + ".parts")
-    key = hashlib.sha256(json.dumps({"source": hashlib.sha256(source.read_bytes()).hexdigest(),
-                                     "manifest": hashlib.sha256((Path(bundle) / "edgeformer.json").read_bytes())
-                                     .hexdigest() if (Path(bundle) / "edgeformer.json").is_file() else str(bundle),
-                                     "gen": gen.to_dict(), "batch_size": batch_size, "as_ids": as_ids},
-                                    sort_keys=True).encode()).hexdigest()
-    if parts.is_dir() and not any(parts.iterdir()):  # made by a run stopped before it wrote anything
-        parts.rmdir()
-    if parts.is_dir():
-        try:
-            recorded = json.loads((parts / JOB_FILE).read_text())["key"]
-        except (OSError, ValueError, KeyError, TypeError):
-            recorded = None
-        if recorded != key:
-            raise InputError(f"{parts} holds a run of another input, bundle or settings; remove it to start over")
-    else:
-        parts.mkdir()
-        write_atomically(parts / JOB_FILE, json.dumps({"key": key, "source": str(source), "batches": len(batches)}))
-    pending = [k for k in range(len(batches)) if _part(parts, k, len(batches[k])) is None]
-    resumed = len(batches) - len(pending)
+    key = _run_key(data, Path(bundle), gen, batch_size, as_ids)
     use_ray = engine == "ray" or (engine == "auto" and _ray_installed())
-    log(f"translating {len(order):,} lines of {source} in {len(batches):,} batches"
-        + (f", resuming: {resumed:,} already done" if resumed else "")
-        + (f", on Ray Data with {replicas} actor{'s' if replicas > 1 else ''}" if use_ray else ", in this process"))
-    work = Work(str(Path(bundle).resolve()), gen.to_dict(), as_ids, threads, limits)
-    progress = Progress(len(order))
-    waiting = set(pending)
-    progress.add(sum(len(batches[k]) for k in range(len(batches)) if k not in waiting))
+    with writer_lock(output):
+        parts = _parts_of(output, key, len(batches))
+        pending = [k for k in range(len(batches)) if _part(parts, k, len(batches[k])) is None]
+        resumed = len(batches) - len(pending)
+        log(f"translating {len(order):,} lines of {source} in {len(batches):,} batches"
+            + (f", resuming: {resumed:,} already done" if resumed else "")
+            + (f", on Ray Data with {replicas} actor{'s' if replicas > 1 else ''}" if use_ray
+               else ", in this process"))
+        progress = Progress(len(order))
+        waiting = set(pending)
+        progress.add(sum(len(batches[k]) for k in range(len(batches)) if k not in waiting))
 
-    def finished(k: int, done: list[str]) -> None:  # a batch's lines, on disk before they are counted
-        write_atomically(part_path(parts, k), json.dumps(done))
-        progress.add(len(done))
+        def finished(k: int, done: list[str]) -> None:  # a batch's lines, on disk before they are counted
+            write_file(part_path(parts, k), json.dumps(done))
+            progress.add(len(done))
 
-    if pending:
-        if use_ray:
-            _on_ray(work, [(k, [src[i] for i in batches[k]]) for k in pending], replicas, finished)
-        else:
+        work = Work(str(Path(bundle).resolve()), gen, as_ids, threads, limits)
+        if not use_ray:
             for k in pending:
                 finished(k, work.run(rt, k, [src[i] or [] for i in batches[k]]))
+        elif pending:
+            _on_ray(work, [(k, [src[i] for i in batches[k]]) for k in pending], replicas, finished)
 
-    translated = [""] * len(lines)
-    for k, batch in enumerate(batches):
-        done = _part(parts, k, len(batch))
-        if done is None:
-            raise EdgeformerError(f"{part_path(parts, k)} is missing or cut short; run again to redo it")
-        for i, line in zip(batch, done, strict=True):
-            translated[i] = line
-    write_atomically(output, "".join(line + "\n" for line in translated))
-    shutil.rmtree(parts)
+        translated = [""] * len(lines)
+        for k, batch in enumerate(batches):
+            done = _part(parts, k, len(batch))
+            if done is None:
+                raise EdgeformerError(f"{part_path(parts, k)} is missing or cut short; run again to redo it")
+            for i, line in zip(batch, done, strict=True):
+                translated[i] = line
+        write_file(output, "".join(line + "\n" for line in translated))
+        shutil.rmtree(parts)
     return Summary(len(order), len(batches), resumed, "ray" if use_ray else "local", time.monotonic() - start)
+
+
+def _run_key(data: bytes, bundle: Path, gen: GenerationConfig, batch_size: int, as_ids: bool) -> str:
+    """What a run's parts belong to: the input, the bundle (its manifest, which hashes every file) and how it runs."""
+    manifest = bundle / MANIFEST_FILE
+    model = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else str(bundle.resolve())
+    record = {"source": hashlib.sha256(data).hexdigest(), "manifest": model, "gen": gen.to_dict(),
+              "batch_size": batch_size, "as_ids": as_ids}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _parts_of(output: Path, key: str, batches: int) -> Path:
+    """OUTPUT.parts: made with its run's record, or found holding this run's (another run's is refused)."""
+    parts = output.with_name(output.name + ".parts")
+    if parts.is_dir() and not any(parts.iterdir()):  # made by a run stopped before it wrote anything
+        parts.rmdir()
+    if not parts.is_dir():
+        parts.mkdir()
+        write_file(parts / JOB_FILE, json.dumps({"key": key, "batches": batches}))
+        return parts
+    try:
+        recorded = json.loads((parts / JOB_FILE).read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded != key:
+        raise InputError(f"{parts} holds a run of another input, bundle or settings; remove it to start over")
+    return parts
 
 
 def _ray_installed() -> bool:

@@ -94,10 +94,10 @@ def _token_ids(inputs: Any, rt: Runtime, gen: GenerationConfig) -> Any:
     counted first: a request of a million short texts is refused before any is tokenized."""
     if not isinstance(inputs, list) or not inputs:
         raise InputError(f"\"inputs\" must be a non-empty list of texts or of token-id lists, not {inputs!r:.60}")
-    per_input = gen.num_beams if gen.strategy == "beam" else gen.num_return_sequences
-    if len(inputs) * per_input > rt.limits.rows:
-        raise LimitError(f"{len(inputs)} inputs x {per_input} beams or samples are {len(inputs) * per_input} rows, "
-                         f"above the service's limit of {rt.limits.rows}; send fewer inputs per request")
+    rows = len(inputs) * gen.rows_per_input
+    if rows > rt.limits.rows:
+        raise LimitError(f"{len(inputs)} inputs x {gen.rows_per_input} beams or samples are {rows} rows, above the "
+                         f"service's limit of {rt.limits.rows}; send fewer inputs per request")
     texts = [isinstance(x, str) for x in inputs]
     if all(texts):
         return rt.tokenize(inputs)
@@ -112,11 +112,11 @@ def run_batch(rt: Runtime, jobs: Sequence[Job]) -> list[list[list[Hypothesis]] |
     results: list[list[list[Hypothesis]] | EdgeformerError] = [[] for _ in jobs]
     groups: dict[Any, list[int]] = {}
     for i, job in enumerate(jobs):
-        groups.setdefault(job.batch_key if job.batch_key is not None else ("alone", i), []).append(i)
+        key = job.batch_key
+        groups.setdefault(("alone", i) if key is None else key, []).append(i)
     for members in groups.values():
         gen = jobs[members[0]].gen
-        per_input = gen.num_beams if gen.strategy == "beam" else gen.num_return_sequences
-        chunks = _chunks(members, [len(jobs[i].ids) * per_input for i in members], rt.limits.rows)
+        chunks = _chunks(members, [len(jobs[i].ids) * gen.rows_per_input for i in members], rt.limits.rows)
         while chunks:
             chunk = chunks.pop(0)
             try:

@@ -129,12 +129,13 @@ class Generator:
         """Server-sent events: one `token` event a token (its id and the text it adds), then `end` with the whole
         sequence, or `error`. Starlette runs this in a thread; a client that leaves stops the search."""
         tokens: list[int] = []
+        shown = ""  # the text of the tokens sent so far: each token's text is what it adds to it
         try:
             for token in self.rt.stream(job.ids[0], job.gen):
-                before = text(self.rt, tokens) or ""
                 tokens.append(token)
-                added = (text(self.rt, tokens) or "")[len(before):] if self.rt.tokenizer is not None else None
-                yield sse("token", {"token": token, "text": added})
+                full = text(self.rt, tokens)
+                yield sse("token", {"token": token, "text": None if full is None else full[len(shown):]})
+                shown = full or ""
         except EdgeformerError as e:
             yield sse("error", {"error": str(e)})
             return

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,8 +207,6 @@ def test_a_replica_that_dies_is_replaced_and_every_request_sent_meanwhile_is_ans
     cases = good_cases(demo, 1500, seed=2)  # some seconds of requests: the kill lands among them
     replica = subprocess.run(["pgrep", "-f", "ray::ServeReplica"], capture_output=True, text=True).stdout.split()
     assert replica, "no replica process found"
-    import threading
-
     killer = threading.Timer(1.0, lambda: subprocess.run(["kill", "-9", *replica], check=False))
     killer.start()
     outcomes = send(f"{service.url}/v1/generate", cases, clients=8, timeout=60)

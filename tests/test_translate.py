@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeformer.runtime.bundle import write_file
 from edgeformer.runtime.errors import InputError
 from edgeformer.runtime.session import Runtime
 from edgeformer.serve.corpus import translate
@@ -118,17 +119,15 @@ def test_on_ray_data_the_output_is_the_one_this_process_writes(demo: Path, tmp_p
     assert (tmp_path / "ray.txt").read_text() == (tmp_path / "local.txt").read_text()
 
 
-def test_a_part_cut_short_is_done_again_and_lines_split_at_newlines_alone(demo: Path, tmp_path: Path) -> None:
+def test_a_part_cut_short_is_done_again_and_lines_split_at_newlines_alone(demo: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     lines = corpus(tmp_path / "in.txt", 40, seed=3)
     lines[4] = lines[4] + "\x0c" + lines[5]  # a form feed inside a line: str.splitlines would make it two
     (tmp_path / "in.txt").write_text("\r\n".join(lines) + "\r\n")
     translate(demo, tmp_path / "in.txt", tmp_path / "clean.txt", batch_size=8, engine="local", log=lambda _: None)
     assert len((tmp_path / "clean.txt").read_text().split("\n")) == 41
     parts = tmp_path / "out.txt.parts"
-    from edgeformer.serve import corpus as module
-
     logged: list[str] = []
-    original = module.write_atomically
     calls = 0
 
     def stop_after_two(path: Path, text: str) -> None:
@@ -136,15 +135,13 @@ def test_a_part_cut_short_is_done_again_and_lines_split_at_newlines_alone(demo: 
         calls += 1
         if calls == 4:  # the job record, two parts, then a crash
             raise KeyboardInterrupt
-        original(path, text)
+        write_file(path, text)
 
-    module.write_atomically = stop_after_two  # type: ignore[assignment]
-    try:
+    with monkeypatch.context() as patched:
+        patched.setattr("edgeformer.serve.corpus.write_file", stop_after_two)
         with pytest.raises(KeyboardInterrupt):
             translate(demo, tmp_path / "in.txt", tmp_path / "out.txt", batch_size=8, engine="local",
                       log=lambda _: None)
-    finally:
-        module.write_atomically = original  # type: ignore[assignment]
     written = sorted(parts.glob("0*.json"))
     assert len(written) == 2
     written[1].write_text(written[1].read_text()[:10])  # cut short, as a power cut might leave it without fsync
