@@ -148,3 +148,13 @@ def test_a_part_cut_short_is_done_again_and_lines_split_at_newlines_alone(demo: 
     translate(demo, tmp_path / "in.txt", tmp_path / "out.txt", batch_size=8, engine="local", log=logged.append)
     assert "resuming: 1 already done" in logged[0]
     assert (tmp_path / "out.txt").read_text() == (tmp_path / "clean.txt").read_text()
+
+
+def test_a_second_run_of_the_same_output_is_refused_while_the_first_holds_it(demo: Path, tmp_path: Path) -> None:
+    from edgeformer.runtime.bundle import writer_lock
+    from edgeformer.runtime.errors import WriteError
+
+    corpus(tmp_path / "in.txt", 10)
+    with writer_lock(tmp_path / "out.txt"), pytest.raises(WriteError, match="another process is writing it now"):
+        translate(demo, tmp_path / "in.txt", tmp_path / "out.txt", engine="local", log=lambda _: None)
+    assert not (tmp_path / "out.txt").exists() and not (tmp_path / "out.txt.parts").exists()
