@@ -55,10 +55,10 @@ class OnProviders:
         """The targets a bundle written with --allow-drop missed."""
         return self.manifest.misses
 
-    def _open_file(self, path: Path, make_options: Any) -> ort.InferenceSession:
-        """A session on the first placement that takes the graph; a choice passed over is a warning (and a note in
-        provider_notes), once."""
-        session = open_first(path, make_options, self.placements, self.provider_notes)
+    def _open_file(self, path: Path, make_options: Any, cpu_unfused: tuple[str, ...] = ()) -> ort.InferenceSession:
+        """A session on the first placement that takes the graph (on the CPU without the fusions `cpu_unfused`
+        names); a choice passed over is a warning (and a note in provider_notes), once."""
+        session = open_first(path, make_options, self.placements, self.provider_notes, cpu_unfused)
         taken = assignment(session)
         if taken:
             self.assigned[path.name] = taken

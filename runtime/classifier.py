@@ -43,7 +43,7 @@ class Classifier(OnProviders):
         self.config = self.manifest.config
         self.labels: list[str] = list(self.config.get("labels") or map(str, range(self.config["num_classes"])))
         file = self.path / self.manifest.graph_files[MODEL]
-        self.session = self._open_file(file, lambda: session_options(optimization, threads))
+        self.session = self._open_file(file, lambda: session_options(optimization, threads), VIT.cpu_unfused)
         self.manifest.graphs[MODEL].check_names(*graph_io(self.session), file)
         self._placed(self.session)
         self.input_name = self.manifest.graphs[MODEL].input_names[0]

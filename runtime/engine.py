@@ -92,24 +92,28 @@ def session_options(optimization: str = "all", threads: int | None = None, spin:
     return options
 
 
-def _session(path: Path, options: ort.SessionOptions, placement: Placement) -> ort.InferenceSession:
+def _session(path: Path, options: ort.SessionOptions, placement: Placement,
+             cpu_unfused: tuple[str, ...] = ()) -> ort.InferenceSession:
     # without onnxruntime's own fallback, which prints to stdout and retries on the CPU: the next choice is ours
-    return ort.InferenceSession(str(path), options, providers=placement.configure(options), enable_fallback=0)
+    unfused = list(cpu_unfused) if placement.provider == CPU else []
+    return ort.InferenceSession(str(path), options, providers=placement.configure(options), enable_fallback=0,
+                                disabled_optimizers=unfused or None)
 
 
-def open_session(path: Path, options: ort.SessionOptions | None = None,
-                 placement: Placement = CPU_PLACEMENT) -> ort.InferenceSession:
-    """A session of the graph at `path` where `placement` says; BundleError if onnxruntime cannot load it."""
+def open_session(path: Path, options: ort.SessionOptions | None = None, placement: Placement = CPU_PLACEMENT,
+                 cpu_unfused: tuple[str, ...] = ()) -> ort.InferenceSession:
+    """A session of the graph at `path` where `placement` says, on the CPU without onnxruntime's fusions named in
+    `cpu_unfused` (a family's, runtime/spec.py); BundleError if onnxruntime cannot load it."""
     options = options or session_options()
     try:
-        return _session(path, options, placement)
+        return _session(path, options, placement, cpu_unfused)
     except ORT_ERRORS as e:
         raise BundleError(f"{path}: onnxruntime cannot load this graph on {placement.label} ({str(e)[:500]})"
                           ) from None
 
 
 def open_first(path: Path, make_options: Callable[[], ort.SessionOptions], placements: list[Placement],
-               notes: list[str]) -> ort.InferenceSession:
+               notes: list[str], cpu_unfused: tuple[str, ...] = ()) -> ort.InferenceSession:
     """A session on the first of `placements` that takes the graph. One that fails is dropped from the list (the
     caller's other graphs go where this one went) with a note that says why; the CPU, last, raises. The caller
     holds `placements` and `notes` alone while this runs."""
@@ -119,7 +123,7 @@ def open_first(path: Path, make_options: Callable[[], ort.SessionOptions], place
         if placement.provider != CPU:
             options.add_session_config_entry(RECORD_ASSIGNMENT, "1")
         try:
-            session = _session(path, options, placement)
+            session = _session(path, options, placement, cpu_unfused)
         except ORT_ERRORS as e:
             if len(placements) == 1:
                 raise BundleError(f"{path}: onnxruntime cannot load this graph ({str(e)[:500]})") from None

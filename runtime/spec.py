@@ -79,3 +79,6 @@ class Family:
     check_config: Callable[[Mapping[str, Any]], list[str]]  # the problems of a config read from a manifest
     caches: tuple[str, ...] = ("concat",)  # the ways a bundle's graphs may pass a cache, the first the exporter's
     searches: tuple[str, ...] = ()  # the searches a bundle may carry in one graph of its own
+    # onnxruntime's fusions that run slower than their parts in this family's graphs on the CPU: `optimize` and every
+    # CPU session leave them out (README: "Fusions on the CPU")
+    cpu_unfused: tuple[str, ...] = ()

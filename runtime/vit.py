@@ -42,4 +42,5 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-VIT = Family(name="vit", graph_files={MODEL: "model.onnx"}, axes=(BATCH,), graphs=graphs, check_config=check_config)
+VIT = Family(name="vit", graph_files={MODEL: "model.onnx"}, axes=(BATCH,), graphs=graphs, check_config=check_config,
+             cpu_unfused=("SkipLayerNormFusion", "BiasGeluFusion"))

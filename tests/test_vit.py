@@ -178,10 +178,38 @@ def test_the_shipped_digits_model_fuses_its_attention_and_in_int8_keeps_96_perce
     manifest = Manifest.load(tmp_path / "opt")
     fused = manifest.transforms[-1]["graphs"]["model"]["fused_operators"]  # no mask: the zero bias fuses away
     assert fused["MultiHeadAttention"] == manifest.config["n_layers"]
+    # on the CPU the norms stay Add + LayerNormalization and Add + Gelu (README: "Fusions on the CPU")
+    ops = manifest.transforms[-1]["graphs"]["model"]["operators"]
+    layers = manifest.config["n_layers"]
+    assert ops["LayerNormalization"] == 2 * layers + 1 and ops["Gelu"] == layers
+    assert "SkipLayerNormalization" not in ops and "BiasGelu" not in ops
     report = quantize(tmp_path / "opt", tmp_path / "int8", to="int8", judging=Judging(inputs=360))
     assert report.figures["judged_on"]["inputs"] == "the built-in digits, test split"
     assert report.figures["inputs"] == 360
     assert report.figures["metric_source"] >= 97.0 and report.figures["metric_variant"] >= 96.0
+
+
+def test_a_vit_session_on_the_cpu_keeps_add_and_layer_norm_apart_where_onnxruntime_alone_fuses_them(
+        tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from edgeformer.runtime.engine import open_session, session_options
+    from edgeformer.runtime.vit import VIT
+
+    x = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2, 3, 8]) for n in ("x", "skip", "y")]
+    weights = [numpy_helper.from_array(np.full(8, v, np.float32), n) for n, v in (("gamma", 1.0), ("beta", 0.0))]
+    graph = helper.make_graph([helper.make_node("Add", ["x", "skip"], ["sum"]), helper.make_node(
+        "LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1)], "g", x[:2], x[2:], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "g.onnx"))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "plain.onnx")
+    ort.InferenceSession(str(tmp_path / "g.onnx"), options, providers=["CPUExecutionProvider"])
+    open_session(tmp_path / "g.onnx", session_options("all", optimized_path=tmp_path / "vit.onnx"),
+                 cpu_unfused=VIT.cpu_unfused)
+    plain, vit = ({n.op_type for n in onnx.load(str(tmp_path / f)).graph.node} for f in ("plain.onnx", "vit.onnx"))
+    assert plain == {"SkipLayerNormalization"} and vit == {"Add", "LayerNormalization"}
 
 
 def test_a_hugging_face_vit_imports_with_its_preprocessing_and_classifies_as_hugging_face(tmp_path: Path) -> None:
@@ -240,7 +268,8 @@ def test_the_vit_bench_times_ours_and_pytorch_on_the_same_weights_and_writes_rat
         assert found["batch"] == 3 and found["ms_per_image"] > 0
         assert found["images_per_s"] == pytest.approx(1000 / found["ms_per_image"])
     rows = [{"system": s, "batch": 3, "threads": 2, "ms_per_image": m, "images_per_s": 1000 / m,
-             "rounds_ms_per_image": [m], "peak_rss_mb": 100.0, "vs_torch-fp32": v, "vs_optimum-int8": None}
+             "rounds_ms_per_image": [m], "peak_rss_mb": 100.0, "vs_torch-fp32": v, "vs_optimum-int8": None,
+             "vs_optimum-int8-vnni": None}
             for s, m, v in (("torch-fp32", 10.0, 1.0), ("edgeformer-int8", 2.5, 4.0))]
     write(rows, tmp_path / "out", "torch-fp32")
     text = (tmp_path / "out" / "results.md").read_text()

@@ -32,7 +32,8 @@ def optimize_transform(options: OptimizeOptions, bundle: Path) -> tuple[GraphTra
                          "has it") from None
     chosen = provider(options.provider)
     attention = chosen.fused_attention if options.fuse_attention is None else options.fuse_attention
-    caches = get_family(Manifest.load(bundle, verify=False).family).caches  # a family without one: "concat" alone
+    family = get_family(Manifest.load(bundle, verify=False).family)
+    caches = family.caches  # a family without one: "concat" alone
     cache = options.cache or ("buffer" if attention and chosen.name == CPU and "buffer" in caches else "concat")
     if cache not in caches:
         raise ValueError(f"--cache {cache}: this family's graphs pass no cache of that kind")
@@ -41,14 +42,24 @@ def optimize_transform(options: OptimizeOptions, bundle: Path) -> tuple[GraphTra
     if cache == "buffer" and chosen.name != CPU:
         raise ValueError(f"the buffered cache runs on the CPU only (onnxruntime's GroupQueryAttention on "
                          f"{chosen.name} takes no float32); optimize for it with --cache concat")
-    return fuse(options.level, options.provider, attention, cache), {"level": options.level, "provider": chosen.name,
-                                                                "fuse_attention": attention, "cache": cache,
-                                                                "cache_asked": options.cache}
+    unfused = family.cpu_unfused if chosen.name == CPU else ()
+    settings = {"level": options.level, "provider": chosen.name, "fuse_attention": attention, "cache": cache,
+                "cache_asked": options.cache}
+    return fuse(options.level, options.provider, attention, cache, unfused), settings
 
 
-def fuse(level: str, provider_name: str, attention: bool, cache: str = "concat") -> GraphTransform:
-    """provider_name: as the user gave it ('cuda', 'cuda:1'...)."""
+def fuse(level: str, provider_name: str, attention: bool, cache: str = "concat",
+         unfused: tuple[str, ...] = ()) -> GraphTransform:
+    """provider_name: as the user gave it ('cuda', 'cuda:1'...); unfused: onnxruntime's fusions left out (the
+    family's on the CPU)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+
+    fusions = FusionOptions("bart")
+    if "SkipLayerNormFusion" in unfused:
+        fusions.enable_skip_layer_norm = fusions.enable_bias_skip_layer_norm = False
+    if "BiasGeluFusion" in unfused:  # the bias then goes into the MatMul before it (int8: MatMulIntegerToFloat)
+        fusions.enable_bias_gelu = False
 
     def transform(path: Path, graph: str, manifest: Manifest) -> tuple[onnx.ModelProto, dict]:
         if cache == "concat" and manifest.cache == "buffer":
@@ -57,7 +68,7 @@ def fuse(level: str, provider_name: str, attention: bool, cache: str = "concat")
         c = manifest.config
         # opt_level=0: only the transformer fusions here; onnxruntime's own passes run next, for the provider.
         fused = optimize_model(str(path), model_type="bart", num_heads=c["n_heads"], hidden_size=c["d_model"],
-                               opt_level=0)
+                               opt_level=0, optimization_options=fusions)
         stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
         if attention:  # the BART rules never match our attention; our own pass does
             stats["MultiHeadAttention"] = fuse_attention(fused.model, c["n_heads"])
@@ -68,7 +79,7 @@ def fuse(level: str, provider_name: str, attention: bool, cache: str = "concat")
         with tempfile.TemporaryDirectory() as tmp:
             fused.save_model_to_file(str(Path(tmp) / "fused.onnx"))
             open_session(Path(tmp) / "fused.onnx", session_options(level, optimized_path=Path(tmp) / "optimized.onnx"),
-                         require(provider_name))
+                         require(provider_name), unfused)
             proto = onnx.load(str(Path(tmp) / "optimized.onnx"))
         copies = replace_memcpy(proto)
         ops = Counter(n.op_type for n in proto.graph.node)
