@@ -156,7 +156,7 @@ def _layout(out: Path, args: argparse.Namespace, log: Callable[[str], None] | No
     print(table(["", ""], [["folder", f"{out} (Optimum's layout: ORTModelForSeq2SeqLM.from_pretrained)"],
                            ["variant", manifest.variant], ["size", f"{sum(sizes.values()) / 1e6:.2f} MB"],
                            ["check", f"tokens identical to the bundle's on {report['inputs']} inputs, "
-                                     + " and ".join(report["settings"])]]))
+                                     + " and ".join(report["settings"]) + _ties(report)]]))
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -206,7 +206,13 @@ def _show_variant(report: Any, as_json: bool) -> None:
 def _searched(search: dict) -> str:
     checked = search.get("check") or {}
     return f"{search['strategy']}" + (f", tokens identical to the runtime's on {checked['inputs']} inputs x "
-                                      f"{checked['settings']} settings" if checked else "")
+                                      f"{checked['settings']} settings{_ties(checked)}" if checked else "")
+
+
+def _ties(check: dict) -> str:
+    """What a check's figures say of near ties (transforms/compare.py), if it took any."""
+    n = check.get("near_ties", 0)
+    return f", but for {n} near tie{'s' if n > 1 else ''} (within {check['near_tie_nats']} nats a token)" if n else ""
 
 
 def _derive_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -312,7 +318,8 @@ def _show_bundle(m: Any) -> None:
         checked = m.search.get("check") or {}
         print(f"search in one graph ({m.graph_files.get('search')}): {m.search['strategy']}, early stopping "
               f"{m.search['early_stopping']}" + (f"; tokens identical to the runtime's search on {checked['inputs']} "
-                                                 f"inputs x {checked['settings']} settings" if checked else ""))
+                                                 f"inputs x {checked['settings']} settings{_ties(checked)}"
+                                                 if checked else ""))
     for name, spec in m.graphs.items():
         print(f"\n{name} graph ({m.graph_files[name]})")
         rows = [["in", t.name, t.dtype, "(" + ", ".join(map(str, t.shape)) + ")"] for t in spec.inputs]

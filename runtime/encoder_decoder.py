@@ -161,4 +161,5 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
 
 ENCODER_DECODER = Family(name="encoder-decoder", graph_files={ENCODER: "encoder.onnx", DECODER: "decoder.onnx"},
                          axes=(BATCH, ROWS, SRC_LEN, TGT_LEN, PAST_LEN, TOP_K, CAPACITY), graphs=graphs,
-                         check_config=check_config, caches=CACHES, searches=SEARCHES)
+                         check_config=check_config, caches=CACHES, searches=SEARCHES,
+                         cpu_unfused=("SkipLayerNormFusion",))

@@ -192,6 +192,19 @@ def greedy_or_sample(steps: StepModel, batch: int, gen: GenerationConfig, bos_id
     return [[Hypothesis(out[i * n + j], float(scores[i * n + j])) for j in range(n)] for i in range(batch)]
 
 
+def forced(steps: StepModel, targets: Sequence[Sequence[int]], gen: GenerationConfig, bos_id: int,
+           eos_id: int) -> list[float]:
+    """Each target's log-probability, fed token by token to its row of `steps` under gen's rules (as the searches
+    score it before any length penalty); a target holds every token to score, its EOS too."""
+    total, tokens = np.zeros(len(targets)), np.full(len(targets), bos_id, dtype=np.int64)
+    rules = Rules(gen, eos_id, steps.vocab)
+    for step in range(max(map(len, targets))):
+        logp = rules.log_probs(steps, tokens, step)
+        tokens = np.array([t[step] if step < len(t) else eos_id for t in targets], dtype=np.int64)
+        total += np.where([step < len(t) for t in targets], logp[np.arange(len(targets)), tokens], 0.0)
+    return total.tolist()
+
+
 def leaving(live: np.ndarray) -> np.ndarray | None:
     """The rows to keep when those that ended are a quarter of the batch or more (else None: dropping them would
     copy every cache for little). Rows that ended cost a step model as much as the others."""

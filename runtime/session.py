@@ -48,7 +48,7 @@ from edgeformer.runtime.errors import BundleError, EngineError, InputError, Limi
 from edgeformer.runtime.families import RUNTIMES
 from edgeformer.runtime.options import GenerationConfig, Hypothesis, Limits, is_int
 from edgeformer.runtime.providers import CPU
-from edgeformer.runtime.search import StepModel, greedy_or_sample, pad
+from edgeformer.runtime.search import StepModel, forced, greedy_or_sample, pad
 from edgeformer.runtime.search import search as python_search
 from edgeformer.runtime.tokenizer import load_tokenizer
 
@@ -159,7 +159,8 @@ class Runtime(OnProviders):
         # arena, it goes back when the run ends (README: Runtime, "Memory"). The decoder keeps its arena.
         return self._open_file(self.path / self.manifest.graph_files[graph],
                                lambda: session_options(self.optimization, threads, self.spin,
-                                                       stop_spinning=graph != DECODER, arena=graph != ENCODER))
+                                                       stop_spinning=graph != DECODER, arena=graph != ENCODER),
+                               ENCODER_DECODER.cpu_unfused)
 
     def _open_two_graphs(self) -> dict[str, ort.InferenceSession]:
         self._sessions = {ENCODER: self._open(ENCODER, self.threads),
@@ -355,6 +356,26 @@ class Runtime(OnProviders):
         return [[Hypothesis([int(t) for t in seq[1:] if t != END], float(score))
                  for seq, score in zip(seqs, row_scores, strict=True)] for seqs, row_scores in zip(sequences, scores,
                                                                                                     strict=True)]
+
+    def score(self, src: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+              gen: GenerationConfig | None = None) -> list[float]:
+        """The log-probability of each target given its input, under gen's rules (suppressed tokens, EOS not before
+        min_new_tokens), summed as the searches sum a hypothesis's before any length penalty. A target holds every
+        token to score: append EOS to score a sequence that ends."""
+        gen = self.generation if gen is None else gen
+        if isinstance(targets, (str, bytes)) or not (_sequence(targets) and _sequence(src)) or len(targets) != len(
+                src):
+            raise InputError("score takes one target, a list of token ids, for each input")
+        wanted = [_token_ids(t, i) for i, t in enumerate(targets)]
+        vocab = int(self.config["tgt_vocab_size"])
+        for i, target in enumerate(wanted):
+            if not target or not all(0 <= t < vocab for t in target):
+                raise InputError(f"target {i} must be a non-empty list of ids in the target vocabulary [0, {vocab})")
+        longest = max(map(len, wanted))  # checked as the longest generation would be
+        ids, mask = pad(self.check_inputs(src, dataclasses.replace(gen, max_new_tokens=longest)),
+                        int(self.config["pad_id"]))
+        return forced(self.step_model(ids, mask, 1, longest), wanted, gen, int(self.config["bos_id"]),
+                      int(self.config["eos_id"]))
 
     def stream(self, src: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
         """Yield the tokens of one input as they are produced (greedy, or one sample). The search runs in the

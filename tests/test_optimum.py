@@ -340,3 +340,22 @@ def test_step_models_of_optimums_graphs_keep_sources_apart_when_rows_leave(optim
     together = rt.generate(sources, gen)
     assert together == [rt.generate([s], gen)[0] for s in sources]
     assert isinstance(rt.step_model(np.array([[5, 6]]), np.array([[1, 1]]), 2), OptimumSteps)
+
+
+def test_the_layout_check_takes_a_near_tie_and_refuses_another_answer(exported) -> None:
+    """Where the layouts' numbers part in the last bits, a choice the bundle itself scores as good within the bound
+    may fall either way; an answer it scores worse is refused."""
+    from edgeformer.runtime.options import Hypothesis
+    from edgeformer.transforms.optimum_layout import NEAR_TIE, near_tie
+
+    _, bundle = exported("post-sinusoidal")
+    rt = Runtime(bundle)
+    first, second = random_sources(2, 37, seed=6)
+    for gen in (GenerationConfig(strategy="greedy", max_new_tokens=10),
+                GenerationConfig(strategy="beam", num_beams=4, length_penalty=0.6, max_new_tokens=10)):
+        best = rt.generate([first], gen)[0][0]
+        another = rt.generate([second], gen)[0][0]  # the best answer to another input
+        assert another.tokens != best.tokens
+        assert near_tie(rt, first, gen, best, Hypothesis(list(best.tokens), 0.0))
+        assert not near_tie(rt, first, gen, best, another, NEAR_TIE)
+        assert near_tie(rt, first, gen, best, another, bound=1e9)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -200,3 +201,41 @@ def test_the_manifest_records_the_onnxruntime_that_runs_not_another_wheels_metad
     monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace(__version__="9.9.9"))
     assert producer_versions(("onnxruntime", "numpy"))["onnxruntime"] == "9.9.9"
     assert "no-such-package" not in producer_versions(("no-such-package",))
+
+
+def test_score_sums_the_log_probabilities_the_search_summed(shipped_bundle) -> None:
+    from edgeformer.runtime.errors import InputError
+
+    rt = Runtime(shipped_bundle("post-sinusoidal"))
+    src = random_sources(6, 37, seed=9)
+    gen = GenerationConfig(strategy="greedy", max_new_tokens=12)
+    hyps = [h[0] for h in rt.generate(src, gen)]
+    eos = int(rt.config["eos_id"])
+    ended = [[*h.tokens, eos] if len(h.tokens) < gen.max_new_tokens else h.tokens for h in hyps]
+    assert np.allclose(rt.score(src, ended, gen), [h.score for h in hyps], atol=1e-4)
+    # greedy took the best token at each step: any other first token scores lower
+    other = [[(t[0] + 1) % int(rt.config["tgt_vocab_size"]), *t[1:]] for t in ended]
+    assert all(o < s for o, s in zip(rt.score(src, other, gen), rt.score(src, ended, gen), strict=True))
+    with pytest.raises(InputError, match="one target"):
+        rt.score(src, ended[:-1], gen)
+    with pytest.raises(InputError, match="target 0"):
+        rt.score(src[:1], [[10**6]], gen)
+
+
+def test_every_cpu_session_of_an_encoder_decoder_leaves_out_the_residual_norm_fusion(shipped_bundle,
+                                                                                     monkeypatch) -> None:
+    """onnxruntime's CPU SkipLayerNormalization runs slower than the Add and LayerNormalization it replaces
+    (benchmarks/fusions.py), and onnxruntime would fuse them at load: each session the runtime opens disables it."""
+    from edgeformer.runtime import engine
+
+    opened: list[tuple[str, list[str]]] = []
+    real = ort.InferenceSession
+
+    def spy(path: str, options: ort.SessionOptions, **kwargs: Any) -> ort.InferenceSession:
+        opened.append((Path(path).name, kwargs.get("disabled_optimizers") or []))
+        return real(path, options, **kwargs)
+
+    monkeypatch.setattr(engine.ort, "InferenceSession", spy)
+    Runtime(shipped_bundle("post-sinusoidal"))
+    assert {name for name, _ in opened} == {"encoder.onnx", "decoder.onnx"}
+    assert all("SkipLayerNormFusion" in disabled for _, disabled in opened)

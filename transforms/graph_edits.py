@@ -150,7 +150,7 @@ def prune(graph: onnx.GraphProto) -> None:
     """Drop the nodes whose outputs nothing reads (the graph's outputs, a node, or a node's subgraph), then the
     initializers nothing reads."""
     def read() -> set[str]:
-        return {name for node in _nodes(graph) for name in node.input} | {t.name for t in graph.output}
+        return {name for node in nodes(graph) for name in node.input} | {t.name for t in graph.output}
 
     while True:
         names = read()
@@ -164,13 +164,13 @@ def prune(graph: onnx.GraphProto) -> None:
         graph.initializer.remove(init)
 
 
-def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+def nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """The graph's nodes and those of their subgraphs (an If's branches), which may read the graph's values."""
     for node in graph.node:
         yield node
         for attribute in node.attribute:
             for sub in (attribute.g, *attribute.graphs):
-                yield from _nodes(sub)
+                yield from nodes(sub)
 
 
 def untie_projection(model: onnx.ModelProto) -> None:
