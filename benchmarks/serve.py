@@ -197,6 +197,11 @@ class Service:
         self.close()
 
 
+def p99(ms: Sequence[float]) -> float:
+    """The 99th percentile of sorted latencies (the nearest rank)."""
+    return ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+
+
 def point(url: str, cases: Sequence[Case], clients: int) -> dict[str, Any]:
     send(url, cases[:clients * 2], clients)  # warm-up: every connection opened, the replica's first batches run
     start = time.perf_counter()
@@ -205,7 +210,7 @@ def point(url: str, cases: Sequence[Case], clients: int) -> dict[str, Any]:
     wrong = problems(cases, outcomes)
     ms = sorted(o.seconds * 1000 for o in outcomes)
     return {"clients": clients, "requests": len(cases), "seconds": seconds, "rps": len(cases) / seconds,
-            "p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))],
+            "p50_ms": statistics.median(ms), "p99_ms": p99(ms),
             "problems": len(wrong), "first_problems": wrong[:3]}
 
 
@@ -313,6 +318,14 @@ def mixed(bundle: Path, n: int, clients: int, max_batch: int, proxy: str) -> lis
     refused = sum(c.status != 200 for c in cases)
     print(f"{n} mixed requests ({refused} bad ones) from {clients} clients in {seconds:.1f} s: {len(wrong)} lost or "
           "mangled" + "".join(f"\n  {w}" for w in wrong[:10]))
+    by_strategy: dict[str, list[float]] = {}  # the good requests' latencies, by what they ask
+    for o in outcomes:
+        if cases[o.case].status == 200:
+            strategy = json.loads(cases[o.case].body).get("strategy", "greedy")
+            by_strategy.setdefault(strategy, []).append(o.seconds * 1000)
+    for strategy, ms in sorted(by_strategy.items()):
+        ms.sort()
+        print(f"  {strategy:6} {len(ms):5} requests: p50 {statistics.median(ms):6.1f} ms, p99 {p99(ms):6.1f} ms")
     return wrong
 
 
