@@ -346,7 +346,7 @@ def test_the_layout_check_takes_a_near_tie_and_refuses_another_answer(exported) 
     """Where the layouts' numbers part in the last bits, a choice the bundle itself scores as good within the bound
     may fall either way; an answer it scores worse is refused."""
     from edgeformer.runtime.options import Hypothesis
-    from edgeformer.transforms.optimum_layout import NEAR_TIE, near_tie
+    from edgeformer.transforms.compare import NEAR_TIE, near_tie
 
     _, bundle = exported("post-sinusoidal")
     rt = Runtime(bundle)

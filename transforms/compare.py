@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -33,6 +34,17 @@ def couples_rows(folder: Path, manifest: Manifest) -> bool:
         if any(node.op_type in PER_BATCH_SCALES for node in nodes(model.graph)):
             return True
     return False
+
+
+def plan(folder: Path, manifest: Manifest) -> tuple[bool, float]:
+    """How a bundle's answers are compared: one input at a time or not, and the near-tie bound (nats a token)."""
+    alone = couples_rows(folder, manifest)
+    return alone, NEAR_TIE_PER_BATCH_SCALES if alone else NEAR_TIE
+
+
+def figures(alone: bool, bound: float, ties: int) -> dict[str, Any]:
+    """What a check records of how it compared."""
+    return {"identical_tokens": not ties, "near_ties": ties, "near_tie_nats": bound, "batch": 1 if alone else 32}
 
 
 def batches(sources: list[list[int]], alone: bool, size: int = 32) -> Iterator[tuple[int, list[list[int]]]]:

@@ -47,7 +47,7 @@ from edgeformer.runtime.optimum import (
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.session import Runtime
 from edgeformer.runtime.tokenizer import MarianTokenizer
-from edgeformer.transforms.compare import NEAR_TIE, NEAR_TIE_PER_BATCH_SCALES, batches, couples_rows, near_tie
+from edgeformer.transforms.compare import batches, figures, near_tie, plan
 from edgeformer.transforms.graph_edits import prune
 
 PASSING = ("Cast", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
@@ -240,8 +240,7 @@ def check(ours: Runtime, folder: Path, sources: list[list[int]]) -> dict[str, An
              "beam 4": dataclasses.replace(base, strategy="beam", num_beams=4)}
     # int8 with scales of the whole batch: the layouts compute the cross-attention keys and values over other rows
     # (our encoder over the inputs, Optimum's first step over every beam), so like with like is one input at a time
-    alone = couples_rows(ours.path, ours.manifest)
-    bound = NEAR_TIE_PER_BATCH_SCALES if alone else NEAR_TIE
+    alone, bound = plan(ours.path, ours.manifest)
     ties = 0
     for label, gen in cases.items():
         for i, batch in batches(sources, alone):
@@ -253,8 +252,7 @@ def check(ours: Runtime, folder: Path, sources: list[list[int]]) -> dict[str, An
                                       f"{a[0].tokens} in the bundle, which scores them more than {bound} nats a "
                                       "token apart; nothing was written")
                 ties += 1
-    return {"inputs": len(sources), "settings": list(cases), "identical_tokens": not ties, "near_ties": ties,
-            "near_tie_nats": bound, "batch": 1 if alone else 32}
+    return {"inputs": len(sources), "settings": list(cases), **figures(alone, bound, ties)}
 
 
 def write_optimum(bundle: Path, out: Path, sources: list[list[int]], force: bool = False,

@@ -44,7 +44,7 @@ from edgeformer.runtime.encoder_decoder import (
 from edgeformer.runtime.families import get_family
 from edgeformer.runtime.options import GenerationConfig
 from edgeformer.runtime.session import Runtime
-from edgeformer.transforms.compare import NEAR_TIE, NEAR_TIE_PER_BATCH_SCALES, batches, couples_rows, near_tie
+from edgeformer.transforms.compare import batches, figures, near_tie, plan
 from edgeformer.transforms.graph_edits import prune
 
 INT64 = "_int64"  # the suffix of a subgraph's int32 input once cast to the int64 our graphs take
@@ -209,8 +209,7 @@ def check(folder: Path, sources: list[list[int]], log: Any = None) -> dict[str, 
     assert rt.manifest.search is not None
     strategy = rt.manifest.search["strategy"]
     cases, worst, compared, ties = settings(rt, strategy), 0.0, 0, 0
-    alone = couples_rows(folder, rt.manifest)  # the operator keeps the rows of inputs that ended; we drop them
-    bound = NEAR_TIE_PER_BATCH_SCALES if alone else NEAR_TIE
+    alone, bound = plan(folder, rt.manifest)  # alone: the operator keeps the rows of inputs that ended; we drop them
     for gen in cases:
         for i, chunk in batches(sources, alone):
             ours = rt.generate(chunk, gen, search="python", operator_rules=True)
@@ -230,10 +229,10 @@ def check(folder: Path, sources: list[list[int]], log: Any = None) -> dict[str, 
                 compared += len(a)
         if log:
             log(f"search: {gen.strategy} x{gen.num_beams if gen.strategy == 'beam' else 1}, max_new_tokens "
-                f"{gen.max_new_tokens}: tokens identical on {len(sources)} inputs, but for {ties} near ties so far")
+                f"{gen.max_new_tokens}: tokens identical on {len(sources)} inputs"
+                + (f", but for {ties} near ties so far" if ties else ""))
     return {"strategy": strategy, "inputs": len(sources), "settings": len(cases), "hypotheses": compared,
-            "identical_tokens": not ties, "near_ties": ties, "near_tie_nats": bound, "max_abs_score_diff": worst,
-            "batch": 1 if alone else 32}
+            "max_abs_score_diff": worst, **figures(alone, bound, ties)}
 
 
 def with_search(folder: Path, manifest: Manifest, strategy: str, sources: list[list[int]],
