@@ -156,8 +156,8 @@ def free_port() -> int:
 class Service:
     """`edgeformer serve BUNDLE` in a process (and session) of its own, on a free loopback port, until closed."""
 
-    def __init__(self, bundle: Path, *flags: str, start_timeout: float = 180.0) -> None:
-        self.port = free_port()
+    def __init__(self, bundle: Path, *flags: str, start_timeout: float = 180.0, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # ports of their own for HAProxy's stats and metrics: a stopped service's HAProxy may linger a while
         env = {**os.environ, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),

@@ -272,11 +272,11 @@ def _on_ray(work: Work, pending: list[tuple[int, list[Any]]], replicas: int,
     """The pending batches through a pool of Translator actors on Ray Data (a cluster with RAY_ADDRESS)."""
     import logging
 
-    import ray
     import ray.data
 
-    ray.init(logging_level=logging.WARNING, include_dashboard=False, ignore_reinit_error=True,
-             log_to_driver=False)
+    from edgeformer.serve.cluster import init_ray
+
+    init_ray(logging_level=logging.WARNING, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its progress bars and plan: ours counts lines
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False

@@ -27,6 +27,7 @@ from ray.serve.metrics import Counter, Histogram
 from edgeformer.runtime.errors import EdgeformerError
 from edgeformer.runtime.options import Hypothesis, Limits
 from edgeformer.runtime.session import Runtime
+from edgeformer.serve.cluster import init_ray, serving_at
 from edgeformer.serve.requests import MAX_BODY, Job, RequestError, answer, parse, run_batch, text
 
 MIN_ONGOING = 256  # requests a replica holds at once, at least: the rest wait at the proxy, which backs off
@@ -166,7 +167,7 @@ def serve_bundle(settings: Settings, replicas: int = 1, host: str = "127.0.0.1",
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         # a replica that stops keeps answering while HAProxy reloads without it (half a second here), not 30 s
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
-    ray.init(logging_level=logging.getLevelName(log_level), include_dashboard=False, configure_logging=True,
+    init_ray(logging_level=logging.getLevelName(log_level), include_dashboard=False, configure_logging=True,
              _metrics_export_port=metrics_port)
     # SIGTERM is how a supervisor stops a service: a clean stop, not the stack dump of the crash handler that
     # ray.init installs (so these come after it)
@@ -175,6 +176,7 @@ def serve_bundle(settings: Settings, replicas: int = 1, host: str = "127.0.0.1",
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": log_level})
+        serving_at(host, port)  # a cluster's Serve may have been started before, elsewhere
         deployment = cast(Any, Generator).options(  # a Deployment, once @serve.deployment has made it one
             num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus},
             # one batch runs while the next gathers (more wait at the proxy); as deep with batching off, so that a

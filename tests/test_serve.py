@@ -223,3 +223,57 @@ def test_a_replica_that_dies_is_replaced_and_every_request_sent_meanwhile_is_ans
         time.sleep(1)
     assert all(o.status == 200 for o in again)
 
+
+
+@needs_ray
+def test_serve_joins_a_cluster_started_apart_and_says_what_a_refusal_needs(demo: Path, monkeypatch) -> None:
+    """`ray start --head` (Ray 2.59 and later turn its token authentication on), then the same command with
+    RAY_ADDRESS: without the cluster's token it stops with the fix; with it, it serves; a second service at
+    another port is refused with the address the cluster's Serve keeps."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import tempfile
+    import urllib.request
+
+    from edgeformer.benchmarks.serve import Service, free_port
+
+    gcs, http = free_port(), free_port()
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "edgeformer-test-token-" + "7" * 42}
+    # a temporary folder of its own (short: Ray's sockets are in it), so that the file where `ray start` leaves its
+    # address for a later ray.init() is not the machine's; --block: its processes stop with this one's group
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={gcs}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                            env={**os.environ, **token, "RAY_TMPDIR": temp}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", gcs), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not start"
+                time.sleep(0.5)
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{gcs}")
+        for name in token:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", "2")  # Ray's tries before it gives up (20 s)
+        refused = edgeformer("serve", str(demo), "--port", str(http))
+        assert refused.returncode == 1 and "RAY_AUTH_MODE=token" in refused.stderr, refused.stderr[-500:]
+        monkeypatch.delenv("RAY_gcs_server_port_wait_time_s")
+        for name, value in token.items():
+            monkeypatch.setenv(name, value)
+        with Service(demo, port=http) as running:
+            body = json.dumps({"inputs": ["5 mars 1998"]}).encode()
+            request = urllib.request.Request(f"{running.url}/v1/generate", body, {"content-type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as r:
+                assert json.loads(r.read())["outputs"][0][0]["text"] == "1998-03-05"
+        other = edgeformer("serve", str(demo), "--port", str(free_port()))
+        assert other.returncode == 1 and f"at 127.0.0.1:{http}" in other.stderr, other.stderr[-500:]
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # SIGTERM: Ray takes 30 s to stop it
+        head.wait(timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
