@@ -371,8 +371,10 @@ class Runtime(OnProviders):
         for i, target in enumerate(wanted):
             if not target or not all(0 <= t < vocab for t in target):
                 raise InputError(f"target {i} must be a non-empty list of ids in the target vocabulary [0, {vocab})")
-        longest = max(map(len, wanted))  # checked as the longest generation would be
-        ids, mask = pad(self.check_inputs(src, dataclasses.replace(gen, max_new_tokens=longest)),
+        # checked as the longest generation would be (a target may stop short of min_new_tokens: a prefix)
+        longest = max(map(len, wanted))
+        ids, mask = pad(self.check_inputs(src, dataclasses.replace(gen, max_new_tokens=max(longest,
+                                                                                            gen.min_new_tokens))),
                         int(self.config["pad_id"]))
         return forced(self.step_model(ids, mask, 1, longest), wanted, gen, int(self.config["bos_id"]),
                       int(self.config["eos_id"]))

@@ -4,6 +4,7 @@ runtime-only install (numpy and onnxruntime), as test_runtime_runs_without_torch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -216,6 +217,9 @@ def test_score_sums_the_log_probabilities_the_search_summed(shipped_bundle) -> N
     # greedy took the best token at each step: any other first token scores lower
     other = [[(t[0] + 1) % int(rt.config["tgt_vocab_size"]), *t[1:]] for t in ended]
     assert all(o < s for o, s in zip(rt.score(src, other, gen), rt.score(src, ended, gen), strict=True))
+    # a prefix shorter than min_new_tokens scores with EOS still masked (the check scores where two answers part)
+    first = [t[:1] for t in ended]
+    assert rt.score(src, first, dataclasses.replace(gen, min_new_tokens=3)) == rt.score(src, first, gen)
     with pytest.raises(InputError, match="one target"):
         rt.score(src, ended[:-1], gen)
     with pytest.raises(InputError, match="target 0"):

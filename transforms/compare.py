@@ -25,6 +25,7 @@ PER_BATCH_SCALES = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", 
 # nats a token. With per-batch scales an input's numbers move with the rows beside it, and a beam search prunes
 # other beams: on the tests' tiny int8 model, two searches' best answers came 0.03 nats a token apart
 NEAR_TIE, NEAR_TIE_PER_BATCH_SCALES = 1e-3, 0.05
+BATCH = 32  # inputs a check runs together where rows are not coupled
 
 
 def couples_rows(folder: Path, manifest: Manifest) -> bool:
@@ -44,12 +45,12 @@ def plan(folder: Path, manifest: Manifest) -> tuple[bool, float]:
 
 def figures(alone: bool, bound: float, ties: int) -> dict[str, Any]:
     """What a check records of how it compared."""
-    return {"identical_tokens": not ties, "near_ties": ties, "near_tie_nats": bound, "batch": 1 if alone else 32}
+    return {"identical_tokens": not ties, "near_ties": ties, "near_tie_nats": bound, "batch": 1 if alone else BATCH}
 
 
-def batches(sources: list[list[int]], alone: bool, size: int = 32) -> Iterator[tuple[int, list[list[int]]]]:
-    """(first index, inputs) in batches of `size`, or one input at a time where `alone`."""
-    step = 1 if alone else size
+def batches(sources: list[list[int]], alone: bool) -> Iterator[tuple[int, list[list[int]]]]:
+    """(first index, inputs) in batches of BATCH, or one input at a time where `alone`."""
+    step = 1 if alone else BATCH
     for i in range(0, len(sources), step):
         yield i, sources[i: i + step]
 
