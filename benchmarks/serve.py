@@ -6,9 +6,11 @@ answers it alone, token for token, and a bad one a 4xx with a message; anything 
     .venv/bin/python benchmarks/serve.py grid BUNDLE --out benchmarks/results/serve-avx512-vnni   # 3 rounds
     .venv/bin/python benchmarks/serve.py mixed BUNDLE --requests 10000 --clients 32
 
-Each is measured with Ray Serve's own proxy and with the HAProxy it ships (`--proxy`). `grid` sends one text a
-request, greedy (the common case); `mixed` sends texts and token ids, one to three inputs,
-greedy, beam and seeded sampling, and one request in ten a bad one (empty, too long, bad settings, not JSON...).
+Each is measured with Ray Serve's own proxy and with the HAProxy it ships (`--proxy`), and `--threads` sets the
+replicas' intra-op threads (`grid --threads default,2` measures both in the same rounds). `grid` sends one text a
+request, greedy (the common case), and first prints what the model costs a request alone and in a batch; `mixed`
+sends texts and token ids, one to three inputs, greedy, beam and seeded sampling, and one request in ten a bad one
+(empty, too long, bad settings, not JSON...).
 """
 
 from __future__ import annotations
@@ -87,6 +89,21 @@ def bad_cases(vocab: int) -> list[Case]:
     cases = [Case(json.dumps(body).encode(), status) for body, status in bodies]
     odd = [b"{not json", b"\xff\xfe", b"", b"[" * 100_000, b'{"inputs": [[' + b"9" * 5000 + b']]}']
     return [*cases, *(Case(body, 400) for body in odd)]
+
+
+def model_cost(bundle: Path, max_batch: int, repeats: int = 5, seed: int = 0) -> dict[str, list[float]]:
+    """What the model costs a request, in ms, on the one thread of a default replica: alone, and in a batch of
+    max_batch (the most batching can gain is their ratio), `repeats` times each, before any service runs."""
+    rt, task, rng = Runtime(bundle, threads=1), get_task("dates"), random.Random(seed)
+    ids = rt.tokenize([task.sample(rng, "test")[0] for _ in range(10 * max_batch)])
+    cost: dict[str, list[float]] = {"alone": [], "batched": []}
+    for _ in range(repeats):
+        for key, batch, n in (("alone", 1, 100), ("batched", max_batch, len(ids))):
+            start = time.perf_counter()
+            for k in range(0, n, batch):
+                rt.generate(ids[k: k + batch])
+            cost[key].append((time.perf_counter() - start) * 1000 / n)
+    return cost
 
 
 def mixed_cases(bundle: Path, n: int, seed: int = 0, bad_share: float = 0.1) -> list[Case]:
@@ -215,21 +232,27 @@ def point(url: str, cases: Sequence[Case], clients: int) -> dict[str, Any]:
 
 
 def grid(bundle: Path, clients: Sequence[int], max_batch: int, wait_ms: float, per_client: int,
-         proxies: Sequence[str], rounds: int, out: Path | None) -> list[dict[str, Any]]:
-    """Every point in each of `rounds` interleaved rounds (batching on, then off, a fresh service each); the ratios
-    are taken within a round, and the table gives the medians over rounds."""
+         proxies: Sequence[str], rounds: int, out: Path | None,
+         threads: Sequence[str] = ("default",)) -> list[dict[str, Any]]:
+    """Every point in each of `rounds` interleaved rounds (batching on, then off, a fresh service each, for each
+    proxy and each replica's --threads); the ratios are taken within a round, and the table gives the medians over
+    rounds. threads: "default" (serve's own: a replica's CPUs), or a count."""
     cases = good_cases(bundle, max(200, per_client * max(clients)))
+    cost = model_cost(bundle, max_batch)
+    print(f"the model alone, one thread: {min(cost['alone']):.2f}-{max(cost['alone']):.2f} ms a request; in a batch "
+          f"of {max_batch}: {min(cost['batched']):.2f}-{max(cost['batched']):.2f}", flush=True)
     measured = []
     for round_ in range(1, rounds + 1):
-        for proxy in proxies:
+        for proxy, thread in ((p, t) for p in proxies for t in threads):
             mine = []
             for batching, batch in (("on", max_batch), ("off", 1)):
-                with Service(bundle, "--max-batch", str(batch), "--batch-wait-ms", str(wait_ms), "--proxy",
-                             proxy) as service:
+                with Service(bundle, "--max-batch", str(batch), "--batch-wait-ms", str(wait_ms), "--proxy", proxy,
+                             *(() if thread == "default" else ("--threads", thread))) as service:
                     for c in clients:
-                        row = {"round": round_, "proxy": proxy, "batching": batching, "max_batch": batch,
+                        row = {"round": round_, "proxy": proxy, "threads": thread, "batching": batching,
+                               "max_batch": batch,
                                **point(f"{service.url}/v1/generate", cases[:max(200, per_client * c)], c)}
-                        print(f"round {round_} proxy {proxy:7} batching {batching:3} clients {c:4}: "
+                        print(f"round {round_} proxy {proxy:7} threads {thread:7} batching {batching:3} clients {c:4}: "
                               f"{row['rps']:7.1f} requests/s, p50 {row['p50_ms']:7.1f} ms, p99 {row['p99_ms']:7.1f} "
                               f"ms, {row['problems']} problems", flush=True)
                         mine.append(row)
@@ -244,16 +267,16 @@ def grid(bundle: Path, clients: Sequence[int], max_batch: int, wait_ms: float, p
             measured += mine
     rows = medians(measured)
     if out is not None:
-        write(rows, measured, out)
+        write(rows, measured, cost, out)
     return rows
 
 
 def medians(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A row per proxy, batching and clients: the median over rounds of each figure and ratio."""
+    """A row per proxy, threads, batching and clients: the median over rounds of each figure and ratio."""
     rows = []
-    for key in dict.fromkeys((r["proxy"], r["batching"], r["clients"]) for r in measured):
-        same = [r for r in measured if (r["proxy"], r["batching"], r["clients"]) == key]
-        row = {"proxy": key[0], "batching": key[1], "clients": key[2], "rounds": len(same),
+    for key in dict.fromkeys((r["proxy"], r["threads"], r["batching"], r["clients"]) for r in measured):
+        same = [r for r in measured if (r["proxy"], r["threads"], r["batching"], r["clients"]) == key]
+        row = {"proxy": key[0], "threads": key[1], "batching": key[2], "clients": key[3], "rounds": len(same),
                "requests": same[0]["requests"], "problems": sum(r["problems"] for r in same)}
         for figure in ("rps", "p50_ms", "p99_ms", "vs_off", "p99_vs_single"):
             if figure in same[0]:
@@ -265,7 +288,7 @@ def medians(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def write(rows: list[dict[str, Any]], measured: list[dict[str, Any]], out: Path) -> None:
+def write(rows: list[dict[str, Any]], measured: list[dict[str, Any]], cost: dict[str, list[float]], out: Path) -> None:
     import matplotlib
 
     from edgeformer.benchmarks.sweep import machine, replace_file
@@ -276,24 +299,24 @@ def write(rows: list[dict[str, Any]], measured: list[dict[str, Any]], out: Path)
 
     out.mkdir(parents=True, exist_ok=True)
     replace_file(out / "results.json", lambda p: p.write_text(json.dumps(
-        {"machine": machine(), "records": rows, "rounds": measured}, indent=1) + "\n"))
+        {"machine": machine(), "model_ms_a_request": cost, "records": rows, "rounds": measured}, indent=1) + "\n"))
 
     def spread(r: dict[str, Any], key: str) -> str:
         low, high = r[f"{key}_range"]
         return f"{r[key]:.2f}x ({low:.2f}-{high:.2f})"
 
-    lines = [[r["proxy"], r["batching"], r["clients"], r["requests"], f"{r['rps']:.1f}", f"{r['p50_ms']:.1f}",
-              f"{r['p99_ms']:.1f}", spread(r, "vs_off") if "vs_off" in r else "", spread(r, "p99_vs_single"),
-              r["problems"]] for r in rows]
+    lines = [[r["proxy"], r["threads"], r["batching"], r["clients"], r["requests"], f"{r['rps']:.1f}",
+              f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", spread(r, "vs_off") if "vs_off" in r else "",
+              spread(r, "p99_vs_single"), r["problems"]] for r in rows]
     replace_file(out / "results.md", lambda p: p.write_text(
         f"medians of {rows[0]['rounds']} interleaved rounds; ratios within a round, (lowest-highest)\n\n" + table(
-            ["proxy", "batching", "clients", "requests", "requests/s", "p50 ms", "p99 ms", "vs off", "p99 vs single",
-             "problems"], lines) + "\n"))
+            ["proxy", "threads", "batching", "clients", "requests", "requests/s", "p50 ms", "p99 ms", "vs off",
+             "p99 vs single", "problems"], lines) + "\n"))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for proxy, batching in dict.fromkeys((r["proxy"], r["batching"]) for r in rows):
+    for proxy, thread, batching in dict.fromkeys((r["proxy"], r["threads"], r["batching"]) for r in rows):
         points = sorted((r["clients"], r["rps"], r["p99_ms"]) for r in rows
-                        if r["batching"] == batching and r["proxy"] == proxy)
-        label = f"{proxy} proxy, batching {batching}"
+                        if (r["proxy"], r["threads"], r["batching"]) == (proxy, thread, batching))
+        label = f"{proxy} proxy, threads {thread}, batching {batching}"
         left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         right.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
     for ax, label in ((left, "requests/s"), (right, "p99 latency, ms")):
@@ -308,9 +331,10 @@ def write(rows: list[dict[str, Any]], measured: list[dict[str, Any]], out: Path)
     print(f"results in {out}")
 
 
-def mixed(bundle: Path, n: int, clients: int, max_batch: int, proxy: str) -> list[str]:
+def mixed(bundle: Path, n: int, clients: int, max_batch: int, proxy: str, threads: str = "default") -> list[str]:
     cases = mixed_cases(bundle, n)
-    with Service(bundle, "--max-batch", str(max_batch), "--proxy", proxy) as service:
+    with Service(bundle, "--max-batch", str(max_batch), "--proxy", proxy,
+                 *(() if threads == "default" else ("--threads", threads))) as service:
         start = time.perf_counter()
         outcomes = send(f"{service.url}/v1/generate", cases, clients)
         seconds = time.perf_counter() - start
@@ -339,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     p.add_argument("--per-client", type=int, default=20, help="requests per client at each point (at least 200)")
     p.add_argument("--proxies", default="ray,haproxy", help="the services' --proxy, each measured in turn")
+    p.add_argument("--threads", default="default",
+                   help="the replicas' --threads, each measured in turn (default: serve's own, a replica's CPUs)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table gives their medians")
     p.add_argument("--out", type=Path, default=None)
     p = verbs.add_parser("mixed", help="many mixed requests, good and bad: every answer checked")
@@ -347,11 +373,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--proxy", default="ray")
+    p.add_argument("--threads", default="default", help="the replica's --threads (default: serve's own)")
     args = parser.parse_args(argv)
     if args.verb == "grid":
         grid(args.bundle, [int(c) for c in args.clients.split(",")], args.max_batch, args.batch_wait_ms,
-             args.per_client, args.proxies.split(","), args.rounds, args.out)
-    elif mixed(args.bundle, args.requests, args.clients, args.max_batch, args.proxy):
+             args.per_client, args.proxies.split(","), args.rounds, args.out, args.threads.split(","))
+    elif mixed(args.bundle, args.requests, args.clients, args.max_batch, args.proxy, args.threads):
         sys.exit(1)
 
 

@@ -728,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits for more requests once it has one")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threads", type=int, default=None, help="each replica's intra-op threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="each replica's intra-op threads (default: its --replica-cpus, at least 1)")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica")
     p.add_argument("--provider", default="cpu", help="as for generate")
     p.add_argument("--proxy", default="ray", choices=["ray", "haproxy"],
@@ -753,7 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="auto", choices=["auto", "ray", "local"],
                    help="ray: Ray Data (a cluster with RAY_ADDRESS); local: this process; auto: ray where installed")
     p.add_argument("--replicas", type=_positive, default=1, help="Ray Data actors, each holding the runtime")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: on Ray, an actor's one CPU; in this process, one per core)")
     p.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
     _add_generation_flags(p)
     _add_limit_flags(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -11,6 +12,13 @@ from edgeformer.runtime.errors import EdgeformerError
 # sends no token unless told to
 TOKEN_HINT = ("a cluster that Ray 2.59 or later started asks for its token: set RAY_AUTH_MODE=token, with the "
               "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on its head node)")
+
+
+def actor_threads(threads: int | None, cpus: float) -> int:
+    """A Ray actor's intra-op threads: those asked, else the CPUs Ray reserves for it (at least one), as Ray sets
+    OMP_NUM_THREADS in its workers. onnxruntime's own default, a thread per core of the machine, has the actors of a
+    node, and the HTTP proxy and the clients beside them, contend for every core (README: Serving)."""
+    return threads if threads is not None else max(1, math.floor(cpus))
 
 
 def init_ray(**options: Any) -> None:

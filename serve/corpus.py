@@ -27,8 +27,10 @@ from edgeformer.runtime.errors import EdgeformerError, InputError
 from edgeformer.runtime.options import GenerationConfig, Limits
 from edgeformer.runtime.session import Runtime
 from edgeformer.runtime.tokenizer import parse_ids
+from edgeformer.serve.cluster import actor_threads
 
 ENGINES = ("auto", "ray", "local")
+ACTOR_CPUS = 1  # what Ray reserves for each Translator actor, and so its intra-op threads unless asked otherwise
 JOB_FILE = "job.json"
 
 
@@ -204,7 +206,8 @@ def translate(bundle: Path | str, source: Path | str, output: Path | str, gen: G
             write_file(part_path(parts, k), json.dumps(done))
             progress.add(len(done))
 
-        work = Work(str(Path(bundle).resolve()), gen, as_ids, threads, limits)
+        work = Work(str(Path(bundle).resolve()), gen, as_ids,
+                    actor_threads(threads, ACTOR_CPUS) if use_ray else threads, limits)
         if not use_ray:
             for k in pending:
                 finished(k, work.run(rt, k, [src[i] or [] for i in batches[k]]))
@@ -283,6 +286,6 @@ def _on_ray(work: Work, pending: list[tuple[int, list[Any]]], replicas: int,
     context.print_on_execution_start = False
     items = [{"batch": k, "src": json.dumps(src)} for k, src in pending]
     done = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * replicas)).map_batches(
-        Translator, fn_constructor_args=(work,), batch_size=1, concurrency=replicas, num_cpus=1)
+        Translator, fn_constructor_args=(work,), batch_size=1, concurrency=replicas, num_cpus=ACTOR_CPUS)
     for row in done.iter_rows():
         finished(int(row["batch"]), json.loads(row["lines"]))

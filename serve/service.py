@@ -16,7 +16,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
@@ -27,7 +27,7 @@ from ray.serve.metrics import Counter, Histogram
 from edgeformer.runtime.errors import EdgeformerError
 from edgeformer.runtime.options import Hypothesis, Limits
 from edgeformer.runtime.session import Runtime
-from edgeformer.serve.cluster import init_ray, serving_at
+from edgeformer.serve.cluster import actor_threads, init_ray, serving_at
 from edgeformer.serve.requests import MAX_BODY, Job, RequestError, answer, parse, run_batch, text
 
 MIN_ONGOING = 256  # requests a replica holds at once, at least: the rest wait at the proxy, which backs off
@@ -39,7 +39,8 @@ app = FastAPI(title="edgeformer", docs_url=None, redoc_url=None)
 
 @dataclass(frozen=True)
 class Settings:
-    """How a replica runs: its runtime's options, and Ray Serve's batching (max_batch 1: batching off)."""
+    """How a replica runs: its runtime's options, and Ray Serve's batching (max_batch 1: batching off). threads:
+    the replica's intra-op threads (serve_bundle gives those of the CPUs it reserves where None)."""
 
     bundle: str
     max_batch: int = 32
@@ -74,7 +75,7 @@ def summary(rt: Runtime, settings: Settings) -> dict[str, Any]:
     return {"bundle": os.path.basename(os.path.normpath(settings.bundle)), "family": m.family, "variant": m.variant,
             "config": m.config, "generation": rt.generation.to_dict(), "tokenizer": rt.tokenizer is not None,
             "provider": rt.provider, "search": m.search, "limits": vars(settings.limits),
-            "max_batch": settings.max_batch, "batch_wait_ms": settings.batch_wait_ms}
+            "threads": rt.threads, "max_batch": settings.max_batch, "batch_wait_ms": settings.batch_wait_ms}
 
 
 @serve.deployment
@@ -167,6 +168,7 @@ def serve_bundle(settings: Settings, replicas: int = 1, host: str = "127.0.0.1",
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         # a replica that stops keeps answering while HAProxy reloads without it (half a second here), not 30 s
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    settings = replace(settings, threads=actor_threads(settings.threads, replica_cpus))
     init_ray(logging_level=logging.getLevelName(log_level), include_dashboard=False, configure_logging=True,
              _metrics_export_port=metrics_port)
     # SIGTERM is how a supervisor stops a service: a clean stop, not the stack dump of the crash handler that

@@ -34,6 +34,13 @@ def test_serving_imports_neither_torch_nor_onnx() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+def test_a_ray_actor_runs_on_the_threads_of_the_cpus_it_reserves_unless_told_otherwise() -> None:
+    from edgeformer.serve.cluster import actor_threads
+
+    assert [actor_threads(None, cpus) for cpus in (0.5, 1.0, 2.0, 3.9)] == [1, 1, 2, 3]
+    assert actor_threads(4, 1.0) == 4
+
+
 @pytest.fixture(scope="module")
 def demo(exported) -> Path:
     return exported("demo")[1]
@@ -187,6 +194,7 @@ def test_the_service_streams_tokens_as_server_sent_events_and_says_what_it_serve
     assert get("/health") == (200, b'{"status":"ok"}')
     info = json.loads(get("/info")[1])
     assert info["variant"] == "fp32" and info["max_batch"] == 16 and info["tokenizer"] is True
+    assert info["threads"] == 1  # the one CPU Ray reserves for a replica, not a thread per core of the machine
     status, body = get("/v1/generate", {"inputs": ["3 March 2021"], "stream": True})
     events = [block.split("\n") for block in body.decode().strip().split("\n\n")]
     kinds = [e[0].removeprefix("event: ") for e in events]
