@@ -231,12 +231,17 @@ def point(url: str, cases: Sequence[Case], clients: int) -> dict[str, Any]:
             "problems": len(wrong), "first_problems": wrong[:3]}
 
 
+def thread_flags(threads: str) -> tuple[str, ...]:
+    """serve's flags for a replica's threads: "default" (serve's own, a replica's CPUs), or a count."""
+    return () if threads == "default" else ("--threads", threads)
+
+
 def grid(bundle: Path, clients: Sequence[int], max_batch: int, wait_ms: float, per_client: int,
          proxies: Sequence[str], rounds: int, out: Path | None,
          threads: Sequence[str] = ("default",)) -> list[dict[str, Any]]:
     """Every point in each of `rounds` interleaved rounds (batching on, then off, a fresh service each, for each
     proxy and each replica's --threads); the ratios are taken within a round, and the table gives the medians over
-    rounds. threads: "default" (serve's own: a replica's CPUs), or a count."""
+    rounds."""
     cases = good_cases(bundle, max(200, per_client * max(clients)))
     cost = model_cost(bundle, max_batch)
     print(f"the model alone, one thread: {min(cost['alone']):.2f}-{max(cost['alone']):.2f} ms a request; in a batch "
@@ -247,7 +252,7 @@ def grid(bundle: Path, clients: Sequence[int], max_batch: int, wait_ms: float, p
             mine = []
             for batching, batch in (("on", max_batch), ("off", 1)):
                 with Service(bundle, "--max-batch", str(batch), "--batch-wait-ms", str(wait_ms), "--proxy", proxy,
-                             *(() if thread == "default" else ("--threads", thread))) as service:
+                             *thread_flags(thread)) as service:
                     for c in clients:
                         row = {"round": round_, "proxy": proxy, "threads": thread, "batching": batching,
                                "max_batch": batch,
@@ -333,8 +338,7 @@ def write(rows: list[dict[str, Any]], measured: list[dict[str, Any]], cost: dict
 
 def mixed(bundle: Path, n: int, clients: int, max_batch: int, proxy: str, threads: str = "default") -> list[str]:
     cases = mixed_cases(bundle, n)
-    with Service(bundle, "--max-batch", str(max_batch), "--proxy", proxy,
-                 *(() if threads == "default" else ("--threads", threads))) as service:
+    with Service(bundle, "--max-batch", str(max_batch), "--proxy", proxy, *thread_flags(threads)) as service:
         start = time.perf_counter()
         outcomes = send(f"{service.url}/v1/generate", cases, clients)
         seconds = time.perf_counter() - start
